@@ -1,0 +1,247 @@
+//! The write-ahead log of one shard.
+//!
+//! - `segment`: segment files: naming, spare preparation, the open set.
+//! - `scan` / `recovery`: verifying segments and deciding where the log ends.
+//! - `writer`: staging and the group-commit flusher task.
+//! - `reader`: durable records by LSN.
+//!
+//! A segment is `{base_lsn:020}.wal`: a 4 KiB header block, then records
+//! packed back to back, then zeros. Segments are written in full with zeros
+//! (and synced, with their directory) before they hold a record, so a later
+//! `fdatasync` never has to convert unwritten extents. Records never span
+//! segments; LSNs are contiguous across them.
+
+mod reader;
+mod recovery;
+mod scan;
+mod segment;
+mod writer;
+
+use std::rc::Rc;
+
+use crate::format::{
+    FormatError, LogId, RECORD_BODY_MAX, RECORD_HEADER_BYTES, SEGMENT_HEADER_BLOCK,
+};
+use crate::io::{IoError, Storage};
+
+pub use reader::{OwnedRecord, ReadBatch};
+pub use recovery::{Case, Cut, Decision, Refusal, decide};
+pub use scan::{ScanStop, SegmentScan, offset_of, scan_segment};
+pub use writer::{Pending, Receipt};
+
+use segment::Segments;
+use writer::Writer;
+
+/// How a new segment's blocks are made real before it holds records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentFill {
+    /// Write zeros over the whole file (the default; see FORMAT.md).
+    Zeros,
+    /// `fallocate` only: cheaper to create, but each `fdatasync` then
+    /// commits the journal to convert unwritten extents.
+    Allocate,
+}
+
+/// Options of one shard's log. Units are last in every name.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// Which log this is; every segment header must match.
+    pub log: LogId,
+    /// Epoch stamped into new records; may not be below the log's last.
+    pub epoch: u64,
+    /// Size of a segment file, header block included.
+    pub segment_bytes: u64,
+    /// Most record bytes one write + sync carries.
+    pub batch_bytes_max: usize,
+    /// Most bytes staged and not yet written; appends wait beyond it.
+    pub staged_bytes_max: usize,
+    pub segment_fill: SegmentFill,
+}
+
+impl WalOptions {
+    pub fn new(log: LogId) -> Self {
+        Self {
+            log,
+            epoch: 1,
+            segment_bytes: 64 << 20,
+            batch_bytes_max: 1 << 20,
+            staged_bytes_max: 16 << 20,
+            segment_fill: SegmentFill::Zeros,
+        }
+    }
+
+    /// Largest body one record may carry with these options.
+    pub fn record_body_max(&self) -> usize {
+        let capacity = self.segment_bytes as usize - SEGMENT_HEADER_BLOCK;
+        RECORD_BODY_MAX.min(capacity - RECORD_HEADER_BYTES)
+    }
+
+    fn check(&self) -> Result<(), WalError> {
+        let ok = self.segment_bytes % 4096 == 0
+            && self.segment_bytes >= 2 * SEGMENT_HEADER_BLOCK as u64
+            && self.batch_bytes_max > 0
+            && self.staged_bytes_max >= self.batch_bytes_max;
+        if ok {
+            Ok(())
+        } else {
+            Err(WalError::Options(format!("{self:?}")))
+        }
+    }
+}
+
+/// Errors of the WAL layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The log cannot be opened as it is on disk.
+    #[error("{}: {} at offset {}: {}", refusal.segment, case_name(refusal.case), refusal.offset, refusal.why)]
+    Corrupt { refusal: Refusal },
+    /// A read found a record that does not validate.
+    #[error("{segment} offset {offset}: {error}")]
+    BadRecord {
+        segment: String,
+        offset: u64,
+        error: FormatError,
+    },
+    /// A write or sync failed earlier; the shard accepts no more writes and
+    /// acknowledges nothing written after the last successful sync.
+    #[error("the log failed and accepts no writes: {0}")]
+    Failed(IoError),
+    #[error("record body of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("epoch {epoch} is below the log's last epoch {last}")]
+    EpochRegressed { epoch: u64, last: u64 },
+    #[error("lsn {lsn} is not a record boundary held by this log ({why})")]
+    Position { lsn: u64, why: &'static str },
+    #[error("the log is closed")]
+    Closed,
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+fn case_name(case: Case) -> &'static str {
+    match case {
+        Case::CorruptRecord => "corrupt record",
+        Case::CorruptHeader => "corrupt segment header",
+        Case::Gap => "gap in the log",
+        _ => "unexpected",
+    }
+}
+
+/// What [`Wal::open`] found and did.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    pub case: Case,
+    /// Where the next record goes.
+    pub end_lsn: u64,
+    pub segments: usize,
+    pub records: u64,
+    /// A torn tail that was cut, provisionally.
+    pub cut: Option<Cut>,
+    /// A segment file discarded because its header never became durable.
+    pub discarded: Option<String>,
+}
+
+/// One shard's log: append with group commit, read by LSN, release old segments.
+pub struct Wal<S: Storage + 'static> {
+    writer: Writer<S>,
+    segments: Rc<Segments<S>>,
+    report: RecoveryReport,
+}
+
+impl<S: Storage + 'static> Wal<S> {
+    /// Recovers the log in `storage` and starts its flusher task. Must run
+    /// inside a glommio executor.
+    pub async fn open(storage: S, options: WalOptions) -> Result<Self, WalError> {
+        options.check()?;
+        let storage = Rc::new(storage);
+        let (segments, report, end, tail) = Segments::recover(storage.clone(), &options).await?;
+        if options.epoch < end.epoch {
+            return Err(WalError::EpochRegressed {
+                epoch: options.epoch,
+                last: end.epoch,
+            });
+        }
+        let segments = Rc::new(segments);
+        let writer = Writer::start(storage, segments.clone(), options, end, tail).await?;
+        Ok(Self {
+            writer,
+            segments,
+            report,
+        })
+    }
+
+    /// What recovery found.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Appends one record and resolves once the sync that covers it is done.
+    pub async fn append(
+        &self,
+        kind: crate::format::RecordKind,
+        body: &[u8],
+    ) -> Result<Receipt, WalError> {
+        self.writer.wait_for_space().await?;
+        self.writer.submit(kind, body)?.await
+    }
+
+    /// Stages one record now (its LSN is fixed on return) without waiting for
+    /// staging space; the returned future resolves when it is durable. Drop
+    /// it to not wait (the `memory` commit level).
+    pub fn submit(
+        &self,
+        kind: crate::format::RecordKind,
+        body: &[u8],
+    ) -> Result<Pending, WalError> {
+        self.writer.submit(kind, body)
+    }
+
+    /// LSN up to which every record is durable.
+    pub fn durable_lsn(&self) -> u64 {
+        self.writer.durable_lsn()
+    }
+
+    /// LSN the next record will get.
+    pub fn next_lsn(&self) -> u64 {
+        self.writer.next_lsn()
+    }
+
+    /// The error that stopped the log, if one did.
+    pub fn failure(&self) -> Option<WalError> {
+        self.writer.failure()
+    }
+
+    /// The position of the oldest record held (LSN, chain seed, epoch floor).
+    pub fn first_position(&self) -> crate::format::Expect {
+        self.segments.first_position()
+    }
+
+    /// Reads durable records from `from` (a position returned by an earlier
+    /// read or by [`Wal::first_position`]), up to about `max_bytes`.
+    pub async fn read(
+        &self,
+        from: crate::format::Expect,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, WalError> {
+        reader::read(&self.segments, from, self.durable_lsn(), max_bytes).await
+    }
+
+    /// Deletes the segments whose records all lie below `lsn` (never the one
+    /// being written). Returns how many were deleted.
+    pub async fn release_below(&self, lsn: u64) -> Result<usize, WalError> {
+        let keep_from = lsn.min(self.durable_lsn());
+        self.segments.release_below(keep_from).await
+    }
+
+    /// Number of segment files held.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Flushes what is staged, stops the flusher and waits for it.
+    pub async fn close(self) -> Result<(), WalError> {
+        self.writer.close().await
+    }
+}

@@ -1,0 +1,136 @@
+//! Scanning one segment's bytes: pure, no I/O, shared by recovery, the reader
+//! and `tidewal wal inspect`, and fuzzed.
+
+use crate::format::{
+    Decoded, Expect, FormatError, LogId, RECORD_HEADER_BYTES, RecordRef, SEGMENT_HEADER_BLOCK,
+    SegmentHeader, decode_record, plausible_header_at,
+};
+
+/// How the scan of a segment ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanStop {
+    /// Unwritten (zero) space or the end of the file follows the last record,
+    /// with nothing written after it.
+    Clean,
+    /// The header block does not validate.
+    BadHeader { error: FormatError },
+    /// The bytes at `offset` are not the record that should be there.
+    BadRecord { offset: u64, error: FormatError },
+}
+
+/// What a segment holds, as far as it validates.
+#[derive(Debug, Clone)]
+pub struct SegmentScan {
+    /// Base LSN from the file name.
+    pub base_lsn: u64,
+    /// The header, when it validates.
+    pub header: Option<SegmentHeader>,
+    /// The position after the last valid record (the segment's start if none).
+    pub end: Expect,
+    /// Number of valid records.
+    pub records: u64,
+    pub stop: ScanStop,
+    /// Whether a record header bound to its place sits after the stop point:
+    /// what tells corruption inside the log from a torn tail.
+    pub plausible_after: bool,
+    /// File offset just past the last non-zero byte.
+    pub dirty_end: u64,
+}
+
+impl SegmentScan {
+    /// File offset where the next record would go.
+    pub fn end_offset(&self) -> u64 {
+        offset_of(self.base_lsn, self.end.lsn)
+    }
+}
+
+/// File offset of `lsn` in the segment that starts at `base_lsn`.
+pub fn offset_of(base_lsn: u64, lsn: u64) -> u64 {
+    SEGMENT_HEADER_BLOCK as u64 + (lsn - base_lsn)
+}
+
+/// Scans `bytes` (a whole segment file named for `base_lsn`), calling `visit`
+/// for every valid record in order. `epoch_floor` is the epoch of the record
+/// before the segment (0 for the first segment).
+pub fn scan_segment(
+    bytes: &[u8],
+    log: LogId,
+    base_lsn: u64,
+    epoch_floor: u64,
+    mut visit: impl FnMut(RecordRef<'_>),
+) -> SegmentScan {
+    let dirty_end = dirty_end(bytes);
+    let mut scan = SegmentScan {
+        base_lsn,
+        header: None,
+        end: Expect {
+            lsn: base_lsn,
+            chain: 0,
+            epoch: epoch_floor,
+        },
+        records: 0,
+        stop: ScanStop::Clean,
+        plausible_after: false,
+        dirty_end,
+    };
+    let header = match SegmentHeader::decode(bytes, log) {
+        Ok(h) if h.base_lsn.get() != base_lsn => Err(FormatError::SegmentHeader {
+            why: "base LSN differs from the file name",
+        }),
+        other => other,
+    };
+    let header = match header {
+        Ok(h) => h,
+        Err(error) => {
+            scan.stop = ScanStop::BadHeader { error };
+            scan.plausible_after =
+                plausible_between(bytes, base_lsn, SEGMENT_HEADER_BLOCK as u64, dirty_end);
+            return scan;
+        }
+    };
+    scan.header = Some(header);
+    scan.end.chain = header.base_chain.get();
+    loop {
+        let offset = offset_of(base_lsn, scan.end.lsn);
+        let Some(rest) = bytes.get(offset as usize..).filter(|r| !r.is_empty()) else {
+            return scan; // the segment is full
+        };
+        let error = match decode_record(rest, scan.end) {
+            Ok(Decoded::Record(record)) => {
+                visit(record);
+                scan.records += 1;
+                scan.end = record.next();
+                continue;
+            }
+            Ok(Decoded::Incomplete { .. }) => FormatError::Overrun { lsn: scan.end.lsn },
+            Err(error) => error,
+        };
+        scan.plausible_after = plausible_between(bytes, base_lsn, offset + 1, dirty_end);
+        let zeroed = matches!(error, FormatError::Zeroed { .. });
+        if !zeroed || scan.plausible_after {
+            scan.stop = ScanStop::BadRecord { offset, error };
+        }
+        return scan;
+    }
+}
+
+/// File offset just past the last non-zero byte.
+fn dirty_end(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |i| i as u64 + 1)
+}
+
+/// Whether any offset in `[from, to)` holds a record header bound to the LSN
+/// of that offset.
+fn plausible_between(bytes: &[u8], base_lsn: u64, from: u64, to: u64) -> bool {
+    let from = from.max(SEGMENT_HEADER_BLOCK as u64);
+    (from..to).any(|offset| {
+        let lsn = base_lsn + (offset - SEGMENT_HEADER_BLOCK as u64);
+        bytes
+            .get(offset as usize..)
+            .filter(|b| b.len() >= RECORD_HEADER_BYTES)
+            .is_some_and(|b| plausible_header_at(b, lsn))
+    })
+}

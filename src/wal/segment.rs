@@ -1,0 +1,272 @@
+//! The set of segment files a log holds, their recovery, and spare files.
+//!
+//! A spare is a segment-sized file written full of zeros and synced ahead of
+//! need (`{n}.spare.tmp`, renamed `{n}.spare` once filled), so rotation costs
+//! a rename and a directory sync, not 64 MiB of writes on the commit path.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use crate::format::{Expect, parse_segment_file_name, segment_file_name};
+use crate::io::{BLOCK_BYTES, Storage, StorageFile, read_all, zero_fill};
+
+use super::recovery::decide;
+use super::scan::{SegmentScan, offset_of, scan_segment};
+use super::{RecoveryReport, SegmentFill, WalError, WalOptions};
+
+/// One segment file held by the log.
+pub(super) struct SegmentMeta<F> {
+    pub base_lsn: u64,
+    /// Chain seed of the first record.
+    pub base_chain: u32,
+    /// LSN after the last durable record in it.
+    pub end_lsn: u64,
+    pub file: Rc<F>,
+}
+
+/// The state the writer resumes from: the last segment and its partial block.
+pub(super) struct Tail<F> {
+    pub base_lsn: u64,
+    pub file: Rc<F>,
+    /// File offset where the next record goes.
+    pub end_offset: u64,
+    /// The bytes of the block that holds `end_offset`, up to it.
+    pub block: Vec<u8>,
+}
+
+pub(super) struct Segments<S: Storage> {
+    pub storage: Rc<S>,
+    metas: RefCell<BTreeMap<u64, SegmentMeta<S::File>>>,
+}
+
+type Recovered<S> = (
+    Segments<S>,
+    RecoveryReport,
+    Expect,
+    Option<Tail<<S as Storage>::File>>,
+);
+
+impl<S: Storage> Segments<S> {
+    /// Scans every segment, applies the recovery decision table, and repairs
+    /// what it allows (zeroes a torn tail, discards a torn rotation).
+    pub async fn recover(storage: Rc<S>, options: &WalOptions) -> Result<Recovered<S>, WalError> {
+        remove_stale_temporaries(&*storage, options).await?;
+        let mut bases: Vec<u64> = storage
+            .list()
+            .await?
+            .iter()
+            .filter_map(|n| parse_segment_file_name(n))
+            .collect();
+        bases.sort_unstable();
+        let mut scans: Vec<SegmentScan> = Vec::new();
+        let mut files = Vec::new();
+        let mut records = 0;
+        for base in bases {
+            let file = storage.open(&segment_file_name(base)).await?;
+            let bytes = read_all(&file).await?;
+            let floor = scans.last().map_or(0, |s| s.end.epoch);
+            let scan = scan_segment(&bytes, options.log, base, floor, |_| {});
+            records += scan.records;
+            scans.push(scan);
+            files.push(Rc::new(file));
+        }
+        let decision = decide(&scans).map_err(|refusal| WalError::Corrupt { refusal })?;
+        let mut discarded = None;
+        if let Some(base) = decision.discard {
+            let name = segment_file_name(base);
+            tracing::warn!(segment = %name, "discarding a segment whose header never became durable");
+            files.pop();
+            storage.remove(&name).await?;
+            storage.sync_dir().await?;
+            discarded = Some(name);
+        }
+        let mut metas = BTreeMap::new();
+        for (scan, file) in scans.iter().zip(&files) {
+            if !decision.keep.contains(&scan.base_lsn) {
+                continue;
+            }
+            let header = scan.header.expect("kept segments have a valid header");
+            metas.insert(
+                scan.base_lsn,
+                SegmentMeta {
+                    base_lsn: scan.base_lsn,
+                    base_chain: header.base_chain.get(),
+                    end_lsn: scan.end.lsn,
+                    file: file.clone(),
+                },
+            );
+        }
+        let tail = match metas.values().next_back() {
+            Some(meta) => {
+                let end_offset = offset_of(meta.base_lsn, meta.end_lsn);
+                let block_start = end_offset - end_offset % BLOCK_BYTES;
+                let len = (end_offset - block_start) as usize;
+                let block = meta.file.read_at(block_start, len).await?;
+                Some(Tail {
+                    base_lsn: meta.base_lsn,
+                    file: meta.file.clone(),
+                    end_offset,
+                    block,
+                })
+            }
+            None => None,
+        };
+        if let (Some(cut), Some(tail)) = (&decision.cut, &tail) {
+            tracing::warn!(segment = %cut.segment, offset = cut.offset, error = %cut.error,
+                "log cut at a torn tail (provisional until checked against peers)");
+            zero_past_end(tail, cut.dirty_end).await?;
+        }
+        let report = RecoveryReport {
+            case: decision.case,
+            end_lsn: decision.end.lsn,
+            segments: metas.len(),
+            records,
+            cut: decision.cut.clone(),
+            discarded,
+        };
+        let segments = Segments {
+            storage,
+            metas: RefCell::new(metas),
+        };
+        Ok((segments, report, decision.end, tail))
+    }
+
+    pub fn insert(&self, meta: SegmentMeta<S::File>) {
+        self.metas.borrow_mut().insert(meta.base_lsn, meta);
+    }
+
+    pub fn set_end(&self, base_lsn: u64, end_lsn: u64) {
+        if let Some(meta) = self.metas.borrow_mut().get_mut(&base_lsn) {
+            meta.end_lsn = end_lsn;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.metas.borrow().len()
+    }
+
+    /// The segment holding `lsn` (the last one starting at or below it), as
+    /// `(base, base_chain, end, file)`, and the base of the one after it.
+    pub fn locate(&self, lsn: u64) -> Option<(u64, u32, u64, Rc<S::File>, Option<(u64, u32)>)> {
+        let metas = self.metas.borrow();
+        let (_, meta) = metas.range(..=lsn).next_back()?;
+        let next = metas
+            .range(meta.base_lsn + 1..)
+            .next()
+            .map(|(_, m)| (m.base_lsn, m.base_chain));
+        Some((
+            meta.base_lsn,
+            meta.base_chain,
+            meta.end_lsn,
+            meta.file.clone(),
+            next,
+        ))
+    }
+
+    pub fn first_position(&self) -> Expect {
+        let metas = self.metas.borrow();
+        metas.values().next().map_or(
+            Expect {
+                lsn: 0,
+                chain: 0,
+                epoch: 0,
+            },
+            |m| Expect {
+                lsn: m.base_lsn,
+                chain: m.base_chain,
+                epoch: 0,
+            },
+        )
+    }
+
+    /// Deletes every segment but the last whose records all lie below `lsn`.
+    pub async fn release_below(&self, lsn: u64) -> Result<usize, WalError> {
+        let doomed: Vec<u64> = {
+            let metas = self.metas.borrow();
+            let last = metas.keys().next_back().copied();
+            metas
+                .values()
+                .filter(|m| m.end_lsn <= lsn && Some(m.base_lsn) != last)
+                .map(|m| m.base_lsn)
+                .collect()
+        };
+        for base in &doomed {
+            self.metas.borrow_mut().remove(base);
+            self.storage.remove(&segment_file_name(*base)).await?;
+        }
+        if !doomed.is_empty() {
+            self.storage.sync_dir().await?;
+        }
+        Ok(doomed.len())
+    }
+}
+
+/// Zeroes the bytes a torn write left past the end of the log, so that a
+/// later recovery cannot mistake them for records after new ones.
+async fn zero_past_end<F: StorageFile>(tail: &Tail<F>, dirty_end: u64) -> Result<(), WalError> {
+    let block_start = tail.end_offset - tail.end_offset % BLOCK_BYTES;
+    let end = dirty_end.next_multiple_of(BLOCK_BYTES);
+    let zeros =
+        vec![0u8; (end.saturating_sub(block_start) as usize).saturating_sub(tail.block.len())];
+    tail.file
+        .write_at(block_start, &[&tail.block, &zeros])
+        .await?;
+    tail.file.sync().await?;
+    Ok(())
+}
+
+const SPARE_SUFFIX: &str = ".spare";
+const TMP_SUFFIX: &str = ".spare.tmp";
+
+/// Removes half-made spares and spares of the wrong size; keeps good ones.
+async fn remove_stale_temporaries<S: Storage>(
+    storage: &S,
+    options: &WalOptions,
+) -> Result<(), WalError> {
+    for name in storage.list().await? {
+        let stale = if name.ends_with(TMP_SUFFIX) {
+            true
+        } else if name.ends_with(SPARE_SUFFIX) {
+            storage.open(&name).await?.len().await? != options.segment_bytes
+        } else {
+            false
+        };
+        if stale {
+            storage.remove(&name).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Name of an existing good spare, if any.
+pub(super) async fn find_spare<S: Storage>(storage: &S) -> Result<Option<String>, WalError> {
+    Ok(storage
+        .list()
+        .await?
+        .into_iter()
+        .find(|n| n.ends_with(SPARE_SUFFIX)))
+}
+
+/// Makes a spare segment file: create, fill, sync, then rename into place.
+/// Returns its name.
+pub(super) async fn prepare_spare<S: Storage>(
+    storage: &S,
+    seq: u64,
+    segment_bytes: u64,
+    fill: SegmentFill,
+) -> Result<String, WalError> {
+    let tmp = format!("{seq:020}{TMP_SUFFIX}");
+    let name = format!("{seq:020}{SPARE_SUFFIX}");
+    let file = storage.create(&tmp).await?;
+    match fill {
+        SegmentFill::Zeros => zero_fill(&file, segment_bytes).await?,
+        SegmentFill::Allocate => {
+            file.allocate(segment_bytes).await?;
+            file.sync().await?;
+        }
+    }
+    drop(file);
+    storage.rename(&tmp, &name).await?;
+    Ok(name)
+}

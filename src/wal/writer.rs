@@ -1,0 +1,498 @@
+//! Group commit: staging on the caller's task, one flusher task per shard.
+//!
+//! An append encodes its record straight into the open staging run (its LSN
+//! and chain are fixed right there, in call order) and registers a waiter for
+//! its end LSN. The flusher takes one run at a time, writes it (with the
+//! partial block before it, rewritten byte-identical) and syncs; while that is
+//! in flight, new appends fill the next run. So batches grow with load and no
+//! timer is involved. When the sync returns, `durable_lsn` advances and the
+//! waiters at or below it are resolved in order.
+//!
+//! A failed write or sync is fatal: the log records the error, every waiter
+//! and every later append gets it, and nothing is acknowledged after it. The
+//! sync is never retried (after a failed fsync the page state is unknown).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use futures_channel::oneshot;
+use glommio::task::JoinHandle;
+
+use crate::format::{
+    Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, SegmentHeader, encode_record,
+    segment_file_name,
+};
+use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
+
+use super::scan::offset_of;
+use super::segment::{SegmentMeta, Segments, Tail, find_spare, prepare_spare};
+use super::{WalError, WalOptions};
+
+/// What a durable append returns: where the record sits and who wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub shard: u32,
+    pub epoch: u64,
+    /// LSN of the record.
+    pub lsn: u64,
+    /// LSN just past the record.
+    pub end_lsn: u64,
+}
+
+/// A staged append. Its receipt is known at once; awaiting it waits for the
+/// sync that covers the record.
+pub struct Pending {
+    receipt: Receipt,
+    rx: oneshot::Receiver<Result<(), WalError>>,
+}
+
+impl Pending {
+    pub fn receipt(&self) -> Receipt {
+        self.receipt
+    }
+}
+
+impl Future for Pending {
+    type Output = Result<Receipt, WalError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let receipt = self.receipt;
+        Pin::new(&mut self.rx).poll(cx).map(|r| match r {
+            Ok(Ok(())) => Ok(receipt),
+            Ok(Err(e)) => Err(e),
+            Err(oneshot::Canceled) => Err(WalError::Closed),
+        })
+    }
+}
+
+/// A batch of encoded records bound for one segment.
+struct Run {
+    seg_base: u64,
+    /// Position of the first record.
+    start: Expect,
+    bytes: Vec<u8>,
+}
+
+struct State {
+    options: WalOptions,
+    /// Where the next staged record goes.
+    next: Expect,
+    /// Segment the next record goes into, and the record bytes it holds.
+    seg_base: Option<u64>,
+    seg_used: u64,
+    runs: VecDeque<Run>,
+    staged_bytes: usize,
+    durable_lsn: u64,
+    waiters: VecDeque<(u64, oneshot::Sender<Result<(), WalError>>)>,
+    failed: Option<IoError>,
+    closed: bool,
+    flusher: Option<Waker>,
+    space: Vec<Waker>,
+    free: Vec<Vec<u8>>,
+}
+
+impl State {
+    fn check_open(&self) -> Result<(), WalError> {
+        match (&self.failed, self.closed) {
+            (Some(e), _) => Err(WalError::Failed(e.clone())),
+            (None, true) => Err(WalError::Closed),
+            (None, false) => Ok(()),
+        }
+    }
+
+    /// Records the fatal error and tells everyone waiting.
+    fn fail(&mut self, error: IoError) {
+        tracing::error!(%error, "WAL write failed; the shard stops accepting writes");
+        for (_, tx) in self.waiters.drain(..) {
+            let _ = tx.send(Err(WalError::Failed(error.clone())));
+        }
+        self.runs.clear();
+        self.staged_bytes = 0;
+        self.failed = Some(error);
+        self.space.drain(..).for_each(Waker::wake);
+    }
+
+    fn mark_durable(&mut self, end_lsn: u64) {
+        debug_assert!(end_lsn >= self.durable_lsn);
+        self.durable_lsn = end_lsn;
+        while let Some((lsn, _)) = self.waiters.front() {
+            if *lsn > end_lsn {
+                break;
+            }
+            let (_, tx) = self.waiters.pop_front().expect("front exists");
+            // The appender may have stopped waiting (memory level); fine.
+            let _ = tx.send(Ok(()));
+        }
+    }
+}
+
+/// The appending side of a log; owns the flusher task.
+pub(super) struct Writer<S: Storage + 'static> {
+    state: Rc<RefCell<State>>,
+    task: RefCell<Option<JoinHandle<()>>>,
+    _storage: std::marker::PhantomData<S>,
+}
+
+impl<S: Storage + 'static> Writer<S> {
+    pub async fn start(
+        storage: Rc<S>,
+        segments: Rc<Segments<S>>,
+        options: WalOptions,
+        end: Expect,
+        tail: Option<Tail<S::File>>,
+    ) -> Result<Self, WalError> {
+        let capacity = options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
+        let (seg_base, seg_used) = match &tail {
+            Some(t) => (Some(t.base_lsn), t.end_offset - SEGMENT_HEADER_BLOCK as u64),
+            None => (None, capacity),
+        };
+        let state = Rc::new(RefCell::new(State {
+            next: Expect {
+                epoch: end.epoch.max(options.epoch),
+                ..end
+            },
+            seg_base,
+            seg_used,
+            runs: VecDeque::new(),
+            staged_bytes: 0,
+            durable_lsn: end.lsn,
+            waiters: VecDeque::new(),
+            failed: None,
+            closed: false,
+            flusher: None,
+            space: Vec::new(),
+            free: Vec::new(),
+            options: options.clone(),
+        }));
+        let spare = match find_spare(&*storage).await? {
+            Some(name) => SpareState::Ready(name),
+            None => SpareState::None,
+        };
+        let mut flusher = Flusher {
+            state: state.clone(),
+            storage,
+            segments,
+            options,
+            current: tail.map(|t| Current {
+                base_lsn: t.base_lsn,
+                file: t.file,
+                end_offset: t.end_offset,
+                block: t.block,
+            }),
+            spare,
+            spare_seq: 0,
+        };
+        flusher.start_spare();
+        let task = glommio::spawn_local(flusher.run()).detach();
+        Ok(Self {
+            state,
+            task: RefCell::new(Some(task)),
+            _storage: std::marker::PhantomData,
+        })
+    }
+
+    /// Stages one record; see [`super::Wal::submit`].
+    pub fn submit(&self, kind: RecordKind, body: &[u8]) -> Result<Pending, WalError> {
+        let mut st = self.state.borrow_mut();
+        st.check_open()?;
+        let max = st.options.record_body_max();
+        if body.len() > max {
+            return Err(WalError::TooLarge {
+                len: body.len(),
+                max,
+            });
+        }
+        let size = (RECORD_HEADER_BYTES + body.len()) as u64;
+        let capacity = st.options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
+        if st.seg_base.is_none() || st.seg_used + size > capacity {
+            st.seg_base = Some(st.next.lsn);
+            st.seg_used = 0;
+        }
+        let seg_base = st.seg_base.expect("set above");
+        let batch_max = st.options.batch_bytes_max;
+        let open_run = st
+            .runs
+            .back()
+            .is_some_and(|r| r.seg_base == seg_base && r.bytes.len() + size as usize <= batch_max);
+        if !open_run {
+            let bytes = st.free.pop().unwrap_or_default();
+            let start = st.next;
+            st.runs.push_back(Run {
+                seg_base,
+                start,
+                bytes,
+            });
+        }
+        let (lsn, chain, epoch) = (st.next.lsn, st.next.chain, st.options.epoch);
+        let run = st.runs.back_mut().expect("pushed above");
+        let checksum = encode_record(&mut run.bytes, kind, epoch, lsn, chain, body);
+        let end_lsn = lsn + size;
+        st.next = Expect {
+            lsn: end_lsn,
+            chain: checksum,
+            epoch,
+        };
+        st.seg_used += size;
+        st.staged_bytes += size as usize;
+        let (tx, rx) = oneshot::channel();
+        st.waiters.push_back((end_lsn, tx));
+        if let Some(waker) = st.flusher.take() {
+            waker.wake();
+        }
+        let receipt = Receipt {
+            shard: st.options.log.shard,
+            epoch,
+            lsn,
+            end_lsn,
+        };
+        Ok(Pending { receipt, rx })
+    }
+
+    /// Waits while more than `staged_bytes_max` bytes are staged.
+    pub async fn wait_for_space(&self) -> Result<(), WalError> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.state.borrow_mut();
+            st.check_open()?;
+            if st.staged_bytes < st.options.staged_bytes_max {
+                return Poll::Ready(Ok(()));
+            }
+            st.space.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    pub fn durable_lsn(&self) -> u64 {
+        self.state.borrow().durable_lsn
+    }
+
+    pub fn next_lsn(&self) -> u64 {
+        self.state.borrow().next.lsn
+    }
+
+    pub fn failure(&self) -> Option<WalError> {
+        self.state.borrow().failed.clone().map(WalError::Failed)
+    }
+
+    pub async fn close(&self) -> Result<(), WalError> {
+        {
+            let mut st = self.state.borrow_mut();
+            st.closed = true;
+            if let Some(waker) = st.flusher.take() {
+                waker.wake();
+            }
+        }
+        let task = self.task.borrow_mut().take();
+        if let Some(task) = task {
+            task.await;
+        }
+        match self.state.borrow().failed.clone() {
+            Some(e) => Err(WalError::Failed(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<S: Storage + 'static> Drop for Writer<S> {
+    /// Lets the flusher drain what is staged and end, so a dropped log does
+    /// not leave a task waiting forever.
+    fn drop(&mut self) {
+        let mut st = self.state.borrow_mut();
+        st.closed = true;
+        if let Some(waker) = st.flusher.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The segment being written.
+struct Current<F> {
+    base_lsn: u64,
+    file: Rc<F>,
+    /// File offset where the next record goes.
+    end_offset: u64,
+    /// Bytes of the block holding `end_offset`, up to it: rewritten as the
+    /// prefix of the next write.
+    block: Vec<u8>,
+}
+
+enum SpareState {
+    None,
+    Preparing(JoinHandle<Result<String, WalError>>),
+    Ready(String),
+}
+
+struct Flusher<S: Storage + 'static> {
+    state: Rc<RefCell<State>>,
+    storage: Rc<S>,
+    segments: Rc<Segments<S>>,
+    options: WalOptions,
+    current: Option<Current<S::File>>,
+    spare: SpareState,
+    spare_seq: u64,
+}
+
+impl<S: Storage + 'static> Flusher<S> {
+    async fn run(mut self) {
+        while let Some(run) = self.next_run().await {
+            let end_lsn = run.start.lsn + run.bytes.len() as u64;
+            match self.flush(&run).await {
+                Ok(()) => {
+                    let mut st = self.state.borrow_mut();
+                    st.mark_durable(end_lsn);
+                    let mut bytes = run.bytes;
+                    bytes.clear();
+                    if st.free.len() < 4 {
+                        st.free.push(bytes);
+                    }
+                }
+                Err(error) => {
+                    self.state.borrow_mut().fail(error);
+                    break;
+                }
+            }
+        }
+        if let SpareState::Preparing(task) = std::mem::replace(&mut self.spare, SpareState::None) {
+            let _ = task.await;
+        }
+    }
+
+    /// The next run to write, or `None` once closed and drained.
+    async fn next_run(&self) -> Option<Run> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.state.borrow_mut();
+            if st.failed.is_some() {
+                return Poll::Ready(None);
+            }
+            if let Some(run) = st.runs.pop_front() {
+                st.staged_bytes -= run.bytes.len();
+                st.space.drain(..).for_each(Waker::wake);
+                return Poll::Ready(Some(run));
+            }
+            if st.closed {
+                return Poll::Ready(None);
+            }
+            st.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Writes one run and syncs it; a new segment's directory entry too.
+    async fn flush(&mut self, run: &Run) -> Result<(), IoError> {
+        let mut header = None;
+        if self.current.as_ref().map(|c| c.base_lsn) != Some(run.seg_base) {
+            self.rotate(run).await?;
+            header = Some(
+                SegmentHeader::new(
+                    self.options.log,
+                    run.seg_base,
+                    self.options.epoch,
+                    run.start.chain,
+                )
+                .to_block(),
+            );
+        }
+        let current = self.current.as_mut().expect("rotated above");
+        let pos = offset_of(current.base_lsn, run.start.lsn);
+        assert_eq!(pos, current.end_offset, "runs are written in LSN order");
+        let (write_pos, prefix) = match &header {
+            Some(block) => (0, block.as_slice()),
+            None => (pos - pos % BLOCK_BYTES, current.block.as_slice()),
+        };
+        assert_eq!(
+            write_pos + prefix.len() as u64,
+            pos,
+            "prefix reaches the write position"
+        );
+        current
+            .file
+            .write_at(write_pos, &[prefix, &run.bytes])
+            .await?;
+        current.file.sync().await?;
+        if header.is_some() {
+            self.storage.sync_dir().await?;
+        }
+        let end = pos + run.bytes.len() as u64;
+        let block_start = end - end % BLOCK_BYTES;
+        if block_start >= pos {
+            current.block.clear();
+            current
+                .block
+                .extend_from_slice(&run.bytes[(block_start - pos) as usize..]);
+        } else {
+            current.block.extend_from_slice(&run.bytes);
+        }
+        current.end_offset = end;
+        let end_lsn = run.start.lsn + run.bytes.len() as u64;
+        self.segments.set_end(current.base_lsn, end_lsn);
+        Ok(())
+    }
+
+    /// Makes the spare file the segment that starts at `run.seg_base`.
+    async fn rotate(&mut self, run: &Run) -> Result<(), IoError> {
+        let spare = match std::mem::replace(&mut self.spare, SpareState::None) {
+            SpareState::Ready(name) => name,
+            SpareState::Preparing(task) => task
+                .await
+                .unwrap_or(Err(WalError::Closed))
+                .map_err(wal_to_io)?,
+            SpareState::None => {
+                self.spare_seq += 1;
+                prepare_spare(
+                    &*self.storage,
+                    self.spare_seq,
+                    self.options.segment_bytes,
+                    self.options.segment_fill,
+                )
+                .await
+                .map_err(wal_to_io)?
+            }
+        };
+        let name = segment_file_name(run.seg_base);
+        self.storage.rename(&spare, &name).await?;
+        let file = Rc::new(self.storage.open(&name).await?);
+        self.segments.insert(SegmentMeta {
+            base_lsn: run.seg_base,
+            base_chain: run.start.chain,
+            end_lsn: run.seg_base,
+            file: file.clone(),
+        });
+        self.current = Some(Current {
+            base_lsn: run.seg_base,
+            file,
+            end_offset: SEGMENT_HEADER_BLOCK as u64,
+            block: Vec::new(),
+        });
+        self.start_spare();
+        Ok(())
+    }
+
+    /// Starts making the next spare in the background, if none is there.
+    fn start_spare(&mut self) {
+        if !matches!(self.spare, SpareState::None) {
+            return;
+        }
+        self.spare_seq += 1;
+        let (storage, seq) = (self.storage.clone(), self.spare_seq);
+        let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
+        let task =
+            glommio::spawn_local(async move { prepare_spare(&*storage, seq, bytes, fill).await });
+        self.spare = SpareState::Preparing(task.detach());
+    }
+}
+
+fn wal_to_io(error: WalError) -> IoError {
+    match error {
+        WalError::Io(e) | WalError::Failed(e) => e,
+        other => IoError::new(
+            "prepare segment",
+            "",
+            std::io::Error::other(other.to_string()),
+        ),
+    }
+}

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use tidewal::format::LogId;
+use tidewal::wal::WalOptions;
+
+pub const LOG: LogId = LogId {
+    cluster_id: [0x5a; 16],
+    shard: 0,
+};
+
+/// Runs `f` on a fresh glommio executor on this thread.
+pub fn run<T: 'static, F: Future<Output = T> + 'static>(f: impl FnOnce() -> F) -> T {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("glommio executor (io_uring)")
+        .run(f())
+}
+
+/// Small segments so that tests cross segment boundaries.
+pub fn small_options() -> WalOptions {
+    let mut options = WalOptions::new(LOG);
+    options.segment_bytes = 64 << 10;
+    options.batch_bytes_max = 8 << 10;
+    options.staged_bytes_max = 32 << 10;
+    options
+}
+
+/// A directory on the real disk (not tmpfs: O_DIRECT must be in effect).
+pub fn disk_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir under target/")
+}
+
+pub fn path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().to_path_buf()
+}
+
+/// The body of the `seq`-th record of appender `who`: recognisable, so a
+/// recovered record can be checked to be one that was really written.
+pub fn body(who: usize, seq: usize, len: usize) -> Vec<u8> {
+    let mut b = format!("{who}:{seq}:").into_bytes();
+    while b.len() < len {
+        b.push(b'a' + ((who + seq + b.len()) % 26) as u8);
+    }
+    b
+}
+
+/// Parses a body made by [`body`] back into `(who, seq)` and checks its fill.
+pub fn parse_body(b: &[u8]) -> Option<(usize, usize)> {
+    let s = std::str::from_utf8(b).ok()?;
+    let mut parts = s.splitn(3, ':');
+    let who: usize = parts.next()?.parse().ok()?;
+    let seq: usize = parts.next()?.parse().ok()?;
+    (body(who, seq, b.len()) == b).then_some((who, seq))
+}
