@@ -7,20 +7,6 @@ use tidewal::format::RecordKind;
 use tidewal::io::{DirectIo, DmaStorage, FaultStorage, Storage};
 use tidewal::wal::{Case, Wal};
 
-/// Reads every durable record from the oldest segment on.
-async fn read_all_records<S: Storage + 'static>(wal: &Wal<S>) -> Vec<tidewal::wal::OwnedRecord> {
-    let mut pos = wal.first_position();
-    let mut out = Vec::new();
-    loop {
-        let batch = wal.read(pos, 16 << 10).await.expect("read");
-        if batch.records.is_empty() {
-            return out;
-        }
-        pos = batch.next;
-        out.extend(batch.records);
-    }
-}
-
 async fn append_read_reopen<S: Storage + Clone + 'static>(storage: S) {
     let wal = Wal::open(storage.clone(), small_options()).await.unwrap();
     assert_eq!(wal.recovery().case, Case::Empty);

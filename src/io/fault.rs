@@ -208,6 +208,24 @@ impl FaultStorage {
         }
     }
 
+    /// Overwrites bytes of a file (creating it if needed), durably, as a
+    /// stray write or a bad sector would.
+    pub fn poke(&self, name: &str, offset: usize, bytes: &[u8]) {
+        let mut fs = self.fs.borrow_mut();
+        let file = fs.names.entry(name.to_string()).or_default().clone();
+        fs.durable_names.insert(name.to_string(), file.clone());
+        let mut file = file.borrow_mut();
+        apply(&mut file.data, offset as u64, bytes);
+        apply(&mut file.durable, offset as u64, bytes);
+    }
+
+    /// Removes a file at once and durably.
+    pub fn delete(&self, name: &str) {
+        let mut fs = self.fs.borrow_mut();
+        fs.names.remove(name);
+        fs.durable_names.remove(name);
+    }
+
     /// What a reader would see of a file now, if it exists.
     pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
         let fs = self.fs.borrow();

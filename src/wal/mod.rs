@@ -164,7 +164,7 @@ impl<S: Storage + 'static> Wal<S> {
             });
         }
         let segments = Rc::new(segments);
-        let writer = Writer::start(storage, segments.clone(), options, end, tail).await?;
+        let writer = Writer::start(storage, segments.clone(), options, end, tail)?;
         Ok(Self {
             writer,
             segments,

@@ -92,9 +92,10 @@ pub fn scan_segment(
     scan.end.chain = header.base_chain.get();
     loop {
         let offset = offset_of(base_lsn, scan.end.lsn);
-        let Some(rest) = bytes.get(offset as usize..).filter(|r| !r.is_empty()) else {
-            return scan; // the segment is full
-        };
+        let rest = bytes.get(offset as usize..).unwrap_or_default();
+        if rest.len() < RECORD_HEADER_BYTES && rest.iter().all(|b| *b == 0) {
+            return scan; // the segment is full: no room for another header
+        }
         let error = match decode_record(rest, scan.end) {
             Ok(Decoded::Record(record)) => {
                 visit(record);

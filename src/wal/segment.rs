@@ -51,7 +51,7 @@ impl<S: Storage> Segments<S> {
     /// Scans every segment, applies the recovery decision table, and repairs
     /// what it allows (zeroes a torn tail, discards a torn rotation).
     pub async fn recover(storage: Rc<S>, options: &WalOptions) -> Result<Recovered<S>, WalError> {
-        remove_stale_temporaries(&*storage, options).await?;
+        remove_stale_temporaries(&*storage).await?;
         let mut bases: Vec<u64> = storage
             .list()
             .await?
@@ -219,33 +219,17 @@ async fn zero_past_end<F: StorageFile>(tail: &Tail<F>, dirty_end: u64) -> Result
 const SPARE_SUFFIX: &str = ".spare";
 const TMP_SUFFIX: &str = ".spare.tmp";
 
-/// Removes half-made spares and spares of the wrong size; keeps good ones.
-async fn remove_stale_temporaries<S: Storage>(
-    storage: &S,
-    options: &WalOptions,
-) -> Result<(), WalError> {
+/// Removes every spare left by an earlier run. A spare is not trusted across
+/// a restart: if its rename into a segment name was lost in a crash, it holds
+/// records of a segment that never became durable, which could sit at the
+/// very places the next life of the log writes to.
+async fn remove_stale_temporaries<S: Storage>(storage: &S) -> Result<(), WalError> {
     for name in storage.list().await? {
-        let stale = if name.ends_with(TMP_SUFFIX) {
-            true
-        } else if name.ends_with(SPARE_SUFFIX) {
-            storage.open(&name).await?.len().await? != options.segment_bytes
-        } else {
-            false
-        };
-        if stale {
+        if name.ends_with(SPARE_SUFFIX) || name.ends_with(TMP_SUFFIX) {
             storage.remove(&name).await?;
         }
     }
     Ok(())
-}
-
-/// Name of an existing good spare, if any.
-pub(super) async fn find_spare<S: Storage>(storage: &S) -> Result<Option<String>, WalError> {
-    Ok(storage
-        .list()
-        .await?
-        .into_iter()
-        .find(|n| n.ends_with(SPARE_SUFFIX)))
 }
 
 /// Makes a spare segment file: create, fill, sync, then rename into place.

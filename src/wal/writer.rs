@@ -29,7 +29,7 @@ use crate::format::{
 use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
 
 use super::scan::offset_of;
-use super::segment::{SegmentMeta, Segments, Tail, find_spare, prepare_spare};
+use super::segment::{SegmentMeta, Segments, Tail, prepare_spare};
 use super::{WalError, WalOptions};
 
 /// What a durable append returns: where the record sits and who wrote it.
@@ -138,7 +138,7 @@ pub(super) struct Writer<S: Storage + 'static> {
 }
 
 impl<S: Storage + 'static> Writer<S> {
-    pub async fn start(
+    pub fn start(
         storage: Rc<S>,
         segments: Rc<Segments<S>>,
         options: WalOptions,
@@ -168,10 +168,6 @@ impl<S: Storage + 'static> Writer<S> {
             free: Vec::new(),
             options: options.clone(),
         }));
-        let spare = match find_spare(&*storage).await? {
-            Some(name) => SpareState::Ready(name),
-            None => SpareState::None,
-        };
         let mut flusher = Flusher {
             state: state.clone(),
             storage,
@@ -183,7 +179,7 @@ impl<S: Storage + 'static> Writer<S> {
                 end_offset: t.end_offset,
                 block: t.block,
             }),
-            spare,
+            spare: SpareState::None,
             spare_seq: 0,
         };
         flusher.start_spare();
@@ -323,7 +319,6 @@ struct Current<F> {
 enum SpareState {
     None,
     Preparing(JoinHandle<Result<String, WalError>>),
-    Ready(String),
 }
 
 struct Flusher<S: Storage + 'static> {
@@ -436,7 +431,6 @@ impl<S: Storage + 'static> Flusher<S> {
     /// Makes the spare file the segment that starts at `run.seg_base`.
     async fn rotate(&mut self, run: &Run) -> Result<(), IoError> {
         let spare = match std::mem::replace(&mut self.spare, SpareState::None) {
-            SpareState::Ready(name) => name,
             SpareState::Preparing(task) => task
                 .await
                 .unwrap_or(Err(WalError::Closed))

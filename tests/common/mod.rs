@@ -56,3 +56,44 @@ pub fn parse_body(b: &[u8]) -> Option<(usize, usize)> {
     let seq: usize = parts.next()?.parse().ok()?;
     (body(who, seq, b.len()) == b).then_some((who, seq))
 }
+
+/// SplitMix64: seeded choices for randomized tests, printed on failure.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// How many randomized runs to do: `TIDEWAL_<NAME>` or the default.
+pub fn runs(name: &str, default: u64) -> u64 {
+    std::env::var(format!("TIDEWAL_{name}"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Reads every durable record from the oldest segment on.
+pub async fn read_all_records<S: tidewal::Storage + 'static>(
+    wal: &tidewal::Wal<S>,
+) -> Vec<tidewal::wal::OwnedRecord> {
+    let mut pos = wal.first_position();
+    let mut out = Vec::new();
+    loop {
+        let batch = wal.read(pos, 16 << 10).await.expect("read");
+        if batch.records.is_empty() {
+            return out;
+        }
+        pos = batch.next;
+        out.extend(batch.records);
+    }
+}
