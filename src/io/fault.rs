@@ -226,6 +226,11 @@ impl FaultStorage {
         fs.durable_names.remove(name);
     }
 
+    /// The names the directory holds now.
+    pub fn file_names(&self) -> Vec<String> {
+        self.fs.borrow().names.keys().cloned().collect()
+    }
+
     /// What a reader would see of a file now, if it exists.
     pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
         let fs = self.fs.borrow();

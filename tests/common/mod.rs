@@ -97,3 +97,92 @@ pub async fn read_all_records<S: tidewal::Storage + 'static>(
         out.extend(batch.records);
     }
 }
+
+/// A storage backend plus the means to tamper with its files behind the
+/// log's back, so a test can run on the fault backend and on the real disk.
+#[allow(async_fn_in_trait)]
+pub trait Backend: Clone + 'static {
+    type S: tidewal::Storage + Clone + 'static;
+    async fn storage(&self) -> Self::S;
+    fn read(&self, name: &str) -> Vec<u8>;
+    fn poke(&self, name: &str, offset: usize, bytes: &[u8]);
+    fn delete(&self, name: &str);
+    fn names(&self) -> Vec<String>;
+    fn flip(&self, name: &str, offset: usize, bit: u8) {
+        let byte = self.read(name)[offset] ^ (1 << bit);
+        self.poke(name, offset, &[byte]);
+    }
+    /// Segment files, oldest first.
+    fn segments(&self) -> Vec<String> {
+        let mut v: Vec<_> = self
+            .names()
+            .into_iter()
+            .filter(|n| n.ends_with(".wal"))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Mem(pub tidewal::FaultStorage);
+
+impl Backend for Mem {
+    type S = tidewal::FaultStorage;
+    async fn storage(&self) -> Self::S {
+        self.0.clone()
+    }
+    fn read(&self, name: &str) -> Vec<u8> {
+        self.0.contents(name).expect("file exists")
+    }
+    fn poke(&self, name: &str, offset: usize, bytes: &[u8]) {
+        self.0.poke(name, offset, bytes)
+    }
+    fn delete(&self, name: &str) {
+        self.0.delete(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.file_names()
+    }
+}
+
+#[derive(Clone)]
+pub struct Disk(pub std::rc::Rc<tempfile::TempDir>);
+
+impl Disk {
+    pub fn new() -> Self {
+        Disk(std::rc::Rc::new(disk_dir()))
+    }
+}
+
+impl Backend for Disk {
+    type S = tidewal::DmaStorage;
+    async fn storage(&self) -> Self::S {
+        tidewal::DmaStorage::open(self.0.path(), tidewal::DirectIo::Require)
+            .await
+            .expect("O_DIRECT storage on the target dir")
+    }
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.0.path().join(name)).expect("file exists")
+    }
+    fn poke(&self, name: &str, offset: usize, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.0.path().join(name))
+            .unwrap();
+        f.write_all_at(bytes, offset as u64).unwrap();
+        f.sync_all().unwrap();
+    }
+    fn delete(&self, name: &str) {
+        std::fs::remove_file(self.0.path().join(name)).unwrap();
+    }
+    fn names(&self) -> Vec<String> {
+        std::fs::read_dir(self.0.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    }
+}
