@@ -38,7 +38,7 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<String, u64>) {
         .map(|who| {
             let (wal, seen) = (wal.clone(), seen.clone());
             let max_len = [0, 100, 3000][rng.below(3) as usize];
-            let mut rng = Rng(seed ^ (who as u64 + 1) * 7919);
+            let mut rng = Rng(seed ^ ((who as u64 + 1) * 7919));
             glommio::spawn_local(async move {
                 for seq in 0..200 {
                     let b = body(who, seq, rng.below(max_len + 1) as usize);
@@ -69,14 +69,18 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<String, u64>) {
     let wal = Wal::open(storage.clone(), options.clone())
         .await
         .unwrap_or_else(|e| panic!("seed {seed}: recovery refused after {cut:?}: {e}"));
-    check_against_model(&wal, &seen.borrow(), seed).await;
+    let seen = Rc::try_unwrap(seen)
+        .ok()
+        .expect("appenders are done")
+        .into_inner();
+    check_against_model(&wal, &seen, seed).await;
     *stats
         .entry(format!("{:?}", wal.recovery().case))
         .or_default() += 1;
-    if !seen.borrow().acked.is_empty() {
+    if !seen.acked.is_empty() {
         *stats.entry("runs with acked appends".into()).or_default() += 1;
     }
-    *stats.entry("acked appends".into()).or_default() += seen.borrow().acked.len() as u64;
+    *stats.entry("acked appends".into()).or_default() += seen.acked.len() as u64;
     if wal.recovery().end_lsn > 0 && wal.segment_count() > 1 {
         *stats.entry("multi-segment".into()).or_default() += 1;
     }

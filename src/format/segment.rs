@@ -85,6 +85,17 @@ impl SegmentHeader {
         block
     }
 
+    /// The log a header block claims to belong to, when its magic, version
+    /// and checksum hold: lets a tool inspect a directory it knows nothing of.
+    pub fn peek_log(block: &[u8]) -> Option<LogId> {
+        let (header, _) = SegmentHeader::read_from_prefix(block).ok()?;
+        let log = LogId {
+            cluster_id: header.cluster_id,
+            shard: header.shard.get(),
+        };
+        Self::decode(block, log).ok().map(|_| log)
+    }
+
     /// Parses and verifies a header block that must belong to `log`.
     pub fn decode(block: &[u8], log: LogId) -> Result<SegmentHeader, FormatError> {
         let Some(block) = block.get(..SEGMENT_HEADER_BLOCK) else {

@@ -49,6 +49,9 @@ impl DmaStorage {
     pub async fn open(dir: impl AsRef<Path>, policy: DirectIo) -> Result<Self, IoError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| std_err("create_dir", &dir, e))?;
+        // glommio opens with `openat(-1, path)`: a relative path fails with
+        // EBADF, so every path it sees is absolute.
+        let dir = std::fs::canonicalize(&dir).map_err(|e| std_err("canonicalize", &dir, e))?;
         let probe = dir.join(PROBE_FILE);
         std::fs::write(&probe, vec![0xa5u8; BLOCK_BYTES as usize])
             .map_err(|e| std_err("write", &probe, e))?;
@@ -221,7 +224,7 @@ impl StorageFile for DmaFileHandle {
         self.file.fdatasync().await.map_err(|e| self.err("sync", e))
     }
 
-    async fn len(&self) -> Result<u64, IoError> {
+    async fn file_size(&self) -> Result<u64, IoError> {
         self.file.file_size().await.map_err(|e| self.err("stat", e))
     }
 

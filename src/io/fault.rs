@@ -382,7 +382,7 @@ impl StorageFile for FaultFile {
         Ok(())
     }
 
-    async fn len(&self) -> Result<u64, IoError> {
+    async fn file_size(&self) -> Result<u64, IoError> {
         Ok(self.file.borrow().data.len() as u64)
     }
 

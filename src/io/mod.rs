@@ -87,14 +87,14 @@ pub trait StorageFile {
     /// `fdatasync`: what was written is durable when this returns Ok.
     async fn sync(&self) -> Result<(), IoError>;
     /// The file's length in bytes.
-    async fn len(&self) -> Result<u64, IoError>;
+    async fn file_size(&self) -> Result<u64, IoError>;
     /// Reserves `len` bytes without writing them (`fallocate`).
     async fn allocate(&self, len: u64) -> Result<(), IoError>;
 }
 
 /// Reads a whole file in chunks of at most [`READ_CHUNK_BYTES`].
 pub async fn read_all<F: StorageFile>(file: &F) -> Result<Vec<u8>, IoError> {
-    let len = file.len().await?;
+    let len = file.file_size().await?;
     let mut out = Vec::with_capacity(len as usize);
     while (out.len() as u64) < len {
         let want = READ_CHUNK_BYTES.min((len - out.len() as u64) as usize);

@@ -27,7 +27,7 @@ use crate::io::{IoError, Storage};
 pub use reader::{OwnedRecord, ReadBatch};
 pub use recovery::{Case, Cut, Decision, Refusal, decide};
 pub use scan::{ScanStop, SegmentScan, offset_of, scan_segment};
-pub use writer::{Pending, Receipt};
+pub use writer::{Pending, Receipt, WalStats};
 
 use segment::Segments;
 use writer::Writer;
@@ -77,7 +77,7 @@ impl WalOptions {
     }
 
     fn check(&self) -> Result<(), WalError> {
-        let ok = self.segment_bytes % 4096 == 0
+        let ok = self.segment_bytes.is_multiple_of(4096)
             && self.segment_bytes >= 2 * SEGMENT_HEADER_BLOCK as u64
             && self.batch_bytes_max > 0
             && self.staged_bytes_max >= self.batch_bytes_max;
@@ -206,6 +206,11 @@ impl<S: Storage + 'static> Wal<S> {
     /// LSN the next record will get.
     pub fn next_lsn(&self) -> u64 {
         self.writer.next_lsn()
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> WalStats {
+        self.writer.stats()
     }
 
     /// The error that stopped the log, if one did.

@@ -49,14 +49,13 @@ pub(super) async fn read<S: Storage>(
             next: from,
         });
     }
-    let (mut base, _, mut end, mut file, next) =
-        segments.locate(from.lsn).ok_or(WalError::Position {
-            lsn: from.lsn,
-            why: "released or never written",
-        })?;
-    if from.lsn >= end {
+    let mut seg = segments.locate(from.lsn).ok_or(WalError::Position {
+        lsn: from.lsn,
+        why: "released or never written",
+    })?;
+    if from.lsn >= seg.end_lsn {
         // At the end of one segment: the next one starts here, same chain.
-        let Some((next_base, next_chain)) = next.filter(|(b, _)| *b == from.lsn) else {
+        let Some((next_base, next_chain)) = seg.next.filter(|(b, _)| *b == from.lsn) else {
             return Err(WalError::Position {
                 lsn: from.lsn,
                 why: "past the end of its segment",
@@ -68,9 +67,10 @@ pub(super) async fn read<S: Storage>(
                 why: "chain differs from the log's",
             });
         }
-        (base, _, end, file, _) = segments.locate(next_base).expect("just found");
+        seg = segments.locate(next_base).expect("just found");
     }
-    let end = end.min(durable_lsn);
+    let (base, file) = (seg.base_lsn, seg.file);
+    let end = seg.end_lsn.min(durable_lsn);
     let mut want = max_bytes.max(RECORD_HEADER_BYTES) as u64;
     loop {
         let len = want.min(end - from.lsn) as usize;

@@ -90,8 +90,10 @@ pub fn decide(scans: &[SegmentScan]) -> Result<Decision, Refusal> {
     for (i, scan) in scans.iter().enumerate() {
         let last = i + 1 == scans.len();
         let name = segment_file_name(scan.base_lsn);
-        if let (Some(prev), Some(header)) = (end, scan.header) {
-            if prev.lsn != scan.base_lsn || prev.chain != header.base_chain.get() {
+        if let (Some(prev), Some(header)) = (end, scan.header)
+            && (prev.lsn != scan.base_lsn || prev.chain != header.base_chain.get())
+        {
+            {
                 return Err(Refusal {
                     case: Case::Gap,
                     segment: name,

@@ -25,6 +25,15 @@ pub(super) struct SegmentMeta<F> {
     pub file: Rc<F>,
 }
 
+/// Where a read finds its segment.
+pub(super) struct Located<F> {
+    pub base_lsn: u64,
+    pub end_lsn: u64,
+    pub file: Rc<F>,
+    /// Base LSN and chain seed of the next segment, if there is one.
+    pub next: Option<(u64, u32)>,
+}
+
 /// The state the writer resumes from: the last segment and its partial block.
 pub(super) struct Tail<F> {
     pub base_lsn: u64,
@@ -146,22 +155,21 @@ impl<S: Storage> Segments<S> {
         self.metas.borrow().len()
     }
 
-    /// The segment holding `lsn` (the last one starting at or below it), as
-    /// `(base, base_chain, end, file)`, and the base of the one after it.
-    pub fn locate(&self, lsn: u64) -> Option<(u64, u32, u64, Rc<S::File>, Option<(u64, u32)>)> {
+    /// The segment holding `lsn` (the last one starting at or below it), and
+    /// the base LSN and chain of the one after it.
+    pub fn locate(&self, lsn: u64) -> Option<Located<S::File>> {
         let metas = self.metas.borrow();
         let (_, meta) = metas.range(..=lsn).next_back()?;
         let next = metas
             .range(meta.base_lsn + 1..)
             .next()
             .map(|(_, m)| (m.base_lsn, m.base_chain));
-        Some((
-            meta.base_lsn,
-            meta.base_chain,
-            meta.end_lsn,
-            meta.file.clone(),
+        Some(Located {
+            base_lsn: meta.base_lsn,
+            end_lsn: meta.end_lsn,
+            file: meta.file.clone(),
             next,
-        ))
+        })
     }
 
     pub fn first_position(&self) -> Expect {

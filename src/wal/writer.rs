@@ -77,8 +77,24 @@ struct Run {
     bytes: Vec<u8>,
 }
 
+/// Counters of the flusher, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Write + sync rounds completed (one per batch).
+    pub syncs: u64,
+    /// Records made durable.
+    pub records: u64,
+    /// Record bytes made durable.
+    pub record_bytes: u64,
+    /// Bytes handed to the device, with rewritten partial blocks and headers.
+    pub device_bytes: u64,
+    /// Segments started.
+    pub rotations: u64,
+}
+
 struct State {
     options: WalOptions,
+    stats: WalStats,
     /// Where the next staged record goes.
     next: Expect,
     /// Segment the next record goes into, and the record bytes it holds.
@@ -118,11 +134,14 @@ impl State {
 
     fn mark_durable(&mut self, end_lsn: u64) {
         debug_assert!(end_lsn >= self.durable_lsn);
+        self.stats.syncs += 1;
+        self.stats.record_bytes += end_lsn - self.durable_lsn;
         self.durable_lsn = end_lsn;
         while let Some((lsn, _)) = self.waiters.front() {
             if *lsn > end_lsn {
                 break;
             }
+            self.stats.records += 1;
             let (_, tx) = self.waiters.pop_front().expect("front exists");
             // The appender may have stopped waiting (memory level); fine.
             let _ = tx.send(Ok(()));
@@ -166,6 +185,7 @@ impl<S: Storage + 'static> Writer<S> {
             flusher: None,
             space: Vec::new(),
             free: Vec::new(),
+            stats: WalStats::default(),
             options: options.clone(),
         }));
         let mut flusher = Flusher {
@@ -268,6 +288,10 @@ impl<S: Storage + 'static> Writer<S> {
 
     pub fn next_lsn(&self) -> u64 {
         self.state.borrow().next.lsn
+    }
+
+    pub fn stats(&self) -> WalStats {
+        self.state.borrow().stats
     }
 
     pub fn failure(&self) -> Option<WalError> {

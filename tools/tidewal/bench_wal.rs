@@ -1,0 +1,366 @@
+//! `tidewal bench wal`: durable append throughput and latency, beside the
+//! disk's own ceiling measured in the same run on the same filesystem.
+//!
+//! The machines this runs on are shared and noisy, so the ratios (ours over
+//! the disk's) are what count, every figure is the median of `--repeat` runs,
+//! and every latency comes from an HDR histogram.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tidewal::format::{LogId, RecordKind};
+use tidewal::io::{StorageFile, zero_fill};
+use tidewal::wal::SegmentFill;
+use tidewal::{DirectIo, DmaStorage, Storage, Wal, WalOptions};
+
+const BENCH_LOG: LogId = LogId {
+    cluster_id: *b"tidewal-bench\0\0\0",
+    shard: 0,
+};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Scratch directory on the filesystem to measure (removed afterwards).
+    /// Defaults to `.tidewal-bench` in the current directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Concurrent appenders for the small-record runs.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8, 64, 256])]
+    concurrency: Vec<usize>,
+    /// Body bytes of the small records.
+    #[arg(long, default_value_t = 100)]
+    record_bytes: usize,
+    /// Most record bytes per write + sync.
+    #[arg(long, default_value_t = 1 << 20)]
+    batch_bytes_max: usize,
+    /// How new segments are prepared: zeros (written) or allocate (fallocate).
+    #[arg(long, default_value = "zeros")]
+    segment_fill: String,
+    /// Run where O_DIRECT is not in effect (tmpfs), with buffered I/O.
+    #[arg(long)]
+    allow_buffered: bool,
+    /// Skip the large-record runs.
+    #[arg(long)]
+    small_only: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One appender configuration's result.
+#[derive(Debug, Clone, Copy)]
+struct AppendRun {
+    appends_per_s: f64,
+    mb_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    records_per_sync: f64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".tidewal-bench"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(0))
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting the glommio executor (io_uring): {e}"))?;
+    let result = executor.run(bench(args, dir.clone()));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
+    let policy = if args.allow_buffered {
+        DirectIo::AllowBuffered
+    } else {
+        DirectIo::Require
+    };
+    let storage = DmaStorage::open(&dir, policy).await?;
+    let fill = match args.segment_fill.as_str() {
+        "zeros" => SegmentFill::Zeros,
+        "allocate" => SegmentFill::Allocate,
+        other => anyhow::bail!("--segment-fill is zeros or allocate, not {other}"),
+    };
+    let seconds = Duration::from_secs_f64(args.seconds);
+    println!(
+        "tidewal bench wal: {} (O_DIRECT {}), {} runs of {:.1}s each, medians",
+        dir.display(),
+        if storage.direct_io() { "on" } else { "OFF" },
+        args.repeat,
+        args.seconds
+    );
+
+    println!("\ndisk ceiling, same filesystem, same run");
+    let sync_p50_us =
+        median(&repeat(args.repeat, || ceiling_sync_latency(&storage, seconds)).await?);
+    println!(
+        "  4 KiB O_DIRECT write + fdatasync   p50 {sync_p50_us:8.1} us  ({:.0}/s at one in flight)",
+        1e6 / sync_p50_us
+    );
+    let seq_mb_s = median(&repeat(args.repeat, || ceiling_sequential(&storage)).await?);
+    println!(
+        "  sequential O_DIRECT 1 MiB writes   {seq_mb_s:8.0} MB/s (one in flight, fdatasync at end)"
+    );
+    let fio = fio_sequential(&dir);
+    if let Some(fio) = fio {
+        println!("  fio io_uring direct 1 MiB qd1      {fio:8.0} MB/s (cross-check)");
+    }
+
+    let mut rows = Vec::new();
+    println!(
+        "\ndurable appends, {}-byte records (bar: 0.8 x min(N, records per batch cap) / sync p50)",
+        args.record_bytes
+    );
+    println!(
+        "  {:>9} {:>12} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}",
+        "appenders", "appends/s", "p50 us", "p99 us", "p99.9 us", "recs/sync", "bar", "ratio"
+    );
+    let per_record = args.record_bytes + tidewal::format::RECORD_HEADER_BYTES;
+    for &n in &args.concurrency {
+        let runs = repeat_runs(args.repeat, || {
+            append_run(&storage, &args, fill, n, args.record_bytes, seconds)
+        })
+        .await?;
+        let r = median_run(&runs);
+        let effective = n.min(args.batch_bytes_max / per_record).max(1) as f64;
+        let bar = 0.8 * effective / (sync_p50_us / 1e6);
+        println!(
+            "  {n:>9} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>12.0} {:>7.2}",
+            r.appends_per_s,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.records_per_sync,
+            bar,
+            r.appends_per_s / bar
+        );
+        rows.push(json!({"appenders": n, "record_bytes": args.record_bytes, "appends_per_s": r.appends_per_s,
+            "p50_us": r.p50_us, "p99_us": r.p99_us, "p999_us": r.p999_us, "records_per_sync": r.records_per_sync,
+            "bar_appends_per_s": bar, "ratio_to_bar": r.appends_per_s / bar}));
+    }
+
+    println!("\nlarge records (bar: 0.7 x sequential ceiling)");
+    println!(
+        "  {:>8} {:>9} {:>10} {:>10} {:>9} {:>7}",
+        "record", "appenders", "MB/s", "ceiling", "p99 us", "ratio"
+    );
+    let large: &[(usize, usize)] = if args.small_only {
+        &[]
+    } else {
+        &[(4096, 64), (65536, 16)]
+    };
+    for &(record, n) in large {
+        let runs = repeat_runs(args.repeat, || {
+            append_run(&storage, &args, fill, n, record, seconds)
+        })
+        .await?;
+        let r = median_run(&runs);
+        println!(
+            "  {:>6}KiB {n:>9} {:>10.0} {seq_mb_s:>10.0} {:>9.1} {:>7.2}",
+            record / 1024,
+            r.mb_per_s,
+            r.p99_us,
+            r.mb_per_s / seq_mb_s
+        );
+        rows.push(json!({"appenders": n, "record_bytes": record, "mb_per_s": r.mb_per_s, "p99_us": r.p99_us,
+            "ceiling_mb_per_s": seq_mb_s, "ratio_to_ceiling": r.mb_per_s / seq_mb_s}));
+    }
+    if let Some(path) = &args.json {
+        let doc = json!({"direct_io": storage.direct_io(), "sync_p50_us": sync_p50_us,
+            "sequential_mb_per_s": seq_mb_s, "fio_sequential_mb_per_s": fio, "runs": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}
+
+async fn repeat<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Vec<f64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        out.push(f().await?);
+    }
+    Ok(out)
+}
+
+async fn repeat_runs<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Vec<AppendRun>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<AppendRun>>,
+{
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        out.push(f().await?);
+    }
+    Ok(out)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The median of each figure across runs.
+fn median_run(runs: &[AppendRun]) -> AppendRun {
+    let m = |f: fn(&AppendRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    AppendRun {
+        appends_per_s: m(|r| r.appends_per_s),
+        mb_per_s: m(|r| r.mb_per_s),
+        p50_us: m(|r| r.p50_us),
+        p99_us: m(|r| r.p99_us),
+        p999_us: m(|r| r.p999_us),
+        records_per_sync: m(|r| r.records_per_sync),
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
+/// Median latency (us) of a 4 KiB O_DIRECT write followed by fdatasync, into
+/// a file whose blocks are already written (as a WAL segment's are).
+async fn ceiling_sync_latency(storage: &DmaStorage, duration: Duration) -> anyhow::Result<f64> {
+    const FILE_BYTES: u64 = 16 << 20;
+    let file = storage.create("ceiling-sync.dat").await?;
+    zero_fill(&file, FILE_BYTES).await?;
+    let block = vec![0x5au8; 4096];
+    let mut hist = histogram();
+    let deadline = Instant::now() + duration;
+    let mut pos = 0;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        file.write_at(pos, &[&block]).await?;
+        file.sync().await?;
+        hist.record(t.elapsed().as_nanos() as u64)?;
+        pos = (pos + 4096) % FILE_BYTES;
+    }
+    drop(file);
+    storage.remove("ceiling-sync.dat").await?;
+    Ok(hist.value_at_quantile(0.5) as f64 / 1000.0)
+}
+
+/// MB/s of sequential 1 MiB O_DIRECT overwrites of a written file, one in
+/// flight, with the closing fdatasync counted.
+async fn ceiling_sequential(storage: &DmaStorage) -> anyhow::Result<f64> {
+    const FILE_BYTES: u64 = 256 << 20;
+    let file = storage.create("ceiling-seq.dat").await?;
+    zero_fill(&file, FILE_BYTES).await?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut pos = 0;
+    while pos < FILE_BYTES {
+        file.write_at(pos, &[&chunk]).await?;
+        pos += chunk.len() as u64;
+    }
+    file.sync().await?;
+    let mb_s = FILE_BYTES as f64 / 1e6 / t.elapsed().as_secs_f64();
+    drop(file);
+    storage.remove("ceiling-seq.dat").await?;
+    Ok(mb_s)
+}
+
+/// fio's figure for the same pattern, where fio is installed.
+fn fio_sequential(dir: &Path) -> Option<f64> {
+    let file = dir.join("fio.dat");
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=seq",
+            "--size=256M",
+            "--bs=1M",
+            "--rw=write",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=1",
+            "--end_fsync=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", file.display()))
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(&file);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let kib_s = doc["jobs"][0]["write"]["bw"].as_f64()?;
+    Some(kib_s * 1024.0 / 1e6)
+}
+
+/// `n` appenders of `record_bytes` bodies against a fresh log for `duration`.
+async fn append_run(
+    storage: &DmaStorage,
+    args: &BenchArgs,
+    fill: SegmentFill,
+    n: usize,
+    record_bytes: usize,
+    duration: Duration,
+) -> anyhow::Result<AppendRun> {
+    for name in storage.list().await? {
+        if name.ends_with(".wal") || name.contains(".spare") {
+            storage.remove(&name).await?;
+        }
+    }
+    let mut options = WalOptions::new(BENCH_LOG);
+    options.batch_bytes_max = args.batch_bytes_max;
+    options.staged_bytes_max = args.batch_bytes_max.max(16 << 20);
+    options.segment_fill = fill;
+    let wal = Rc::new(Wal::open(storage.clone(), options).await?);
+    let body = vec![0x42u8; record_bytes];
+    wal.append(RecordKind::Data, &body).await?; // the first segment exists
+    let before = wal.stats();
+    let merged = Rc::new(RefCell::new(histogram()));
+    let stop = Rc::new(std::cell::Cell::new(false));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (wal, merged, body, stop) =
+                (wal.clone(), merged.clone(), body.clone(), stop.clone());
+            glommio::spawn_local(async move {
+                let mut hist = histogram();
+                let mut count = 0u64;
+                while !stop.get() {
+                    let t = Instant::now();
+                    wal.append(RecordKind::Data, &body).await?;
+                    hist.record(t.elapsed().as_nanos() as u64)?;
+                    count += 1;
+                }
+                merged.borrow_mut().add(&hist)?;
+                anyhow::Ok(count)
+            })
+        })
+        .collect();
+    glommio::timer::sleep(duration).await;
+    stop.set(true);
+    let mut total = 0;
+    for task in tasks {
+        total += task.await?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let stats = wal.stats();
+    let wal = Rc::try_unwrap(wal).map_err(|_| anyhow::anyhow!("log still shared"))?;
+    wal.close().await?;
+    let hist = merged.borrow();
+    let syncs = (stats.syncs - before.syncs).max(1);
+    Ok(AppendRun {
+        appends_per_s: total as f64 / elapsed,
+        mb_per_s: (stats.record_bytes - before.record_bytes) as f64 / 1e6 / elapsed,
+        p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        p999_us: hist.value_at_quantile(0.999) as f64 / 1000.0,
+        records_per_sync: (stats.records - before.records) as f64 / syncs as f64,
+    })
+}
