@@ -18,6 +18,8 @@
 //! these (see ARCHITECTURE.md for the plan and the numbered write path).
 
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod wal;
 
