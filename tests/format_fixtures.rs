@@ -24,7 +24,9 @@ fn options() -> WalOptions {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v1")
+        .join(name)
 }
 
 /// The records of the golden log, in order.
@@ -68,7 +70,9 @@ fn load(dir: &Path) -> FaultStorage {
 #[test]
 fn golden_log_reads_back() {
     run(|| async {
-        let wal = Wal::open(load(&fixture("intact")), options()).await.unwrap();
+        let wal = Wal::open(load(&fixture("intact")), options())
+            .await
+            .unwrap();
         assert_eq!(wal.recovery().case, Case::Intact);
         let records = read_all_records(&wal).await;
         let want = golden_records();
@@ -104,7 +108,10 @@ fn corrupt_twin_is_refused_where_it_was() {
             Err(WalError::Corrupt { refusal }) => {
                 assert_eq!(refusal.case, Case::CorruptRecord);
                 let expected = std::fs::read_to_string(fixture("corrupt/EXPECTED")).unwrap();
-                assert_eq!(format!("{} {}", refusal.segment, refusal.offset), expected.trim());
+                assert_eq!(
+                    format!("{} {}", refusal.segment, refusal.offset),
+                    expected.trim()
+                );
             }
             Err(other) => panic!("unexpected error {other}"),
             Ok(_) => panic!("the corrupt twin opened"),

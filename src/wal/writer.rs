@@ -19,7 +19,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use futures_channel::oneshot;
 use glommio::task::JoinHandle;
 
 use crate::format::{
@@ -44,10 +43,10 @@ pub struct Receipt {
 }
 
 /// A staged append. Its receipt is known at once; awaiting it waits for the
-/// sync that covers the record.
+/// sync that covers the record. Dropping it stops waiting, nothing else.
 pub struct Pending {
     receipt: Receipt,
-    rx: oneshot::Receiver<Result<(), WalError>>,
+    state: Rc<RefCell<State>>,
 }
 
 impl Pending {
@@ -59,13 +58,21 @@ impl Pending {
 impl Future for Pending {
     type Output = Result<Receipt, WalError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let receipt = self.receipt;
-        Pin::new(&mut self.rx).poll(cx).map(|r| match r {
-            Ok(Ok(())) => Ok(receipt),
-            Ok(Err(e)) => Err(e),
-            Err(oneshot::Canceled) => Err(WalError::Closed),
-        })
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let end_lsn = self.receipt.end_lsn;
+        let mut st = self.state.borrow_mut();
+        if st.durable_lsn >= end_lsn {
+            return Poll::Ready(Ok(self.receipt));
+        }
+        if let Some(error) = &st.failed {
+            return Poll::Ready(Err(WalError::Failed(error.clone())));
+        }
+        // Waiters are in LSN order, one per record: find ours by its end.
+        match st.waiters.binary_search_by_key(&end_lsn, |(lsn, _)| *lsn) {
+            Ok(i) => st.waiters[i].1 = Some(cx.waker().clone()),
+            Err(_) => return Poll::Ready(Err(WalError::Closed)),
+        }
+        Poll::Pending
     }
 }
 
@@ -103,7 +110,9 @@ struct State {
     runs: VecDeque<Run>,
     staged_bytes: usize,
     durable_lsn: u64,
-    waiters: VecDeque<(u64, oneshot::Sender<Result<(), WalError>>)>,
+    /// One entry per staged record not yet durable: its end LSN and, once
+    /// its `Pending` was polled, the waker to call.
+    waiters: VecDeque<(u64, Option<Waker>)>,
     failed: Option<IoError>,
     closed: bool,
     flusher: Option<Waker>,
@@ -123,12 +132,12 @@ impl State {
     /// Records the fatal error and tells everyone waiting.
     fn fail(&mut self, error: IoError) {
         tracing::error!(%error, "WAL write failed; the shard stops accepting writes");
-        for (_, tx) in self.waiters.drain(..) {
-            let _ = tx.send(Err(WalError::Failed(error.clone())));
+        self.failed = Some(error);
+        for waker in self.waiters.drain(..).filter_map(|(_, w)| w) {
+            waker.wake();
         }
         self.runs.clear();
         self.staged_bytes = 0;
-        self.failed = Some(error);
         self.space.drain(..).for_each(Waker::wake);
     }
 
@@ -142,9 +151,11 @@ impl State {
                 break;
             }
             self.stats.records += 1;
-            let (_, tx) = self.waiters.pop_front().expect("front exists");
-            // The appender may have stopped waiting (memory level); fine.
-            let _ = tx.send(Ok(()));
+            let (_, waker) = self.waiters.pop_front().expect("front exists");
+            // No waker: the append was never awaited (memory level).
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 }
@@ -254,8 +265,7 @@ impl<S: Storage + 'static> Writer<S> {
         };
         st.seg_used += size;
         st.staged_bytes += size as usize;
-        let (tx, rx) = oneshot::channel();
-        st.waiters.push_back((end_lsn, tx));
+        st.waiters.push_back((end_lsn, None));
         if let Some(waker) = st.flusher.take() {
             waker.wake();
         }
@@ -265,7 +275,11 @@ impl<S: Storage + 'static> Writer<S> {
             lsn,
             end_lsn,
         };
-        Ok(Pending { receipt, rx })
+        drop(st);
+        Ok(Pending {
+            receipt,
+            state: self.state.clone(),
+        })
     }
 
     /// Waits while more than `staged_bytes_max` bytes are staged.
