@@ -47,6 +47,8 @@ pub(super) struct Tail<F> {
 pub(super) struct Segments<S: Storage> {
     pub storage: Rc<S>,
     metas: RefCell<BTreeMap<u64, SegmentMeta<S::File>>>,
+    /// Released segment files renamed as spares, oldest first.
+    recycled: RefCell<std::collections::VecDeque<String>>,
 }
 
 type Recovered<S> = (
@@ -137,8 +139,18 @@ impl<S: Storage> Segments<S> {
         let segments = Segments {
             storage,
             metas: RefCell::new(metas),
+            recycled: RefCell::default(),
         };
         Ok((segments, report, decision.end, tail))
+    }
+
+    /// A released segment file to reuse as the next segment, if there is one.
+    pub fn take_recycled(&self) -> Option<String> {
+        self.recycled.borrow_mut().pop_front()
+    }
+
+    pub fn has_recycled(&self) -> bool {
+        !self.recycled.borrow().is_empty()
     }
 
     pub fn insert(&self, meta: SegmentMeta<S::File>) {
@@ -199,13 +211,28 @@ impl<S: Storage> Segments<S> {
                 .map(|m| m.base_lsn)
                 .collect()
         };
+        let mut spares = Vec::new();
         for base in &doomed {
             self.metas.borrow_mut().remove(base);
-            self.storage.remove(&segment_file_name(*base)).await?;
+            let name = segment_file_name(*base);
+            if self.recycled.borrow().len() + spares.len() < RECYCLED_MAX {
+                // Keep the file, written blocks and all, as the next spare:
+                // its old records are bound to older LSNs and never validate
+                // in a new life.
+                let spare = format!("{base:020}{RECYCLED_SUFFIX}");
+                self.storage.rename(&name, &spare).await?;
+                spares.push(spare);
+            } else {
+                self.storage.remove(&name).await?;
+            }
         }
         if !doomed.is_empty() {
             self.storage.sync_dir().await?;
         }
+        // Only once the old name is durably gone may the file be written as
+        // a new segment: else a crash could bring it back under its old name
+        // holding the new segment's records.
+        self.recycled.borrow_mut().extend(spares);
         Ok(doomed.len())
     }
 }
@@ -225,6 +252,9 @@ async fn zero_past_end<F: StorageFile>(tail: &Tail<F>, dirty_end: u64) -> Result
 }
 
 const SPARE_SUFFIX: &str = ".spare";
+const RECYCLED_SUFFIX: &str = ".recycled.spare";
+/// Most released segments kept as spares; the rest are deleted.
+const RECYCLED_MAX: usize = 2;
 const TMP_SUFFIX: &str = ".spare.tmp";
 
 /// Removes every spare left by an earlier run. A spare is not trusted across

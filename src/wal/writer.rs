@@ -209,6 +209,7 @@ impl<S: Storage + 'static> Writer<S> {
                 file: t.file,
                 end_offset: t.end_offset,
                 block: t.block,
+                recycled: false,
             }),
             spare: SpareState::None,
             spare_seq: 0,
@@ -343,6 +344,9 @@ impl<S: Storage + 'static> Drop for Writer<S> {
     }
 }
 
+/// Zeros for padding writes to a block and for the guard block.
+static ZERO_BLOCK: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
+
 /// The segment being written.
 struct Current<F> {
     base_lsn: u64,
@@ -352,6 +356,10 @@ struct Current<F> {
     /// Bytes of the block holding `end_offset`, up to it: rewritten as the
     /// prefix of the next write.
     block: Vec<u8>,
+    /// Whether the file is a recycled segment, with old records past the
+    /// end: then each write also zeroes the block after its end, so a scan
+    /// always finds unwritten space right after the last record.
+    recycled: bool,
 }
 
 enum SpareState {
@@ -442,15 +450,26 @@ impl<S: Storage + 'static> Flusher<S> {
             pos,
             "prefix reaches the write position"
         );
+        let end = pos + run.bytes.len() as u64;
+        let padded_end = end.next_multiple_of(BLOCK_BYTES);
+        let pad = &ZERO_BLOCK[..(padded_end - end) as usize];
+        let guard: &[u8] = if current.recycled && padded_end < self.options.segment_bytes {
+            &ZERO_BLOCK
+        } else {
+            &[]
+        };
         current
             .file
-            .write_at(write_pos, &[prefix, &run.bytes])
+            .write_at(write_pos, &[prefix, &run.bytes, pad, guard])
             .await?;
         current.file.sync().await?;
         if header.is_some() {
             self.storage.sync_dir().await?;
         }
-        let end = pos + run.bytes.len() as u64;
+        let mut st = self.state.borrow_mut();
+        st.stats.device_bytes += padded_end + guard.len() as u64 - write_pos;
+        st.stats.rotations += u64::from(header.is_some());
+        drop(st);
         let block_start = end - end % BLOCK_BYTES;
         if block_start >= pos {
             current.block.clear();
@@ -468,22 +487,10 @@ impl<S: Storage + 'static> Flusher<S> {
 
     /// Makes the spare file the segment that starts at `run.seg_base`.
     async fn rotate(&mut self, run: &Run) -> Result<(), IoError> {
-        let spare = match std::mem::replace(&mut self.spare, SpareState::None) {
-            SpareState::Preparing(task) => task
-                .await
-                .unwrap_or(Err(WalError::Closed))
-                .map_err(wal_to_io)?,
-            SpareState::None => {
-                self.spare_seq += 1;
-                prepare_spare(
-                    &*self.storage,
-                    self.spare_seq,
-                    self.options.segment_bytes,
-                    self.options.segment_fill,
-                )
-                .await
-                .map_err(wal_to_io)?
-            }
+        let recycled = self.segments.take_recycled();
+        let spare = match recycled.clone() {
+            Some(name) => name,
+            None => self.take_spare().await?,
         };
         let name = segment_file_name(run.seg_base);
         self.storage.rename(&spare, &name).await?;
@@ -499,14 +506,37 @@ impl<S: Storage + 'static> Flusher<S> {
             file,
             end_offset: SEGMENT_HEADER_BLOCK as u64,
             block: Vec::new(),
+            recycled: recycled.is_some(),
         });
         self.start_spare();
         Ok(())
     }
 
+    /// The zero-filled spare: the one prepared in the background, or a new one.
+    async fn take_spare(&mut self) -> Result<String, IoError> {
+        match std::mem::replace(&mut self.spare, SpareState::None) {
+            SpareState::Preparing(task) => task
+                .await
+                .unwrap_or(Err(WalError::Closed))
+                .map_err(wal_to_io),
+            SpareState::None => {
+                self.spare_seq += 1;
+                prepare_spare(
+                    &*self.storage,
+                    self.spare_seq,
+                    self.options.segment_bytes,
+                    self.options.segment_fill,
+                )
+                .await
+                .map_err(wal_to_io)
+            }
+        }
+    }
+
     /// Starts making the next spare in the background, if none is there.
     fn start_spare(&mut self) {
-        if !matches!(self.spare, SpareState::None) {
+        // With released segments to recycle, no zeros need writing.
+        if !matches!(self.spare, SpareState::None) || self.segments.has_recycled() {
             return;
         }
         self.spare_seq += 1;
