@@ -44,6 +44,7 @@ pub fn record_decode(data: &[u8]) {
         r.epoch(),
         r.lsn(),
         expect.chain,
+        r.lsn() - u64::from(r.header.durable_gap.get()),
         r.body,
     );
     assert_eq!(chain, r.checksum());

@@ -63,9 +63,17 @@ fn regenerate_seed_corpus() {
         v
     };
     let mut valid = expect(4096, 7, 1);
-    encode_record(&mut valid, RecordKind::Data, 2, 4096, 7, b"hello, fuzzer");
+    encode_record(
+        &mut valid,
+        RecordKind::Data,
+        2,
+        4096,
+        7,
+        1024,
+        b"hello, fuzzer",
+    );
     let mut empty_body = expect(0, 0, 0);
-    encode_record(&mut empty_body, RecordKind::Noop, 1, 0, 0, b"");
+    encode_record(&mut empty_body, RecordKind::Noop, 1, 0, 0, 0, b"");
     let mut zeros = expect(0, 0, 0);
     zeros.extend([0u8; 64]);
     let truncated = valid[..valid.len() - 3].to_vec();

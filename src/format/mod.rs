@@ -11,7 +11,7 @@ mod segment;
 
 pub use record::{
     CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader, RecordKind,
-    RecordRef, decode_record, encode_record, plausible_header_at, record_checksum,
+    RecordRef, decode_record, encode_record, plausible_durable_floor_at, record_checksum,
 };
 pub use segment::{
     FORMAT_VERSION, LogId, SEGMENT_HEADER_BLOCK, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,

@@ -45,8 +45,15 @@ pub struct RecordHeader {
     pub kind: u8,
     /// Reserved for flags; must be zero in format version 1.
     pub flags: u8,
+    /// Bytes from the log's durable LSN at the moment this record was staged
+    /// up to this record's LSN (saturating): everything below
+    /// `lsn - durable_gap` was durable before this record existed. Recovery
+    /// uses it to prove that damage before this record hit acknowledged
+    /// data (corruption) rather than writes that were never synced (a torn
+    /// tail), however many writes were in flight.
+    pub durable_gap: U32,
     /// Reserved; must be zero.
-    pub reserved: [u8; 6],
+    pub reserved: [u8; 2],
 }
 
 const _: () = assert!(size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
@@ -142,16 +149,18 @@ pub fn record_checksum(chain: u32, header_tail: &[u8], body: &[u8]) -> u32 {
 }
 
 /// Encodes one record at `lsn` after a record whose checksum was `chain`,
-/// appending header and body to `out`. Returns the new record's checksum,
-/// which is the chain for the next one.
+/// while the log was durable up to `durable_lsn`, appending header and body
+/// to `out`. Returns the new record's checksum, the chain for the next one.
 pub fn encode_record(
     out: &mut Vec<u8>,
     kind: RecordKind,
     epoch: u64,
     lsn: u64,
     chain: u32,
+    durable_lsn: u64,
     body: &[u8],
 ) -> u32 {
+    debug_assert!(durable_lsn <= lsn);
     assert!(body.len() <= RECORD_BODY_MAX, "record body over the limit");
     let mut header = RecordHeader {
         checksum: U32::new(0),
@@ -160,7 +169,8 @@ pub fn encode_record(
         epoch: U64::new(epoch),
         kind: kind as u8,
         flags: 0,
-        reserved: [0; 6],
+        durable_gap: U32::new(u32::try_from(lsn - durable_lsn).unwrap_or(u32::MAX)),
+        reserved: [0; 2],
     };
     let checksum = record_checksum(chain, &header.as_bytes()[4..], body);
     header.checksum = U32::new(checksum);
@@ -221,7 +231,7 @@ fn check_header(header: &RecordHeader, expect: Expect) -> Result<(), FormatError
             length: header.length.get(),
         });
     }
-    if header.flags != 0 || header.reserved != [0; 6] {
+    if header.flags != 0 || header.reserved != [0; 2] || header.durable_gap.get() as u64 > lsn {
         return Err(FormatError::Reserved { lsn });
     }
     if header.epoch.get() < expect.epoch {
@@ -234,20 +244,20 @@ fn check_header(header: &RecordHeader, expect: Expect) -> Result<(), FormatError
     Ok(())
 }
 
-/// Whether `buf` starts with something that looks like a record header bound
-/// to `lsn`, without knowing the chain. Recovery uses it to tell a torn tail
-/// (nothing plausible follows) from corruption in the middle of the log
-/// (plausible records follow the bad one). A false positive in garbage needs
-/// an 8-byte field equal to its own position.
-pub fn plausible_header_at(buf: &[u8], lsn: u64) -> bool {
-    let Ok((header, _)) = RecordHeader::ref_from_prefix(buf) else {
-        return false;
-    };
-    header.lsn.get() == lsn
+/// When `buf` starts with something that looks like a record header bound
+/// to `lsn` (without knowing the chain to verify it), the LSN below which
+/// the log was durable when that record was staged. Recovery uses it to tell
+/// a torn tail from corruption of acknowledged records. A false positive in
+/// garbage needs an 8-byte field equal to its own position.
+pub fn plausible_durable_floor_at(buf: &[u8], lsn: u64) -> Option<u64> {
+    let (header, _) = RecordHeader::ref_from_prefix(buf).ok()?;
+    let plausible = header.lsn.get() == lsn
         && RecordKind::from_u8(header.kind).is_some()
         && header.length.get() as usize <= RECORD_BODY_MAX
         && header.flags == 0
-        && header.reserved == [0; 6]
+        && header.reserved == [0; 2]
+        && header.durable_gap.get() as u64 <= lsn;
+    plausible.then(|| lsn - header.durable_gap.get() as u64)
 }
 
 #[cfg(test)]
@@ -262,16 +272,16 @@ mod tests {
 
     fn one(body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_record(&mut out, RecordKind::Data, 1, 0, 0, body);
+        encode_record(&mut out, RecordKind::Data, 1, 0, 0, 0, body);
         out
     }
 
     #[test]
     fn round_trip_and_chain() {
         let mut log = Vec::new();
-        let c1 = encode_record(&mut log, RecordKind::Data, 1, 0, 0, b"hello");
+        let c1 = encode_record(&mut log, RecordKind::Data, 1, 0, 0, 0, b"hello");
         let second_lsn = log.len() as u64;
-        encode_record(&mut log, RecordKind::Noop, 2, second_lsn, c1, b"");
+        encode_record(&mut log, RecordKind::Noop, 2, second_lsn, c1, 0, b"");
         let Decoded::Record(r) = decode_record(&log, START).unwrap() else {
             panic!("incomplete")
         };

@@ -2,7 +2,7 @@
 //!
 //! - `segment`: segment files: naming, spare preparation, the open set.
 //! - `scan` / `recovery`: verifying segments and deciding where the log ends.
-//! - `writer`: staging and the group-commit flusher task.
+//! - `writer` / `flusher`: group commit: staging, then the writer and syncer tasks.
 //! - `reader`: durable records by LSN.
 //!
 //! A segment is `{base_lsn:020}.wal`: a 4 KiB header block, then records
@@ -11,6 +11,7 @@
 //! `fdatasync` never has to convert unwritten extents. Records never span
 //! segments; LSNs are contiguous across them.
 
+mod flusher;
 mod reader;
 mod recovery;
 mod scan;

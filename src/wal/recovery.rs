@@ -11,10 +11,16 @@
 //! |-----------------|-------------------------------------------------------------------------|-----------------------------------|
 //! | `Empty`         | no segment files                                                        | new log at LSN 0                  |
 //! | `Intact`        | valid header; records then unwritten space (or a full file)             | continue / log ends here          |
-//! | `TornTail`      | last segment; a bad record with nothing bound to a later place after it | truncate there (provisional)      |
-//! | `TornRotation`  | last segment; header invalid and no record bound to a place in it       | discard the file                  |
-//! | `CorruptRecord` | a bad record followed by records bound to later places, or a bad record in a segment that is not the last | refuse: `Corrupt` |
-//! | `CorruptHeader` | invalid header on a segment that is not the last, or that holds records | refuse: `Corrupt`                 |
+//! | `TornTail`      | last segment; a bad record no later record proves acknowledged          | truncate there (provisional)      |
+//! | `TornRotation`  | last segment; header invalid, no record in it proves it durable         | discard the file                  |
+//! | `CorruptRecord` | a bad record a later record proves acknowledged, or a bad record in a segment that is not the last | refuse: `Corrupt` |
+//! | `CorruptHeader` | invalid header on a segment that is not the last, or proven durable     | refuse: `Corrupt`                 |
+//!
+//! A later record proves damage at LSN `d` acknowledged when its header is
+//! bound to its place and its `durable_gap` says the log was durable past `d`
+//! when it was staged (FORMAT.md). Several unsynced writes may be in flight,
+//! and a power cut may keep a later one and lose an earlier one: their
+//! records prove nothing, so that case is a torn tail, not corruption.
 //! | `Gap`           | a segment does not start where the previous one ended (LSN or chain)    | refuse: `Gap`                     |
 //!
 //! A refusal names the segment and the file offset of the first bad byte.
@@ -110,7 +116,7 @@ pub fn decide(scans: &[SegmentScan]) -> Result<Decision, Refusal> {
         }
         match &scan.stop {
             ScanStop::BadHeader { error } => {
-                if !last || scan.plausible_after {
+                if !last || scan.acked_after {
                     return Err(Refusal {
                         case: Case::CorruptHeader,
                         segment: name,
@@ -143,7 +149,7 @@ pub fn decide(scans: &[SegmentScan]) -> Result<Decision, Refusal> {
                 });
             }
             ScanStop::BadRecord { offset, error } => {
-                if !last || scan.plausible_after {
+                if !last || scan.acked_after {
                     return Err(Refusal {
                         case: Case::CorruptRecord,
                         segment: name,

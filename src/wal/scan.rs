@@ -3,7 +3,7 @@
 
 use crate::format::{
     Decoded, Expect, FormatError, LogId, RECORD_HEADER_BYTES, RecordRef, SEGMENT_HEADER_BLOCK,
-    SegmentHeader, decode_record, plausible_header_at,
+    SegmentHeader, decode_record, plausible_durable_floor_at,
 };
 
 /// How the scan of a segment ended.
@@ -30,9 +30,11 @@ pub struct SegmentScan {
     /// Number of valid records.
     pub records: u64,
     pub stop: ScanStop,
-    /// Whether a record header bound to its place sits after the stop point:
-    /// what tells corruption inside the log from a torn tail.
-    pub plausible_after: bool,
+    /// Whether a record header bound to its place sits after the stop point
+    /// and says the log was already durable past that point when it was
+    /// staged: proof that the damage hit acknowledged data (corruption), not
+    /// writes that were never synced (a torn tail).
+    pub acked_after: bool,
     /// File offset just past the last non-zero byte.
     pub dirty_end: u64,
 }
@@ -70,7 +72,7 @@ pub fn scan_segment(
         },
         records: 0,
         stop: ScanStop::Clean,
-        plausible_after: false,
+        acked_after: false,
         dirty_end,
     };
     let header = match SegmentHeader::decode(bytes, log) {
@@ -83,8 +85,13 @@ pub fn scan_segment(
         Ok(h) => h,
         Err(error) => {
             scan.stop = ScanStop::BadHeader { error };
-            scan.plausible_after =
-                plausible_between(bytes, base_lsn, SEGMENT_HEADER_BLOCK as u64, dirty_end);
+            scan.acked_after = acked_between(
+                bytes,
+                base_lsn,
+                SEGMENT_HEADER_BLOCK as u64,
+                dirty_end,
+                base_lsn,
+            );
             return scan;
         }
     };
@@ -106,9 +113,9 @@ pub fn scan_segment(
             Ok(Decoded::Incomplete { .. }) => FormatError::Overrun { lsn: scan.end.lsn },
             Err(error) => error,
         };
-        scan.plausible_after = plausible_between(bytes, base_lsn, offset + 1, dirty_end);
+        scan.acked_after = acked_between(bytes, base_lsn, offset + 1, dirty_end, scan.end.lsn);
         let zeroed = matches!(error, FormatError::Zeroed { .. });
-        if !zeroed || scan.plausible_after {
+        if !zeroed || scan.acked_after {
             scan.stop = ScanStop::BadRecord { offset, error };
         }
         return scan;
@@ -124,14 +131,15 @@ fn dirty_end(bytes: &[u8]) -> u64 {
 }
 
 /// Whether any offset in `[from, to)` holds a record header bound to the LSN
-/// of that offset.
-fn plausible_between(bytes: &[u8], base_lsn: u64, from: u64, to: u64) -> bool {
+/// of that offset, staged when the log was durable past `bad_lsn`.
+fn acked_between(bytes: &[u8], base_lsn: u64, from: u64, to: u64, bad_lsn: u64) -> bool {
     let from = from.max(SEGMENT_HEADER_BLOCK as u64);
     (from..to).any(|offset| {
         let lsn = base_lsn + (offset - SEGMENT_HEADER_BLOCK as u64);
         bytes
             .get(offset as usize..)
             .filter(|b| b.len() >= RECORD_HEADER_BYTES)
-            .is_some_and(|b| plausible_header_at(b, lsn))
+            .and_then(|b| plausible_durable_floor_at(b, lsn))
+            .is_some_and(|floor| floor > bad_lsn)
     })
 }

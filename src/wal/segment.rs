@@ -49,6 +49,9 @@ pub(super) struct Segments<S: Storage> {
     metas: RefCell<BTreeMap<u64, SegmentMeta<S::File>>>,
     /// Released segment files renamed as spares, oldest first.
     recycled: RefCell<std::collections::VecDeque<String>>,
+    /// Where the log starts when it holds no segment (recovery found none,
+    /// or discarded the only one): the recovered end.
+    origin: Expect,
 }
 
 type Recovered<S> = (
@@ -140,6 +143,7 @@ impl<S: Storage> Segments<S> {
             storage,
             metas: RefCell::new(metas),
             recycled: RefCell::default(),
+            origin: decision.end,
         };
         Ok((segments, report, decision.end, tail))
     }
@@ -186,18 +190,11 @@ impl<S: Storage> Segments<S> {
 
     pub fn first_position(&self) -> Expect {
         let metas = self.metas.borrow();
-        metas.values().next().map_or(
-            Expect {
-                lsn: 0,
-                chain: 0,
-                epoch: 0,
-            },
-            |m| Expect {
-                lsn: m.base_lsn,
-                chain: m.base_chain,
-                epoch: 0,
-            },
-        )
+        metas.values().next().map_or(self.origin, |m| Expect {
+            lsn: m.base_lsn,
+            chain: m.base_chain,
+            epoch: 0,
+        })
     }
 
     /// Deletes every segment but the last whose records all lie below `lsn`.

@@ -1,12 +1,11 @@
-//! Group commit: staging on the caller's task, one flusher task per shard.
+//! Group commit, the appending side: staging on the caller's task.
 //!
 //! An append encodes its record straight into the open staging run (its LSN
 //! and chain are fixed right there, in call order) and registers a waiter for
-//! its end LSN. The flusher takes one run at a time, writes it (with the
-//! partial block before it, rewritten byte-identical) and syncs; while that is
-//! in flight, new appends fill the next run. So batches grow with load and no
-//! timer is involved. When the sync returns, `durable_lsn` advances and the
-//! waiters at or below it are resolved in order.
+//! its end LSN. The flusher (`flusher.rs`) writes runs one at a time and syncs
+//! beside them; while that is in flight, new appends fill the next run. So
+//! batches grow with load and no timer is involved. When a sync returns,
+//! `durable_lsn` advances and the waiters at or below it are resolved in order.
 //!
 //! A failed write or sync is fatal: the log records the error, every waiter
 //! and every later append gets it, and nothing is acknowledged after it. The
@@ -21,14 +20,10 @@ use std::task::{Context, Poll, Waker};
 
 use glommio::task::JoinHandle;
 
-use crate::format::{
-    Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, SegmentHeader, encode_record,
-    segment_file_name,
-};
-use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
+use crate::format::{Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, encode_record};
+use crate::io::{IoError, Storage};
 
-use super::scan::offset_of;
-use super::segment::{SegmentMeta, Segments, Tail, prepare_spare};
+use super::segment::{Segments, Tail};
 use super::{WalError, WalOptions};
 
 /// What a durable append returns: where the record sits and who wrote it.
@@ -77,11 +72,11 @@ impl Future for Pending {
 }
 
 /// A batch of encoded records bound for one segment.
-struct Run {
-    seg_base: u64,
+pub(super) struct Run {
+    pub seg_base: u64,
     /// Position of the first record.
-    start: Expect,
-    bytes: Vec<u8>,
+    pub start: Expect,
+    pub bytes: Vec<u8>,
 }
 
 /// Counters of the flusher, for benchmarks and metrics.
@@ -99,25 +94,27 @@ pub struct WalStats {
     pub rotations: u64,
 }
 
-struct State {
+/// What appenders and the flusher share. One thread, no locks: a RefCell
+/// never borrowed across an await.
+pub(super) struct State {
     options: WalOptions,
-    stats: WalStats,
+    pub stats: WalStats,
     /// Where the next staged record goes.
     next: Expect,
     /// Segment the next record goes into, and the record bytes it holds.
     seg_base: Option<u64>,
     seg_used: u64,
-    runs: VecDeque<Run>,
-    staged_bytes: usize,
+    pub runs: VecDeque<Run>,
+    pub staged_bytes: usize,
     durable_lsn: u64,
     /// One entry per staged record not yet durable: its end LSN and, once
     /// its `Pending` was polled, the waker to call.
     waiters: VecDeque<(u64, Option<Waker>)>,
-    failed: Option<IoError>,
-    closed: bool,
-    flusher: Option<Waker>,
-    space: Vec<Waker>,
-    free: Vec<Vec<u8>>,
+    pub failed: Option<IoError>,
+    pub closed: bool,
+    pub flusher: Option<Waker>,
+    pub space: Vec<Waker>,
+    pub free: Vec<Vec<u8>>,
 }
 
 impl State {
@@ -130,7 +127,10 @@ impl State {
     }
 
     /// Records the fatal error and tells everyone waiting.
-    fn fail(&mut self, error: IoError) {
+    pub fn fail(&mut self, error: IoError) {
+        if self.failed.is_some() {
+            return;
+        }
         tracing::error!(%error, "WAL write failed; the shard stops accepting writes");
         self.failed = Some(error);
         for waker in self.waiters.drain(..).filter_map(|(_, w)| w) {
@@ -138,10 +138,17 @@ impl State {
         }
         self.runs.clear();
         self.staged_bytes = 0;
+        if let Some(waker) = self.flusher.take() {
+            waker.wake();
+        }
         self.space.drain(..).for_each(Waker::wake);
     }
 
-    fn mark_durable(&mut self, end_lsn: u64) {
+    pub fn durable_lsn(&self) -> u64 {
+        self.durable_lsn
+    }
+
+    pub fn mark_durable(&mut self, end_lsn: u64) {
         debug_assert!(end_lsn >= self.durable_lsn);
         self.stats.syncs += 1;
         self.stats.record_bytes += end_lsn - self.durable_lsn;
@@ -199,23 +206,8 @@ impl<S: Storage + 'static> Writer<S> {
             stats: WalStats::default(),
             options: options.clone(),
         }));
-        let mut flusher = Flusher {
-            state: state.clone(),
-            storage,
-            segments,
-            options,
-            current: tail.map(|t| Current {
-                base_lsn: t.base_lsn,
-                file: t.file,
-                end_offset: t.end_offset,
-                block: t.block,
-                recycled: false,
-            }),
-            spare: SpareState::None,
-            spare_seq: 0,
-        };
-        flusher.start_spare();
-        let task = glommio::spawn_local(flusher.run()).detach();
+        let task = super::flusher::start(state.clone(), storage, segments, options, tail);
+
         Ok(Self {
             state,
             task: RefCell::new(Some(task)),
@@ -256,8 +248,9 @@ impl<S: Storage + 'static> Writer<S> {
             });
         }
         let (lsn, chain, epoch) = (st.next.lsn, st.next.chain, st.options.epoch);
+        let durable_lsn = st.durable_lsn;
         let run = st.runs.back_mut().expect("pushed above");
-        let checksum = encode_record(&mut run.bytes, kind, epoch, lsn, chain, body);
+        let checksum = encode_record(&mut run.bytes, kind, epoch, lsn, chain, durable_lsn, body);
         let end_lsn = lsn + size;
         st.next = Expect {
             lsn: end_lsn,
@@ -341,220 +334,5 @@ impl<S: Storage + 'static> Drop for Writer<S> {
         if let Some(waker) = st.flusher.take() {
             waker.wake();
         }
-    }
-}
-
-/// Zeros for padding writes to a block and for the guard block.
-static ZERO_BLOCK: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
-
-/// The segment being written.
-struct Current<F> {
-    base_lsn: u64,
-    file: Rc<F>,
-    /// File offset where the next record goes.
-    end_offset: u64,
-    /// Bytes of the block holding `end_offset`, up to it: rewritten as the
-    /// prefix of the next write.
-    block: Vec<u8>,
-    /// Whether the file is a recycled segment, with old records past the
-    /// end: then each write also zeroes the block after its end, so a scan
-    /// always finds unwritten space right after the last record.
-    recycled: bool,
-}
-
-enum SpareState {
-    None,
-    Preparing(JoinHandle<Result<String, WalError>>),
-}
-
-struct Flusher<S: Storage + 'static> {
-    state: Rc<RefCell<State>>,
-    storage: Rc<S>,
-    segments: Rc<Segments<S>>,
-    options: WalOptions,
-    current: Option<Current<S::File>>,
-    spare: SpareState,
-    spare_seq: u64,
-}
-
-impl<S: Storage + 'static> Flusher<S> {
-    async fn run(mut self) {
-        while let Some(run) = self.next_run().await {
-            let end_lsn = run.start.lsn + run.bytes.len() as u64;
-            match self.flush(&run).await {
-                Ok(()) => {
-                    let mut st = self.state.borrow_mut();
-                    st.mark_durable(end_lsn);
-                    let mut bytes = run.bytes;
-                    bytes.clear();
-                    if st.free.len() < 4 {
-                        st.free.push(bytes);
-                    }
-                }
-                Err(error) => {
-                    self.state.borrow_mut().fail(error);
-                    break;
-                }
-            }
-        }
-        if let SpareState::Preparing(task) = std::mem::replace(&mut self.spare, SpareState::None) {
-            let _ = task.await;
-        }
-    }
-
-    /// The next run to write, or `None` once closed and drained.
-    async fn next_run(&self) -> Option<Run> {
-        std::future::poll_fn(|cx| {
-            let mut st = self.state.borrow_mut();
-            if st.failed.is_some() {
-                return Poll::Ready(None);
-            }
-            if let Some(run) = st.runs.pop_front() {
-                st.staged_bytes -= run.bytes.len();
-                st.space.drain(..).for_each(Waker::wake);
-                return Poll::Ready(Some(run));
-            }
-            if st.closed {
-                return Poll::Ready(None);
-            }
-            st.flusher = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Writes one run and syncs it; a new segment's directory entry too.
-    async fn flush(&mut self, run: &Run) -> Result<(), IoError> {
-        let mut header = None;
-        if self.current.as_ref().map(|c| c.base_lsn) != Some(run.seg_base) {
-            self.rotate(run).await?;
-            header = Some(
-                SegmentHeader::new(
-                    self.options.log,
-                    run.seg_base,
-                    self.options.epoch,
-                    run.start.chain,
-                )
-                .to_block(),
-            );
-        }
-        let current = self.current.as_mut().expect("rotated above");
-        let pos = offset_of(current.base_lsn, run.start.lsn);
-        assert_eq!(pos, current.end_offset, "runs are written in LSN order");
-        let (write_pos, prefix) = match &header {
-            Some(block) => (0, block.as_slice()),
-            None => (pos - pos % BLOCK_BYTES, current.block.as_slice()),
-        };
-        assert_eq!(
-            write_pos + prefix.len() as u64,
-            pos,
-            "prefix reaches the write position"
-        );
-        let end = pos + run.bytes.len() as u64;
-        let padded_end = end.next_multiple_of(BLOCK_BYTES);
-        let pad = &ZERO_BLOCK[..(padded_end - end) as usize];
-        let guard: &[u8] = if current.recycled && padded_end < self.options.segment_bytes {
-            &ZERO_BLOCK
-        } else {
-            &[]
-        };
-        current
-            .file
-            .write_at(write_pos, &[prefix, &run.bytes, pad, guard])
-            .await?;
-        current.file.sync().await?;
-        if header.is_some() {
-            self.storage.sync_dir().await?;
-        }
-        let mut st = self.state.borrow_mut();
-        st.stats.device_bytes += padded_end + guard.len() as u64 - write_pos;
-        st.stats.rotations += u64::from(header.is_some());
-        drop(st);
-        let block_start = end - end % BLOCK_BYTES;
-        if block_start >= pos {
-            current.block.clear();
-            current
-                .block
-                .extend_from_slice(&run.bytes[(block_start - pos) as usize..]);
-        } else {
-            current.block.extend_from_slice(&run.bytes);
-        }
-        current.end_offset = end;
-        let end_lsn = run.start.lsn + run.bytes.len() as u64;
-        self.segments.set_end(current.base_lsn, end_lsn);
-        Ok(())
-    }
-
-    /// Makes the spare file the segment that starts at `run.seg_base`.
-    async fn rotate(&mut self, run: &Run) -> Result<(), IoError> {
-        let recycled = self.segments.take_recycled();
-        let spare = match recycled.clone() {
-            Some(name) => name,
-            None => self.take_spare().await?,
-        };
-        let name = segment_file_name(run.seg_base);
-        self.storage.rename(&spare, &name).await?;
-        let file = Rc::new(self.storage.open(&name).await?);
-        self.segments.insert(SegmentMeta {
-            base_lsn: run.seg_base,
-            base_chain: run.start.chain,
-            end_lsn: run.seg_base,
-            file: file.clone(),
-        });
-        self.current = Some(Current {
-            base_lsn: run.seg_base,
-            file,
-            end_offset: SEGMENT_HEADER_BLOCK as u64,
-            block: Vec::new(),
-            recycled: recycled.is_some(),
-        });
-        self.start_spare();
-        Ok(())
-    }
-
-    /// The zero-filled spare: the one prepared in the background, or a new one.
-    async fn take_spare(&mut self) -> Result<String, IoError> {
-        match std::mem::replace(&mut self.spare, SpareState::None) {
-            SpareState::Preparing(task) => task
-                .await
-                .unwrap_or(Err(WalError::Closed))
-                .map_err(wal_to_io),
-            SpareState::None => {
-                self.spare_seq += 1;
-                prepare_spare(
-                    &*self.storage,
-                    self.spare_seq,
-                    self.options.segment_bytes,
-                    self.options.segment_fill,
-                )
-                .await
-                .map_err(wal_to_io)
-            }
-        }
-    }
-
-    /// Starts making the next spare in the background, if none is there.
-    fn start_spare(&mut self) {
-        // With released segments to recycle, no zeros need writing.
-        if !matches!(self.spare, SpareState::None) || self.segments.has_recycled() {
-            return;
-        }
-        self.spare_seq += 1;
-        let (storage, seq) = (self.storage.clone(), self.spare_seq);
-        let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
-        let task =
-            glommio::spawn_local(async move { prepare_spare(&*storage, seq, bytes, fill).await });
-        self.spare = SpareState::Preparing(task.detach());
-    }
-}
-
-fn wal_to_io(error: WalError) -> IoError {
-    match error {
-        WalError::Io(e) | WalError::Failed(e) => e,
-        other => IoError::new(
-            "prepare segment",
-            "",
-            std::io::Error::other(other.to_string()),
-        ),
     }
 }
