@@ -147,6 +147,17 @@ async fn corrupt_header<B: Backend>(b: B) {
     assert_eq!((r.segment, r.offset), (first, 0));
 }
 
+async fn corrupt_header_of_newest_segment<B: Backend>(b: B) {
+    write_log(&b, 120).await;
+    // A flipped header bit is damage, not a rotation that never became
+    // durable: the acked records in the segment must not be set aside.
+    let last = b.segments().last().unwrap().clone();
+    b.flip(&last, 40, 4);
+    let r = refusal(reopen(&b).await);
+    assert_eq!(r.case, Case::CorruptHeader);
+    assert_eq!((r.segment, r.offset), (last, 0));
+}
+
 async fn gap<B: Backend>(b: B) {
     write_log(&b, 120).await;
     let segments = b.segments();
@@ -177,5 +188,6 @@ both_backends!(
     corrupt_record_mid_segment,
     corrupt_record_older_segment,
     corrupt_header,
+    corrupt_header_of_newest_segment,
     gap
 );

@@ -225,7 +225,10 @@ fn check_header(header: &RecordHeader, expect: Expect) -> Result<(), FormatError
             got: header.lsn.get(),
         });
     }
-    if header.length.get() as usize > RECORD_BODY_MAX {
+    let too_far = lsn
+        .checked_add((RECORD_HEADER_BYTES + header.length.get() as usize) as u64)
+        .is_none();
+    if header.length.get() as usize > RECORD_BODY_MAX || too_far {
         return Err(FormatError::Length {
             lsn,
             length: header.length.get(),

@@ -155,6 +155,16 @@ impl FaultStorage {
         self.fs.borrow_mut().crash_after_ops = Some(ops);
     }
 
+    /// Ends a [`Self::crash_after`] without a power cut: the process died,
+    /// the machine did not, so every write made so far is still there (in
+    /// the page cache or the device cache), synced or not.
+    pub fn process_restart(&self) {
+        let mut fs = self.fs.borrow_mut();
+        fs.rules.clear();
+        fs.crash_after_ops = None;
+        fs.dead = false;
+    }
+
     /// Whether a [`Self::crash_after`] countdown has run out.
     pub fn is_dead(&self) -> bool {
         self.fs.borrow().dead

@@ -237,8 +237,7 @@ impl<S: Storage + 'static> Wal<S> {
     /// Deletes the segments whose records all lie below `lsn` (never the one
     /// being written). Returns how many were deleted.
     pub async fn release_below(&self, lsn: u64) -> Result<usize, WalError> {
-        let keep_from = lsn.min(self.durable_lsn());
-        self.segments.release_below(keep_from).await
+        self.segments.release_below(lsn, self.durable_lsn()).await
     }
 
     /// Number of segment files held.

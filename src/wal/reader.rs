@@ -75,6 +75,14 @@ pub(super) async fn read<S: Storage>(
     loop {
         let len = want.min(end - from.lsn) as usize;
         let bytes = Bytes::from(file.read_at(offset_of(base, from.lsn), len).await?);
+        if bytes.len() < len {
+            // Durable bytes are missing: the file was truncated behind the log.
+            return Err(WalError::BadRecord {
+                segment: segment_file_name(base),
+                offset: offset_of(base, from.lsn) + bytes.len() as u64,
+                error: crate::format::FormatError::Overrun { lsn: from.lsn },
+            });
+        }
         let mut at = 0;
         while at < bytes.len() {
             match decode_record(&bytes[at..], from) {

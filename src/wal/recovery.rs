@@ -12,9 +12,9 @@
 //! | `Empty`         | no segment files                                                        | new log at LSN 0                  |
 //! | `Intact`        | valid header; records then unwritten space (or a full file)             | continue / log ends here          |
 //! | `TornTail`      | last segment; a bad record no later record proves acknowledged          | truncate there (provisional)      |
-//! | `TornRotation`  | last segment; header invalid, no record in it proves it durable         | discard the file                  |
+//! | `TornRotation`  | last segment; header block zeros or an older life's, nothing in it proves it durable | set the file aside |
 //! | `CorruptRecord` | a bad record a later record proves acknowledged, or a bad record in a segment that is not the last | refuse: `Corrupt` |
-//! | `CorruptHeader` | invalid header on a segment that is not the last, or proven durable     | refuse: `Corrupt`                 |
+//! | `CorruptHeader` | any other invalid header, or one on a segment that is not the last or proven durable, or on a first segment not at LSN 0 | refuse: `Corrupt` |
 //!
 //! A later record proves damage at LSN `d` acknowledged when its header is
 //! bound to its place and its `durable_gap` says the log was durable past `d`
@@ -116,7 +116,10 @@ pub fn decide(scans: &[SegmentScan]) -> Result<Decision, Refusal> {
         }
         match &scan.stop {
             ScanStop::BadHeader { error } => {
-                if !last || scan.acked_after {
+                // Without a segment before it the log's history up to this
+                // one is unknown, unless it is the very start of the log.
+                let orphan = end.is_none() && scan.base_lsn != 0;
+                if !last || scan.acked_after || !scan.header_unwritten || orphan {
                     return Err(Refusal {
                         case: Case::CorruptHeader,
                         segment: name,

@@ -37,6 +37,10 @@ pub struct SegmentScan {
     pub acked_after: bool,
     /// File offset just past the last non-zero byte.
     pub dirty_end: u64,
+    /// The header block is what a rotation torn before its first sync
+    /// leaves: all zeros (a fresh spare) or a sound header of an older life
+    /// of the file (a recycled one). Any other invalid header is damage.
+    pub header_unwritten: bool,
 }
 
 impl SegmentScan {
@@ -74,12 +78,30 @@ pub fn scan_segment(
         stop: ScanStop::Clean,
         acked_after: false,
         dirty_end,
+        header_unwritten: false,
     };
+    if base_lsn.checked_add(bytes.len() as u64).is_none() {
+        scan.stop = ScanStop::BadHeader {
+            error: FormatError::SegmentHeader {
+                why: "base LSN too large for the file",
+            },
+        };
+        return scan;
+    }
     let header = match SegmentHeader::decode(bytes, log) {
-        Ok(h) if h.base_lsn.get() != base_lsn => Err(FormatError::SegmentHeader {
-            why: "base LSN differs from the file name",
-        }),
-        other => other,
+        Ok(h) if h.base_lsn.get() != base_lsn => {
+            scan.header_unwritten = h.base_lsn.get() < base_lsn;
+            Err(FormatError::SegmentHeader {
+                why: "base LSN differs from the file name",
+            })
+        }
+        Err(e) => {
+            let block = &bytes[..bytes.len().min(SEGMENT_HEADER_BLOCK)];
+            scan.header_unwritten =
+                block.len() == SEGMENT_HEADER_BLOCK && block.iter().all(|b| *b == 0);
+            Err(e)
+        }
+        ok => ok,
     };
     let header = match header {
         Ok(h) => h,
@@ -142,4 +164,24 @@ fn acked_between(bytes: &[u8], base_lsn: u64, from: u64, to: u64, bad_lsn: u64) 
             .and_then(|b| plausible_durable_floor_at(b, lsn))
             .is_some_and(|floor| floor > bad_lsn)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: LogId = LogId {
+        cluster_id: [1; 16],
+        shard: 0,
+    };
+
+    #[test]
+    fn huge_base_lsns_do_not_overflow() {
+        let mut bytes = vec![0u8; 8192];
+        bytes[5000] = 1;
+        for base in [u64::MAX, u64::MAX - 4096, u64::MAX - 8192] {
+            let scan = scan_segment(&bytes, LOG, base, 0, |_| {});
+            assert!(matches!(scan.stop, ScanStop::BadHeader { .. }));
+        }
+    }
 }

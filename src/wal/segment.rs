@@ -11,7 +11,7 @@ use std::rc::Rc;
 use crate::format::{Expect, parse_segment_file_name, segment_file_name};
 use crate::io::{BLOCK_BYTES, Storage, StorageFile, read_all, zero_fill};
 
-use super::recovery::decide;
+use super::recovery::{Case, Refusal, decide};
 use super::scan::{SegmentScan, offset_of, scan_segment};
 use super::{RecoveryReport, SegmentFill, WalError, WalOptions};
 
@@ -77,7 +77,20 @@ impl<S: Storage> Segments<S> {
         let mut files = Vec::new();
         let mut records = 0;
         for base in bases {
-            let file = storage.open(&segment_file_name(base)).await?;
+            let name = segment_file_name(base);
+            let file = storage.open(&name).await?;
+            let size = file.file_size().await?;
+            if size > SEGMENT_BYTES_MAX || base > u64::MAX - SEGMENT_BYTES_MAX {
+                let why = format!("{size} bytes at base {base}: over the limits of a segment");
+                return Err(WalError::Corrupt {
+                    refusal: Refusal {
+                        case: Case::CorruptHeader,
+                        segment: name,
+                        offset: 0,
+                        why,
+                    },
+                });
+            }
             let bytes = read_all(&file).await?;
             let floor = scans.last().map_or(0, |s| s.end.epoch);
             let scan = scan_segment(&bytes, options.log, base, floor, |_| {});
@@ -89,10 +102,11 @@ impl<S: Storage> Segments<S> {
         let mut discarded = None;
         if let Some(base) = decision.discard {
             let name = segment_file_name(base);
-            tracing::warn!(segment = %name, "discarding a segment whose header never became durable");
+            tracing::warn!(segment = %name, "setting aside a segment whose header never became durable");
             files.pop();
-            storage.remove(&name).await?;
-            storage.sync_dir().await?;
+            // Kept aside, not deleted: nothing in it was acknowledged, but
+            // an operator may want to look.
+            storage.rename(&name, &format!("{name}.torn")).await?;
             discarded = Some(name);
         }
         let mut metas = BTreeMap::new();
@@ -126,11 +140,29 @@ impl<S: Storage> Segments<S> {
             }
             None => None,
         };
-        if let (Some(cut), Some(tail)) = (&decision.cut, &tail) {
+        if let Some(cut) = &decision.cut {
             tracing::warn!(segment = %cut.segment, offset = cut.offset, error = %cut.error,
                 "log cut at a torn tail (provisional until checked against peers)");
-            zero_past_end(tail, cut.dirty_end).await?;
         }
+        if let Some(tail) = &tail {
+            // Whatever lies past the end (a torn write's leftovers, a
+            // recycled file's old life) is zeroed before anything new is
+            // written after the end, whichever case decided it.
+            let scan = scans
+                .iter()
+                .find(|s| s.base_lsn == tail.base_lsn)
+                .expect("tail was scanned");
+            if scan.dirty_end > tail.end_offset {
+                zero_past_end(tail, scan.dirty_end).await?;
+            }
+        }
+        // What recovery adopts may sit only in the device cache, or behind a
+        // rename that was never synced (a process crash leaves both): make it
+        // durable before anything is acknowledged on top of it.
+        for meta in metas.values() {
+            meta.file.sync().await?;
+        }
+        storage.sync_dir().await?;
         let report = RecoveryReport {
             case: decision.case,
             end_lsn: decision.end.lsn,
@@ -197,14 +229,17 @@ impl<S: Storage> Segments<S> {
         })
     }
 
-    /// Deletes every segment but the last whose records all lie below `lsn`.
-    pub async fn release_below(&self, lsn: u64) -> Result<usize, WalError> {
+    /// Deletes (or recycles) every segment but the last whose records all lie
+    /// below `lsn` and strictly below `durable_lsn`: a segment that ends
+    /// exactly at the durable LSN may be followed by one whose header is not
+    /// yet durable, and must stay until it is.
+    pub async fn release_below(&self, lsn: u64, durable_lsn: u64) -> Result<usize, WalError> {
         let doomed: Vec<u64> = {
             let metas = self.metas.borrow();
             let last = metas.keys().next_back().copied();
             metas
                 .values()
-                .filter(|m| m.end_lsn <= lsn && Some(m.base_lsn) != last)
+                .filter(|m| m.end_lsn <= lsn && m.end_lsn < durable_lsn && Some(m.base_lsn) != last)
                 .map(|m| m.base_lsn)
                 .collect()
         };
@@ -234,20 +269,27 @@ impl<S: Storage> Segments<S> {
     }
 }
 
-/// Zeroes the bytes a torn write left past the end of the log, so that a
-/// later recovery cannot mistake them for records after new ones.
+/// Zeroes the bytes left past the end of the log, so that a later recovery
+/// cannot mistake them for records after new ones. Synced by the caller.
 async fn zero_past_end<F: StorageFile>(tail: &Tail<F>, dirty_end: u64) -> Result<(), WalError> {
+    const CHUNK: u64 = 1 << 20;
     let block_start = tail.end_offset - tail.end_offset % BLOCK_BYTES;
     let end = dirty_end.next_multiple_of(BLOCK_BYTES);
-    let zeros =
-        vec![0u8; (end.saturating_sub(block_start) as usize).saturating_sub(tail.block.len())];
-    tail.file
-        .write_at(block_start, &[&tail.block, &zeros])
-        .await?;
-    tail.file.sync().await?;
+    // The block holding the end keeps its prefix; whole blocks after it go
+    // to zero in 1 MiB writes.
+    tail.file.write_at(block_start, &[&tail.block]).await?;
+    let zeros = vec![0u8; CHUNK as usize];
+    let mut pos = block_start + BLOCK_BYTES;
+    while pos < end {
+        let n = CHUNK.min(end - pos);
+        tail.file.write_at(pos, &[&zeros[..n as usize]]).await?;
+        pos += n;
+    }
     Ok(())
 }
 
+/// Largest segment file recovery reads; anything bigger is not a segment.
+pub(super) const SEGMENT_BYTES_MAX: u64 = 1 << 30;
 const SPARE_SUFFIX: &str = ".spare";
 const RECYCLED_SUFFIX: &str = ".recycled.spare";
 /// Most released segments kept as spares; the rest are deleted.
