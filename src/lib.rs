@@ -13,14 +13,20 @@
 //!    tear the last write, flip bits and fail chosen operations.
 //! 3. [`wal`]: one shard's write-ahead log: segments, the group-commit
 //!    writer, the reader, recovery (a decision table) and retention.
+//! 4. [`state`]: state machines applied from WAL records; the default
+//!    ordered key-value map and the operation codec of its records.
+//! 5. [`engine`]: a shard (WAL + state) with commit levels; the multi-core
+//!    engine and its embedded API build on it.
 //!
 //! The storage engine, replication, failover and the server are built on
 //! these (see ARCHITECTURE.md for the plan and the numbered write path).
 
+pub mod engine;
 pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;
+pub mod state;
 pub mod wal;
 
 pub use format::{LogId, RecordKind};

@@ -80,7 +80,6 @@ pub(super) fn start<S: Storage + 'static>(
             recycled: false,
         }),
         spare: SpareState::None,
-        spare_seq: 0,
     };
     writer.start_spare();
     let syncer = glommio::spawn_local(run_syncer(state, storage, sync));
@@ -119,7 +118,6 @@ struct Writer<S: Storage + 'static> {
     options: WalOptions,
     current: Option<Current<S::File>>,
     spare: SpareState,
-    spare_seq: u64,
 }
 
 impl<S: Storage + 'static> Writer<S> {
@@ -291,9 +289,8 @@ impl<S: Storage + 'static> Writer<S> {
                 .unwrap_or(Err(WalError::Closed))
                 .map_err(wal_to_io),
             SpareState::None => {
-                self.spare_seq += 1;
                 let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
-                prepare_spare(&*self.storage, self.spare_seq, bytes, fill)
+                prepare_spare(&*self.storage, next_spare_seq(), bytes, fill)
                     .await
                     .map_err(wal_to_io)
             }
@@ -306,8 +303,7 @@ impl<S: Storage + 'static> Writer<S> {
         if !matches!(self.spare, SpareState::None) || self.segments.has_recycled() {
             return;
         }
-        self.spare_seq += 1;
-        let (storage, seq) = (self.storage.clone(), self.spare_seq);
+        let (storage, seq) = (self.storage.clone(), next_spare_seq());
         let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
         let task =
             glommio::spawn_local(async move { prepare_spare(&*storage, seq, bytes, fill).await });
@@ -375,6 +371,21 @@ async fn next_sync_job<F>(
         Poll::Pending
     })
     .await
+}
+
+/// A spare file number unique in this process (and, being seeded from the
+/// clock, across restarts): a log reopened while a dropped instance's spare
+/// task still runs must not share a file name with it.
+fn next_spare_seq() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let _ = NEXT.compare_exchange(0, nanos.max(1), Ordering::Relaxed, Ordering::Relaxed);
+    }
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn wal_to_io(error: WalError) -> IoError {

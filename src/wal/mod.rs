@@ -188,6 +188,13 @@ impl<S: Storage + 'static> Wal<S> {
         self.writer.submit(kind, body)?.await
     }
 
+    /// Waits while the staging area is full (back-pressure); a caller that
+    /// then calls [`Wal::submit`] without an await in between stages without
+    /// overrunning it.
+    pub async fn wait_for_space(&self) -> Result<(), WalError> {
+        self.writer.wait_for_space().await
+    }
+
     /// Stages one record now (its LSN is fixed on return) without waiting for
     /// staging space; the returned future resolves when it is durable. Drop
     /// it to not wait (the `memory` commit level).

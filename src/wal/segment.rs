@@ -303,7 +303,11 @@ const TMP_SUFFIX: &str = ".spare.tmp";
 async fn remove_stale_temporaries<S: Storage>(storage: &S) -> Result<(), WalError> {
     for name in storage.list().await? {
         if name.ends_with(SPARE_SUFFIX) || name.ends_with(TMP_SUFFIX) {
-            storage.remove(&name).await?;
+            match storage.remove(&name).await {
+                // Gone already: a dropped instance's spare task moved it.
+                Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
         }
     }
     Ok(())
