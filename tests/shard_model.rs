@@ -74,7 +74,14 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<&'static str, u64>) {
     let mut crashing = false;
     let mut uncertain: Option<Write> = None;
     for step in 0..400 {
-        match rng.below(12) {
+        match rng.below(13) {
+            12 => match shard.snapshot().await {
+                Ok(_) => *stats.entry("snapshots").or_default() += 1,
+                Err(e) => assert!(
+                    crashing,
+                    "seed {seed} step {step}: snapshot failed with no crash: {e}"
+                ),
+            },
             0..=8 => {
                 let write = ops(&mut rng);
                 let borrowed: Vec<Op<'_>> = write
@@ -140,6 +147,9 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<&'static str, u64>) {
                 shard = Shard::open(storage.clone(), options.clone())
                     .await
                     .unwrap_or_else(|e| panic!("seed {seed} step {step}: reopen: {e}"));
+                if shard.open_report().snapshot.is_some() {
+                    *stats.entry("opened from a snapshot").or_default() += 1;
+                }
                 let recovered = contents(&shard);
                 if recovered != model {
                     let mut with_last = model.clone();
@@ -173,6 +183,8 @@ fn shard_matches_model_across_crashes() {
                 "restarts after a crash",
                 "in-flight write survived",
                 "acked writes",
+                "snapshots",
+                "opened from a snapshot",
             ] {
                 assert!(
                     stats.get(what).copied().unwrap_or(0) > 0,

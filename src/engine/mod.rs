@@ -6,4 +6,4 @@
 
 mod shard;
 
-pub use shard::{CommitLevel, EngineError, Shard, ShardReceipt};
+pub use shard::{CommitLevel, EngineError, OpenReport, Shard, ShardReceipt};

@@ -13,16 +13,29 @@
 //! then fail-stop: [`Shard::failure`] says so, and it must be reopened, which
 //! rebuilds the state from what the log really holds.
 //!
-//! Open = WAL recovery, then replay of every `Data` record into the state.
+//! Open = the newest snapshot that verifies (falling back to an older one,
+//! loudly), then WAL replay from the snapshot's position.
+//!
+//! A snapshot freezes the state (O(1)), waits until the log is durable up to
+//! the frozen position, and writes while writes go on. Two snapshots are
+//! kept, and the WAL is released only below the older one, so a newest
+//! snapshot found damaged at the next start still has a fallback with the
+//! WAL to replay from it.
 
 use std::cell::RefCell;
 
 use bytes::Bytes;
 
-use crate::format::RecordKind;
-use crate::io::Storage;
-use crate::state::{KvState, Op, StateError, StateMachine, encode_batch};
+use crate::format::{Expect, LogId, RecordKind};
+use crate::io::{IoError, Storage};
+use crate::state::{
+    KvState, Op, StateError, StateMachine, encode_batch, list_snapshots, load_newest,
+    write_snapshot,
+};
 use crate::wal::{Wal, WalError, WalOptions};
+
+/// Snapshots kept; the WAL is kept from the oldest of them on.
+const SNAPSHOTS_KEPT: usize = 2;
 
 /// What a write waits for before it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,22 +63,65 @@ pub enum EngineError {
     Wal(#[from] WalError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("the WAL ends at lsn {wal_end}, before the snapshot's lsn {snapshot_lsn}")]
+    WalBehindSnapshot { wal_end: u64, snapshot_lsn: u64 },
+    #[error(
+        "the WAL starts at lsn {first_lsn} and no snapshot that verifies covers what came before it"
+    )]
+    NoBaseForLog { first_lsn: u64 },
+}
+
+/// What opening a shard found.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// The snapshot the state started from.
+    pub snapshot: Option<String>,
+    /// Snapshots that did not verify, newest first, with the reason.
+    pub skipped_snapshots: Vec<(String, String)>,
+    /// WAL records replayed after the snapshot.
+    pub replayed: u64,
 }
 
 /// A shard of the key space on one executor.
-pub struct Shard<S: Storage + 'static> {
+pub struct Shard<S: Storage + Clone + 'static> {
+    storage: S,
+    log: LogId,
+    report: OpenReport,
     wal: Wal<S>,
     state: RefCell<KvState>,
     /// Reused encode buffer: no allocation per write.
     scratch: RefCell<Vec<u8>>,
 }
 
-impl<S: Storage + 'static> Shard<S> {
-    /// Recovers the WAL and replays it into a fresh state.
+impl<S: Storage + Clone + 'static> Shard<S> {
+    /// Loads the newest good snapshot, recovers the WAL and replays it.
     pub async fn open(storage: S, options: WalOptions) -> Result<Self, EngineError> {
-        let wal = Wal::open(storage, options).await?;
-        let mut state = KvState::new();
-        let mut pos = wal.first_position();
+        let log = options.log;
+        for name in storage.list().await? {
+            if name.ends_with(".snap.tmp") {
+                storage.remove(&name).await?; // a snapshot cut short by a crash
+            }
+        }
+        let (snapshot, skipped_snapshots) = load_newest(&storage, log).await?;
+        let wal = Wal::open(storage.clone(), options).await?;
+        let (mut state, mut pos, name) = match snapshot {
+            Some(s) => (s.state, s.pos, Some(s.name)),
+            None => (KvState::new(), wal.first_position(), None),
+        };
+        if name.is_none() && pos.lsn > 0 {
+            // Replaying only the WAL would serve a state missing everything
+            // released below it.
+            return Err(EngineError::NoBaseForLog { first_lsn: pos.lsn });
+        }
+        if wal.durable_lsn() < pos.lsn {
+            return Err(EngineError::WalBehindSnapshot {
+                wal_end: wal.durable_lsn(),
+                snapshot_lsn: pos.lsn,
+            });
+        }
+        let mut replayed = 0;
         loop {
             let batch = wal.read(pos, 1 << 20).await?;
             if batch.records.is_empty() {
@@ -73,14 +129,48 @@ impl<S: Storage + 'static> Shard<S> {
             }
             for record in batch.records.iter().filter(|r| r.kind == RecordKind::Data) {
                 state.apply(record.lsn, &record.body)?;
+                replayed += 1;
             }
             pos = batch.next;
         }
+        let report = OpenReport {
+            snapshot: name,
+            skipped_snapshots,
+            replayed,
+        };
         Ok(Self {
+            storage,
+            log,
+            report,
             wal,
             state: RefCell::new(state),
             scratch: RefCell::new(Vec::new()),
         })
+    }
+
+    /// What opening found.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// Writes a snapshot of the state as it is now, while writes go on;
+    /// then keeps the two newest snapshots and releases the WAL below the
+    /// older of them. Returns the snapshot's position.
+    pub async fn snapshot(&self) -> Result<Expect, EngineError> {
+        let pos = self.wal.next_position();
+        let frozen = self.state.borrow().clone();
+        // Only durable records may be in a snapshot: a no-op record after
+        // them resolves once everything before it is synced.
+        self.wal.append(RecordKind::Noop, &[]).await?;
+        write_snapshot(&self.storage, self.log, pos, &frozen).await?;
+        let snapshots = list_snapshots(&self.storage).await?;
+        for (_, name) in snapshots.iter().skip(SNAPSHOTS_KEPT) {
+            self.storage.remove(name).await?;
+        }
+        if let Some((oldest_kept, _)) = snapshots.iter().take(SNAPSHOTS_KEPT).next_back() {
+            self.wal.release_below(*oldest_kept).await?;
+        }
+        Ok(pos)
     }
 
     /// Writes `ops` atomically (one record) at `level`.

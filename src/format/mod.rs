@@ -8,6 +8,7 @@
 
 mod record;
 mod segment;
+mod snapshot;
 
 pub use record::{
     CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader, RecordKind,
@@ -16,6 +17,11 @@ pub use record::{
 pub use segment::{
     FORMAT_VERSION, LogId, SEGMENT_HEADER_BLOCK, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,
     SegmentHeader, parse_segment_file_name, segment_file_name,
+};
+pub use snapshot::{
+    SNAPSHOT_BLOCK_BYTES, SNAPSHOT_MAGIC, SNAPSHOT_PAYLOAD_BYTES, SnapshotBlockHeader,
+    SnapshotHeader, decode_snapshot_block, encode_snapshot_block, parse_snapshot_file_name,
+    snapshot_file_name,
 };
 
 /// A decoding failure, with where (the LSN the record should have had) and what.
@@ -39,4 +45,6 @@ pub enum FormatError {
     Overrun { lsn: u64 },
     #[error("segment header: {why}")]
     SegmentHeader { why: &'static str },
+    #[error("snapshot: {why}")]
+    Snapshot { why: &'static str },
 }

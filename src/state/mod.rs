@@ -10,12 +10,14 @@
 //! copy for a snapshot or a long scan costs O(1), and writes go on beside it.
 
 mod op;
+mod snapshot;
 
 use std::ops::Bound;
 
 use bytes::Bytes;
 
 pub use op::{BatchHeader, KEY_BYTES_MAX, Op, OpHeader, decode_batch, encode_batch};
+pub use snapshot::{LoadedSnapshot, list_snapshots, load_newest, write_snapshot};
 
 /// Errors of the state layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

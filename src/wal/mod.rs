@@ -211,6 +211,12 @@ impl<S: Storage + 'static> Wal<S> {
         self.writer.durable_lsn()
     }
 
+    /// The position the next record will take: everything staged so far
+    /// lies below it.
+    pub fn next_position(&self) -> crate::format::Expect {
+        self.writer.next_position()
+    }
+
     /// LSN the next record will get.
     pub fn next_lsn(&self) -> u64 {
         self.writer.next_lsn()

@@ -294,6 +294,10 @@ impl<S: Storage + 'static> Writer<S> {
         self.state.borrow().durable_lsn
     }
 
+    pub fn next_position(&self) -> Expect {
+        self.state.borrow().next
+    }
+
     pub fn next_lsn(&self) -> u64 {
         self.state.borrow().next.lsn
     }
