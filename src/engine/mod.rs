@@ -1,9 +1,14 @@
-//! The engine: shards composed of a WAL and a state machine.
+//! The engine: shards composed of a WAL and a state machine, spread over
+//! one pinned glommio executor per core, behind a `Send + Sync` handle.
 //!
-//! For now one [`Shard`] lives on one glommio executor; the multi-core engine
-//! (shards spread over pinned executors, a `Send + Sync` handle, snapshots)
-//! builds on it.
+//! - `shard`: one shard (WAL + key-value state + snapshots) on one executor.
+//! - `handle`: the multi-core [`Engine`] and its request routing.
+//! - `options`: [`Options`], a builder loadable from TOML.
 
+mod handle;
+mod options;
 mod shard;
 
+pub use handle::{BatchAtomicity, BatchOp, Engine, block_on};
+pub use options::{Options, OptionsError};
 pub use shard::{CommitLevel, EngineError, OpenReport, Shard, ShardReceipt};

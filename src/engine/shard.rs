@@ -38,7 +38,8 @@ use crate::wal::{Wal, WalError, WalOptions};
 const SNAPSHOTS_KEPT: usize = 2;
 
 /// What a write waits for before it returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CommitLevel {
     /// Staged and applied; not yet durable.
     Memory,
@@ -71,6 +72,16 @@ pub enum EngineError {
         "the WAL starts at lsn {first_lsn} and no snapshot that verifies covers what came before it"
     )]
     NoBaseForLog { first_lsn: u64 },
+    #[error("{0}")]
+    Options(String),
+    #[error("data directory {0} is in use by another process (LOCK is held)")]
+    Locked(String),
+    #[error("data directory: {0}")]
+    Meta(String),
+    #[error("a batch spanning {shards} shards cannot be atomic; ask for per-shard atomicity")]
+    CrossShardBatch { shards: usize },
+    #[error("the engine is closed")]
+    Closed,
 }
 
 /// What opening a shard found.

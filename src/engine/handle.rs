@@ -1,0 +1,579 @@
+//! The multi-core engine and its `Send + Sync` handle.
+//!
+//! `Engine::open` starts one glommio executor per core (a thread, pinned),
+//! each owning the shards `i` with `i % executors == core`: their WAL, state
+//! and snapshots. The handle routes each request to the owner of its shard
+//! (`crc32c(key) % shard_count`, fixed when the directory is created) over a
+//! channel; replies come back the same way. Nothing is shared between cores
+//! but those channels, so the hot path takes no lock. The handle's futures
+//! are runtime-agnostic: they work on tokio, inside glommio, or on a plain
+//! thread with [`block_on`].
+//!
+//! The data directory holds `LOCK` (an exclusive `flock`, so a second
+//! process cannot open it), `meta.json` (cluster id and shard count, fixed
+//! at creation) and one `shard-NNNN/` directory per shard.
+
+use glommio::ExecutorJoinHandle as JoinHandle;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::format::LogId;
+use crate::io::{DirectIo, DmaStorage};
+use crate::state::Op;
+use crate::wal::WalOptions;
+
+use super::{CommitLevel, EngineError, Options, Shard, ShardReceipt};
+
+pub use futures_lite::future::block_on;
+
+/// One operation of a batch, owned so it can cross threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    Put(Bytes, Bytes),
+    Delete(Bytes),
+}
+
+impl BatchOp {
+    fn key(&self) -> &[u8] {
+        match self {
+            BatchOp::Put(k, _) | BatchOp::Delete(k) => k,
+        }
+    }
+}
+
+/// What a batch that touches several shards may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchAtomicity {
+    /// All or nothing: a batch spanning shards is refused.
+    Atomic,
+    /// Atomic within each shard only; the caller accepts that a crash may
+    /// keep one shard's part and lose another's.
+    PerShard,
+}
+
+type Reply<T> = flume::Sender<Result<T, EngineError>>;
+
+enum Request {
+    Write {
+        shard: u32,
+        ops: Vec<BatchOp>,
+        level: CommitLevel,
+        reply: Reply<ShardReceipt>,
+    },
+    Get {
+        shard: u32,
+        key: Bytes,
+        reply: Reply<Option<Bytes>>,
+    },
+    Scan {
+        shard: u32,
+        start: Bytes,
+        end: Option<Bytes>,
+        prefix: bool,
+        limit: usize,
+        reply: Reply<Vec<(Bytes, Bytes)>>,
+    },
+    Snapshot {
+        shard: u32,
+        reply: Reply<u64>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+}
+
+/// Stored in `meta.json`: what is fixed when the directory is created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    cluster_id: String,
+    shard_count: u32,
+}
+
+struct Inner {
+    shard_count: u32,
+    executors: Vec<flume::Sender<Request>>,
+    default_level: CommitLevel,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The data-directory lock; released by `close`.
+    lock: Mutex<Option<File>>,
+}
+
+/// A handle to an open engine. Cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Opens (creating if needed) the engine in `dir`.
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine, EngineError> {
+        options.check().map_err(|e| EngineError::Options(e.0))?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::Meta(format!("{}: {e}", dir.display())))?;
+        let lock = lock_dir(&dir)?;
+        let executors = options.executors();
+        let meta = load_or_create_meta(&dir, &options, executors)?;
+        let log_id = |shard| LogId {
+            cluster_id: parse_cluster_id(&meta.cluster_id),
+            shard,
+        };
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = flume::unbounded();
+        for core in 0..executors {
+            let (tx, rx) = flume::unbounded::<Request>();
+            senders.push(tx);
+            let shards: Vec<(u32, PathBuf, WalOptions)> = (0..meta.shard_count)
+                .filter(|s| s % executors == core)
+                .map(|s| {
+                    let mut wal = WalOptions::new(log_id(s));
+                    wal.segment_bytes = options.segment_bytes;
+                    wal.batch_bytes_max = options.batch_bytes_max;
+                    wal.staged_bytes_max = wal.staged_bytes_max.max(options.batch_bytes_max);
+                    (s, dir.join(format!("shard-{s:04}")), wal)
+                })
+                .collect();
+            let placement = if options.pin_executors {
+                glommio::Placement::Fixed(core as usize % num_cpus())
+            } else {
+                glommio::Placement::Unbound
+            };
+            let policy = if options.allow_buffered_io {
+                DirectIo::AllowBuffered
+            } else {
+                DirectIo::Require
+            };
+            let ready = ready_tx.clone();
+            let thread = glommio::LocalExecutorBuilder::new(placement)
+                .name(&format!("tidewal-{core}"))
+                .spawn(move || run_executor(shards, policy, rx, ready))
+                .map_err(|e| EngineError::Meta(format!("starting executor {core}: {e}")))?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let mut failure = None;
+        for _ in 0..executors {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => failure = failure.or(Some(EngineError::Closed)),
+            }
+        }
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                shard_count: meta.shard_count,
+                executors: senders,
+                default_level: options.commit_level,
+                threads: Mutex::new(threads),
+                lock: Mutex::new(Some(lock)),
+            }),
+        };
+        if let Some(e) = failure {
+            let _ = block_on(engine.close());
+            return Err(e);
+        }
+        Ok(engine)
+    }
+
+    /// Number of logical shards (fixed at creation).
+    pub fn shard_count(&self) -> u32 {
+        self.inner.shard_count
+    }
+
+    /// The shard that owns `key`.
+    pub fn shard_of(&self, key: &[u8]) -> u32 {
+        crc32c::crc32c(key) % self.inner.shard_count
+    }
+
+    fn route(&self, shard: u32) -> &flume::Sender<Request> {
+        &self.inner.executors[(shard % self.inner.executors.len() as u32) as usize]
+    }
+
+    async fn ask<T>(
+        &self,
+        shard: u32,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = flume::bounded(1);
+        self.route(shard)
+            .send(make(tx))
+            .map_err(|_| EngineError::Closed)?;
+        rx.recv_async().await.map_err(|_| EngineError::Closed)?
+    }
+
+    /// Writes `value` under `key` at the engine's default commit level.
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<ShardReceipt, EngineError> {
+        self.put_at(key, value, self.inner.default_level).await
+    }
+
+    /// Writes `value` under `key` at `level`.
+    pub async fn put_at(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        level: CommitLevel,
+    ) -> Result<ShardReceipt, EngineError> {
+        let key = key.into();
+        let shard = self.shard_of(&key);
+        let ops = vec![BatchOp::Put(key, value.into())];
+        self.ask(shard, |reply| Request::Write {
+            shard,
+            ops,
+            level,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes `key` at the engine's default commit level.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<ShardReceipt, EngineError> {
+        let key = key.into();
+        let shard = self.shard_of(&key);
+        let (ops, level) = (vec![BatchOp::Delete(key)], self.inner.default_level);
+        self.ask(shard, |reply| Request::Write {
+            shard,
+            ops,
+            level,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, EngineError> {
+        let key = key.into();
+        let shard = self.shard_of(&key);
+        self.ask(shard, |reply| Request::Get { shard, key, reply })
+            .await
+    }
+
+    /// Writes several operations. With [`BatchAtomicity::Atomic`] they must
+    /// all fall in one shard, and are then all-or-nothing; otherwise each
+    /// shard's part is atomic on its own. One receipt per shard touched.
+    pub async fn batch(
+        &self,
+        ops: Vec<BatchOp>,
+        atomicity: BatchAtomicity,
+    ) -> Result<Vec<ShardReceipt>, EngineError> {
+        let mut by_shard: BTreeMap<u32, Vec<BatchOp>> = BTreeMap::new();
+        for op in ops {
+            by_shard
+                .entry(self.shard_of(op.key()))
+                .or_default()
+                .push(op);
+        }
+        if by_shard.len() > 1 && atomicity == BatchAtomicity::Atomic {
+            return Err(EngineError::CrossShardBatch {
+                shards: by_shard.len(),
+            });
+        }
+        let level = self.inner.default_level;
+        let waits: Vec<_> = by_shard
+            .into_iter()
+            .map(|(shard, ops)| {
+                self.ask(shard, move |reply| Request::Write {
+                    shard,
+                    ops,
+                    level,
+                    reply,
+                })
+            })
+            .collect();
+        let mut receipts = Vec::new();
+        for wait in waits {
+            receipts.push(wait.await?);
+        }
+        Ok(receipts)
+    }
+
+    /// Up to `limit` entries with `start <= key < end`, in key order, from
+    /// every shard.
+    pub async fn scan(
+        &self,
+        start: impl Into<Bytes>,
+        end: Option<Bytes>,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
+        self.scan_all(start.into(), end, false, limit).await
+    }
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order.
+    pub async fn scan_prefix(
+        &self,
+        prefix: impl Into<Bytes>,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
+        self.scan_all(prefix.into(), None, true, limit).await
+    }
+
+    async fn scan_all(
+        &self,
+        start: Bytes,
+        end: Option<Bytes>,
+        prefix: bool,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
+        let mut all = Vec::new();
+        for shard in 0..self.inner.shard_count {
+            let (start, end) = (start.clone(), end.clone());
+            all.extend(
+                self.ask(shard, |reply| Request::Scan {
+                    shard,
+                    start,
+                    end,
+                    prefix,
+                    limit,
+                    reply,
+                })
+                .await?,
+            );
+        }
+        // Each shard's part is sorted and at most `limit` long: the first
+        // `limit` of the merge are the answer.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Snapshots every shard; returns each shard's snapshot LSN.
+    pub async fn snapshot(&self) -> Result<Vec<u64>, EngineError> {
+        let mut lsns = Vec::new();
+        for shard in 0..self.inner.shard_count {
+            lsns.push(
+                self.ask(shard, |reply| Request::Snapshot { shard, reply })
+                    .await?,
+            );
+        }
+        Ok(lsns)
+    }
+
+    /// Makes everything durable, stops the executors and waits for them.
+    /// Other clones of the handle get `Closed` afterwards.
+    pub async fn close(&self) -> Result<(), EngineError> {
+        let mut result = Ok(());
+        for tx in &self.inner.executors {
+            let (reply, rx) = flume::bounded(1);
+            if tx.send(Request::Close { reply }).is_ok()
+                && let Ok(Err(e)) = rx.recv_async().await
+            {
+                result = Err(e);
+            }
+        }
+        let threads =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        // Everything is closed: another open of the directory may proceed.
+        drop(
+            self.inner
+                .lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        result
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Takes an exclusive `flock` on `dir/LOCK`, held as long as the file is open.
+fn lock_dir(dir: &Path) -> Result<File, EngineError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| EngineError::Meta(format!("{}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor we own; no memory is touched.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(EngineError::Locked(dir.display().to_string()));
+    }
+    Ok(file)
+}
+
+fn load_or_create_meta(dir: &Path, options: &Options, executors: u32) -> Result<Meta, EngineError> {
+    let path = dir.join("meta.json");
+    let bad = |e: String| EngineError::Meta(format!("{}: {e}", path.display()));
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if meta.format != 1 || meta.shard_count == 0 || meta.cluster_id.len() != 32 {
+            return Err(bad("unknown format or bad fields".into()));
+        }
+        return Ok(meta);
+    }
+    let shard_count = if options.shard_count > 0 {
+        options.shard_count
+    } else {
+        executors
+    };
+    let meta = Meta {
+        format: 1,
+        cluster_id: new_cluster_id(),
+        shard_count,
+    };
+    let tmp = dir.join("meta.json.tmp");
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| bad(e.to_string()))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| bad(e.to_string()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| bad(e.to_string()))?;
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(meta)
+}
+
+/// 16 bytes from the clock, the process id and a counter, as hex.
+fn new_cluster_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mixed = nanos ^ ((std::process::id() as u128) << 64) ^ 0x7469_6465_7761_6c00;
+    format!(
+        "{:032x}",
+        mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+    )
+}
+
+fn parse_cluster_id(hex: &str) -> [u8; 16] {
+    let value = u128::from_str_radix(hex, 16).unwrap_or(0);
+    value.to_be_bytes()
+}
+
+/// The body of one executor thread: open its shards, then serve requests,
+/// each in its own task so that concurrent writes share group commits.
+async fn run_executor(
+    shards: Vec<(u32, PathBuf, WalOptions)>,
+    policy: DirectIo,
+    rx: flume::Receiver<Request>,
+    ready: flume::Sender<Result<(), EngineError>>,
+) {
+    let mut owned: BTreeMap<u32, Rc<Shard<DmaStorage>>> = BTreeMap::new();
+    for (id, dir, wal) in shards {
+        let opened = match DmaStorage::open(&dir, policy).await {
+            Ok(storage) => Shard::open(storage, wal).await,
+            Err(e) => Err(e.into()),
+        };
+        match opened {
+            Ok(shard) => {
+                owned.insert(id, Rc::new(shard));
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        }
+    }
+    let _ = ready.send(Ok(()));
+    let in_flight = Rc::new(std::cell::Cell::new(0usize));
+    while let Ok(request) = rx.recv_async().await {
+        if let Request::Close { reply } = request {
+            let _ = reply.send(close_all(owned, &in_flight).await);
+            return;
+        }
+        let shards = owned.clone();
+        let counter = in_flight.clone();
+        counter.set(counter.get() + 1);
+        glommio::spawn_local(async move {
+            serve(&shards, request).await;
+            counter.set(counter.get() - 1);
+        })
+        .detach();
+    }
+    // Every handle is gone without a close: close anyway, so that what was
+    // staged at the memory level still reaches the disk.
+    let _ = close_all(owned, &in_flight).await;
+}
+
+/// Waits for the requests in flight, then closes every shard.
+async fn close_all(
+    owned: BTreeMap<u32, Rc<Shard<DmaStorage>>>,
+    in_flight: &std::cell::Cell<usize>,
+) -> Result<(), EngineError> {
+    while in_flight.get() > 0 {
+        futures_lite::future::yield_now().await;
+    }
+    let mut result = Ok(());
+    for (_, shard) in owned {
+        if let Ok(shard) = Rc::try_unwrap(shard)
+            && let Err(e) = shard.close().await
+        {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) {
+    let shard_of = |id: u32| shards.get(&id).cloned().ok_or(EngineError::Closed);
+    match request {
+        Request::Write {
+            shard,
+            ops,
+            level,
+            reply,
+        } => {
+            let result = match shard_of(shard) {
+                Ok(s) => {
+                    let borrowed: Vec<Op<'_>> = ops
+                        .iter()
+                        .map(|op| match op {
+                            BatchOp::Put(key, value) => Op::Put { key, value },
+                            BatchOp::Delete(key) => Op::Delete { key },
+                        })
+                        .collect();
+                    s.write(&borrowed, level).await
+                }
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
+        Request::Get { shard, key, reply } => {
+            let _ = reply.send(shard_of(shard).map(|s| s.get(&key)));
+        }
+        Request::Scan {
+            shard,
+            start,
+            end,
+            prefix,
+            limit,
+            reply,
+        } => {
+            let result = shard_of(shard).map(|s| {
+                if prefix {
+                    s.scan_prefix(&start, limit)
+                } else {
+                    s.scan(&start, end.as_deref(), limit)
+                }
+            });
+            let _ = reply.send(result);
+        }
+        Request::Snapshot { shard, reply } => {
+            let result = match shard_of(shard) {
+                Ok(s) => s.snapshot().await.map(|pos| pos.lsn),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
+        Request::Close { .. } => unreachable!("handled by the executor loop"),
+    }
+}

@@ -1,0 +1,143 @@
+//! Engine options: a builder with `with_*` methods, loadable from TOML.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::CommitLevel;
+
+/// How an engine is opened. Units are last in every name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Logical shards; fixed when the data directory is created (a later
+    /// open uses the stored number). 0 means one per executor.
+    pub shard_count: u32,
+    /// Executors (threads pinned to cores); 0 means one per available core.
+    pub executor_count: u32,
+    /// Level a write waits for unless it asks for another.
+    pub commit_level: CommitLevel,
+    /// WAL segment file size.
+    pub segment_bytes: u64,
+    /// Most record bytes one WAL write + sync carries.
+    pub batch_bytes_max: usize,
+    /// Run where O_DIRECT is not in effect (tmpfs), with buffered I/O.
+    pub allow_buffered_io: bool,
+    /// Pin executor `i` to core `i` (off lets the OS place them).
+    pub pin_executors: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            shard_count: 0,
+            executor_count: 0,
+            commit_level: CommitLevel::Local,
+            segment_bytes: 64 << 20,
+            batch_bytes_max: 1 << 20,
+            allow_buffered_io: false,
+            pin_executors: true,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid options: {0}")]
+pub struct OptionsError(pub String);
+
+impl Options {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_shard_count(mut self, n: u32) -> Self {
+        self.shard_count = n;
+        self
+    }
+
+    pub fn with_executor_count(mut self, n: u32) -> Self {
+        self.executor_count = n;
+        self
+    }
+
+    pub fn with_commit_level(mut self, level: CommitLevel) -> Self {
+        self.commit_level = level;
+        self
+    }
+
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes;
+        self
+    }
+
+    pub fn with_batch_bytes_max(mut self, bytes: usize) -> Self {
+        self.batch_bytes_max = bytes;
+        self
+    }
+
+    pub fn with_allow_buffered_io(mut self, allow: bool) -> Self {
+        self.allow_buffered_io = allow;
+        self
+    }
+
+    pub fn with_pin_executors(mut self, pin: bool) -> Self {
+        self.pin_executors = pin;
+        self
+    }
+
+    /// Parses TOML; unknown keys are an error, missing ones take defaults.
+    pub fn from_toml(text: &str) -> Result<Self, OptionsError> {
+        toml::from_str(text).map_err(|e| OptionsError(e.to_string()))
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<Self, OptionsError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| OptionsError(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+
+    /// The executor count in effect.
+    pub fn executors(&self) -> u32 {
+        if self.executor_count > 0 {
+            self.executor_count
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+        }
+    }
+
+    pub(super) fn check(&self) -> Result<(), OptionsError> {
+        if !self.segment_bytes.is_multiple_of(4096)
+            || self.segment_bytes < 8192
+            || self.segment_bytes > 1 << 30
+        {
+            return Err(OptionsError(format!(
+                "segment_bytes {} must be a multiple of 4096 between 8 KiB and 1 GiB",
+                self.segment_bytes
+            )));
+        }
+        if self.batch_bytes_max == 0 {
+            return Err(OptionsError("batch_bytes_max must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_defaults_and_typos() {
+        let o = Options::from_toml("shard_count = 8\ncommit_level = \"memory\"\n").unwrap();
+        assert_eq!(o.shard_count, 8);
+        assert_eq!(o.commit_level, CommitLevel::Memory);
+        assert_eq!(o.segment_bytes, Options::default().segment_bytes);
+        let err = Options::from_toml("shard_cuont = 8").unwrap_err();
+        assert!(err.to_string().contains("shard_cuont"), "{err}");
+        assert!(Options::from_toml("segment_bytes = \"big\"").is_err());
+        let text = toml::to_string(&Options::default().with_shard_count(3)).unwrap();
+        assert_eq!(Options::from_toml(&text).unwrap().shard_count, 3);
+    }
+}
