@@ -152,8 +152,14 @@ impl Engine {
                 DirectIo::Require
             };
             let ready = ready_tx.clone();
-            let thread = glommio::LocalExecutorBuilder::new(placement)
-                .name(&format!("tidewal-{core}"))
+            let mut builder =
+                glommio::LocalExecutorBuilder::new(placement).name(&format!("tidewal-{core}"));
+            if options.spin_before_park_us > 0 {
+                builder = builder.spin_before_park(std::time::Duration::from_micros(
+                    options.spin_before_park_us,
+                ));
+            }
+            let thread = builder
                 .spawn(move || run_executor(shards, policy, rx, ready))
                 .map_err(|e| EngineError::Meta(format!("starting executor {core}: {e}")))?;
             threads.push(thread);

@@ -25,6 +25,9 @@ pub struct Options {
     pub allow_buffered_io: bool,
     /// Pin executor `i` to core `i` (off lets the OS place them).
     pub pin_executors: bool,
+    /// Microseconds an idle executor spins before it sleeps: trades CPU for
+    /// the latency of waking it from another thread. 0 sleeps at once.
+    pub spin_before_park_us: u64,
 }
 
 impl Default for Options {
@@ -37,6 +40,7 @@ impl Default for Options {
             batch_bytes_max: 1 << 20,
             allow_buffered_io: false,
             pin_executors: true,
+            spin_before_park_us: 0,
         }
     }
 }
@@ -78,6 +82,11 @@ impl Options {
 
     pub fn with_allow_buffered_io(mut self, allow: bool) -> Self {
         self.allow_buffered_io = allow;
+        self
+    }
+
+    pub fn with_spin_before_park_us(mut self, us: u64) -> Self {
+        self.spin_before_park_us = us;
         self
     }
 
