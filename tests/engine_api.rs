@@ -205,3 +205,27 @@ fn works_from_tokio() {
         engine.close().await.unwrap();
     });
 }
+
+#[test]
+fn works_from_inside_another_glommio_executor() {
+    let dir = common::disk_dir();
+    let engine = Engine::open(dir.path(), options()).unwrap();
+    let e = engine.clone();
+    common::run(move || async move {
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let e = e.clone();
+                glommio::spawn_local(async move {
+                    for i in 0..50 {
+                        e.put(format!("glo{t}-{i}"), "v").await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(e.scan_prefix("glo", usize::MAX).await.unwrap().len(), 400);
+    });
+    block_on(engine.close()).unwrap();
+}

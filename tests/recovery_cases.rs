@@ -175,7 +175,9 @@ macro_rules! both_backends {
         }
         mod on_disk {
             use super::*;
-            $(#[test] fn $case() { let b = Disk::new(); run(move || super::$case(b)); })*
+            // The directory outlives the executor: a spare file still being
+            // prepared when the case returns must not see it vanish.
+            $(#[test] fn $case() { let b = Disk::new(); let keep = b.clone(); run(move || super::$case(b)); drop(keep); })*
         }
     };
 }

@@ -231,23 +231,23 @@ impl Engine {
         value: impl Into<Bytes>,
         level: CommitLevel,
     ) -> Result<ShardReceipt, EngineError> {
-        let key = key.into();
-        let shard = self.shard_of(&key);
-        let ops = vec![BatchOp::Put(key, value.into())];
-        self.ask(shard, |reply| Request::Write {
-            shard,
-            ops,
-            level,
-            reply,
-        })
-        .await
+        self.write_one(BatchOp::Put(key.into(), value.into()), level)
+            .await
     }
 
     /// Deletes `key` at the engine's default commit level.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<ShardReceipt, EngineError> {
-        let key = key.into();
-        let shard = self.shard_of(&key);
-        let (ops, level) = (vec![BatchOp::Delete(key)], self.inner.default_level);
+        self.write_one(BatchOp::Delete(key.into()), self.inner.default_level)
+            .await
+    }
+
+    async fn write_one(
+        &self,
+        op: BatchOp,
+        level: CommitLevel,
+    ) -> Result<ShardReceipt, EngineError> {
+        let shard = self.shard_of(op.key());
+        let ops = vec![op];
         self.ask(shard, |reply| Request::Write {
             shard,
             ops,

@@ -142,7 +142,11 @@ pub fn segment_file_name(base_lsn: u64) -> String {
 
 /// The base LSN a segment file name stands for, or `None` for other files.
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".wal")?;
+    parse_lsn_digits(name.strip_suffix(".wal")?)
+}
+
+/// The LSN written as exactly 20 decimal digits in a file name.
+pub(super) fn parse_lsn_digits(digits: &str) -> Option<u64> {
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

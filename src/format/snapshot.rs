@@ -169,11 +169,7 @@ pub fn snapshot_file_name(lsn: u64) -> String {
 
 /// The LSN a snapshot file name stands for.
 pub fn parse_snapshot_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("snapshot-")?.strip_suffix(".snap")?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    super::segment::parse_lsn_digits(name.strip_prefix("snapshot-")?.strip_suffix(".snap")?)
 }
 
 #[cfg(test)]
