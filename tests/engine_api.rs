@@ -229,3 +229,20 @@ fn works_from_inside_another_glommio_executor() {
     });
     block_on(engine.close()).unwrap();
 }
+
+#[test]
+fn dropping_the_last_handle_closes_before_the_lock_is_released() {
+    let dir = common::disk_dir();
+    let engine =
+        Engine::open(dir.path(), options().with_commit_level(CommitLevel::Memory)).unwrap();
+    for i in 0..100 {
+        block_on(engine.put(format!("d{i}"), "v")).unwrap();
+    }
+    drop(engine); // no close: the drop flushes and joins before unlocking
+    let engine = Engine::open(dir.path(), options()).unwrap();
+    assert_eq!(
+        block_on(engine.scan_prefix("d", usize::MAX)).unwrap().len(),
+        100
+    );
+    block_on(engine.close()).unwrap();
+}

@@ -114,6 +114,36 @@ async fn no_good_snapshot_and_released_wal_is_refused<B: Backend>(b: B) {
     }
 }
 
+async fn one_snapshot_keeps_the_wal<B: Backend>(b: B) {
+    let shard = open(&b).await.unwrap();
+    for i in 0..400 {
+        let v = "y".repeat(250);
+        shard
+            .put(format!("k{i}").as_bytes(), v.as_bytes(), CommitLevel::Local)
+            .await
+            .unwrap();
+    }
+    shard.snapshot().await.unwrap();
+    assert!(shard.wal().segment_count() > 1);
+    assert_eq!(
+        shard.wal().first_position().lsn,
+        0,
+        "a single snapshot is no base to release the WAL on"
+    );
+    shard.close().await.unwrap();
+    // Even with that snapshot damaged, the WAL alone rebuilds everything.
+    let only = snapshots(&b).pop().unwrap();
+    b.flip(&only, 10, 0);
+    let shard = open(&b).await.unwrap();
+    assert_eq!(shard.len(), 400);
+    assert!(shard.open_report().snapshot.is_none());
+    assert!(
+        b.names().contains(&format!("{only}.bad")),
+        "the damaged snapshot is set aside"
+    );
+    shard.close().await.unwrap();
+}
+
 async fn snapshot_while_writing<B: Backend>(b: B) {
     let shard = Rc::new(open(&b).await.unwrap());
     let writers: Vec<_> = (0..8)
@@ -165,5 +195,6 @@ both_backends!(
     restart_from_newest,
     corrupt_newest_falls_back,
     no_good_snapshot_and_released_wal_is_refused,
+    one_snapshot_keeps_the_wal,
     snapshot_while_writing
 );

@@ -121,10 +121,9 @@ impl Engine {
         let lock = lock_dir(&dir)?;
         let executors = options.executors();
         let meta = load_or_create_meta(&dir, &options, executors)?;
-        let log_id = |shard| LogId {
-            cluster_id: parse_cluster_id(&meta.cluster_id),
-            shard,
-        };
+        let cluster_id = parse_cluster_id(&meta.cluster_id)?;
+        let log_id = |shard| LogId { cluster_id, shard };
+        let allowed = allowed_cpus();
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = flume::unbounded();
@@ -142,7 +141,7 @@ impl Engine {
                 })
                 .collect();
             let placement = if options.pin_executors {
-                glommio::Placement::Fixed(core as usize % num_cpus())
+                glommio::Placement::Fixed(allowed[core as usize % allowed.len()])
             } else {
                 glommio::Placement::Unbound
             };
@@ -284,21 +283,37 @@ impl Engine {
                 shards: by_shard.len(),
             });
         }
+        // Every shard's part is sent before any reply is awaited, so one
+        // shard's failure does not keep the others from getting theirs.
         let level = self.inner.default_level;
-        let waits: Vec<_> = by_shard
-            .into_iter()
-            .map(|(shard, ops)| {
-                self.ask(shard, move |reply| Request::Write {
+        let mut waits = Vec::new();
+        for (shard, ops) in by_shard {
+            let (reply, rx) = flume::bounded(1);
+            self.route(shard)
+                .send(Request::Write {
                     shard,
                     ops,
                     level,
                     reply,
                 })
-            })
-            .collect();
+                .map_err(|_| EngineError::Closed)?;
+            waits.push(rx);
+        }
         let mut receipts = Vec::new();
-        for wait in waits {
-            receipts.push(wait.await?);
+        let mut failure = None;
+        for rx in waits {
+            match rx
+                .recv_async()
+                .await
+                .map_err(|_| EngineError::Closed)
+                .and_then(|r| r)
+            {
+                Ok(receipt) => receipts.push(receipt),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         Ok(receipts)
     }
@@ -370,31 +385,73 @@ impl Engine {
         let mut result = Ok(());
         for tx in &self.inner.executors {
             let (reply, rx) = flume::bounded(1);
-            if tx.send(Request::Close { reply }).is_ok()
-                && let Ok(Err(e)) = rx.recv_async().await
-            {
-                result = Err(e);
+            if tx.send(Request::Close { reply }).is_err() {
+                continue; // closed before
+            }
+            match rx.recv_async().await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                // The executor died (a panic) before answering: what it had
+                // staged may be lost, and the caller must know.
+                Err(_) => {
+                    result = Err(EngineError::Meta(
+                        "an executor stopped before closing its shards".into(),
+                    ))
+                }
             }
         }
-        let threads =
-            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        // Joining blocks: do it on a thread of its own, not the caller's.
+        let inner = self.inner.clone();
+        let (done, joined) = flume::bounded(1);
+        std::thread::spawn(move || {
+            let _ = done.send(inner.join_and_unlock());
+        });
+        let joined = joined.recv_async().await.unwrap_or(Ok(()));
+        result.and(joined)
+    }
+}
+
+impl Inner {
+    /// Joins the executor threads, then releases the directory lock: another
+    /// open may proceed only once nothing of this one writes any more.
+    fn join_and_unlock(&self) -> Result<(), EngineError> {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut result = Ok(());
         for t in threads {
-            let _ = t.join();
+            if t.join().is_err() {
+                result = Err(EngineError::Meta("an executor thread panicked".into()));
+            }
         }
-        // Everything is closed: another open of the directory may proceed.
-        drop(
-            self.inner
-                .lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
-        );
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
         result
     }
 }
 
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+impl Drop for Inner {
+    /// The last handle dropped without `close`: close anyway (flushing what
+    /// was staged) and keep the lock until the executors are gone.
+    fn drop(&mut self) {
+        for tx in &self.executors {
+            let (reply, rx) = flume::bounded(1);
+            if tx.send(Request::Close { reply }).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+        let _ = self.join_and_unlock();
+    }
+}
+
+/// The CPUs this process may run on (a container's cpuset need not start at 0).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set we own.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        .filter(|cpu| ok && unsafe { libc::CPU_ISSET(*cpu, &set) })
+        .collect();
+    if cpus.is_empty() { vec![0] } else { cpus }
 }
 
 /// Takes an exclusive `flock` on `dir/LOCK`, held as long as the file is open.
@@ -422,6 +479,13 @@ fn load_or_create_meta(dir: &Path, options: &Options, executors: u32) -> Result<
         let meta: Meta = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if meta.format != 1 || meta.shard_count == 0 || meta.cluster_id.len() != 32 {
             return Err(bad("unknown format or bad fields".into()));
+        }
+        if options.shard_count != 0 && options.shard_count != meta.shard_count {
+            tracing::warn!(
+                asked = options.shard_count,
+                stored = meta.shard_count,
+                "shard_count is fixed when the data directory is created; using the stored one"
+            );
         }
         return Ok(meta);
     }
@@ -460,9 +524,14 @@ fn new_cluster_id() -> String {
     )
 }
 
-fn parse_cluster_id(hex: &str) -> [u8; 16] {
-    let value = u128::from_str_radix(hex, 16).unwrap_or(0);
-    value.to_be_bytes()
+fn parse_cluster_id(hex: &str) -> Result<[u8; 16], EngineError> {
+    u128::from_str_radix(hex, 16)
+        .map(u128::to_be_bytes)
+        .map_err(|_| {
+            EngineError::Meta(format!(
+                "meta.json: cluster_id {hex:?} is not 32 hex digits"
+            ))
+        })
 }
 
 /// The body of one executor thread: open its shards, then serve requests,
@@ -490,6 +559,8 @@ async fn run_executor(
         }
     }
     let _ = ready.send(Ok(()));
+    // Engine::open waits until every executor reported or hung up.
+    drop(ready);
     let in_flight = Rc::new(std::cell::Cell::new(0usize));
     while let Ok(request) = rx.recv_async().await {
         if let Request::Close { reply } = request {
@@ -530,7 +601,15 @@ async fn close_all(
 }
 
 async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) {
-    let shard_of = |id: u32| shards.get(&id).cloned().ok_or(EngineError::Closed);
+    // A shard whose WAL failed holds staged writes of unknown fate: it
+    // answers nothing more until the engine is reopened.
+    let shard_of = |id: u32| {
+        let shard = shards.get(&id).cloned().ok_or(EngineError::Closed)?;
+        match shard.failure() {
+            Some(e) => Err(e),
+            None => Ok(shard),
+        }
+    };
     match request {
         Request::Write {
             shard,

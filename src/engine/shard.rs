@@ -82,6 +82,8 @@ pub enum EngineError {
     CrossShardBatch { shards: usize },
     #[error("the engine is closed")]
     Closed,
+    #[error("a snapshot of this shard is already being taken")]
+    SnapshotInProgress,
 }
 
 /// What opening a shard found.
@@ -104,6 +106,8 @@ pub struct Shard<S: Storage + Clone + 'static> {
     state: RefCell<KvState>,
     /// Reused encode buffer: no allocation per write.
     scratch: RefCell<Vec<u8>>,
+    /// One snapshot at a time: two would write the same file.
+    snapshotting: std::cell::Cell<bool>,
 }
 
 impl<S: Storage + Clone + 'static> Shard<S> {
@@ -116,6 +120,10 @@ impl<S: Storage + Clone + 'static> Shard<S> {
             }
         }
         let (snapshot, skipped_snapshots) = load_newest(&storage, log).await?;
+        for (name, _) in &skipped_snapshots {
+            // Set aside so that it no longer counts as one of the kept two.
+            storage.rename(name, &format!("{name}.bad")).await?;
+        }
         let wal = Wal::open(storage.clone(), options).await?;
         let (mut state, mut pos, name) = match snapshot {
             Some(s) => (s.state, s.pos, Some(s.name)),
@@ -156,6 +164,7 @@ impl<S: Storage + Clone + 'static> Shard<S> {
             wal,
             state: RefCell::new(state),
             scratch: RefCell::new(Vec::new()),
+            snapshotting: std::cell::Cell::new(false),
         })
     }
 
@@ -168,6 +177,15 @@ impl<S: Storage + Clone + 'static> Shard<S> {
     /// then keeps the two newest snapshots and releases the WAL below the
     /// older of them. Returns the snapshot's position.
     pub async fn snapshot(&self) -> Result<Expect, EngineError> {
+        if self.snapshotting.replace(true) {
+            return Err(EngineError::SnapshotInProgress);
+        }
+        let result = self.snapshot_now().await;
+        self.snapshotting.set(false);
+        result
+    }
+
+    async fn snapshot_now(&self) -> Result<Expect, EngineError> {
         let pos = self.wal.next_position();
         let frozen = self.state.borrow().clone();
         // Only durable records may be in a snapshot: a no-op record after
@@ -178,7 +196,10 @@ impl<S: Storage + Clone + 'static> Shard<S> {
         for (_, name) in snapshots.iter().skip(SNAPSHOTS_KEPT) {
             self.storage.remove(name).await?;
         }
-        if let Some((oldest_kept, _)) = snapshots.iter().take(SNAPSHOTS_KEPT).next_back() {
+        // Release only below the older of two good snapshots: with one, it
+        // would be the only base, and a damaged one would leave none.
+        if snapshots.len() >= SNAPSHOTS_KEPT {
+            let (oldest_kept, _) = &snapshots[SNAPSHOTS_KEPT - 1];
             self.wal.release_below(*oldest_kept).await?;
         }
         Ok(pos)

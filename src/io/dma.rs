@@ -48,7 +48,16 @@ impl DmaStorage {
     /// Opens (creating if needed) `dir`. Must run inside a glommio executor.
     pub async fn open(dir: impl AsRef<Path>, policy: DirectIo) -> Result<Self, IoError> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| std_err("create_dir", &dir, e))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| std_err("create_dir", &dir, e))?;
+            // The new entry must survive a power cut, or the directory comes
+            // back missing and a log that held data reopens empty.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::File::open(parent)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| std_err("sync_dir", parent, e))?;
+            }
+        }
         // glommio opens with `openat(-1, path)`: a relative path fails with
         // EBADF, so every path it sees is absolute.
         let dir = std::fs::canonicalize(&dir).map_err(|e| std_err("canonicalize", &dir, e))?;

@@ -137,7 +137,12 @@ pub async fn load_newest<S: Storage>(
 ) -> Result<(Option<LoadedSnapshot>, Vec<(String, String)>), IoError> {
     let mut skipped = Vec::new();
     for (_, name) in list_snapshots(storage).await? {
-        match load(storage, log, &name).await? {
+        // An unreadable snapshot (EIO on a bad sector) is as good as a
+        // damaged one: fall back to the next.
+        let loaded = load(storage, log, &name)
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match loaded {
             Ok(loaded) => return Ok((Some(loaded), skipped)),
             Err(why) => {
                 tracing::error!(snapshot = %name, %why, "snapshot does not verify; falling back to an older one");
