@@ -2,6 +2,7 @@
 //! the fault backend and on the real disk: the log is written by the WAL,
 //! then its files are damaged behind its back, then it is reopened.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -165,21 +166,6 @@ async fn gap<B: Backend>(b: B) {
     let r = refusal(reopen(&b).await);
     assert_eq!(r.case, Case::Gap);
     assert_eq!(r.segment, segments[2]);
-}
-
-macro_rules! both_backends {
-    ($($case:ident),*) => {
-        mod on_fault_backend {
-            use super::*;
-            $(#[test] fn $case() { run(|| super::$case(Mem::default())); })*
-        }
-        mod on_disk {
-            use super::*;
-            // The directory outlives the executor: a spare file still being
-            // prepared when the case returns must not see it vanish.
-            $(#[test] fn $case() { let b = Disk::new(); let keep = b.clone(); run(move || super::$case(b)); drop(keep); })*
-        }
-    };
 }
 
 both_backends!(

@@ -1,6 +1,7 @@
 //! Snapshots of a shard: taken while writes go on, restart from them, and
 //! what happens when they are damaged, on the fault backend and on disk.
 
+#[macro_use]
 mod common;
 
 use std::rc::Rc;
@@ -174,21 +175,6 @@ async fn snapshot_while_writing<B: Backend>(b: B) {
     let shard = open(&b).await.unwrap();
     assert_eq!(shard.len(), expected_len);
     assert_eq!(shard.len(), 8 * 200);
-}
-
-macro_rules! both_backends {
-    ($($case:ident),*) => {
-        mod on_fault_backend {
-            use super::*;
-            $(#[test] fn $case() { run(|| super::$case(Mem::default())); })*
-        }
-        mod on_disk {
-            use super::*;
-            // The directory outlives the executor: a spare file still being
-            // prepared when the case returns must not see it vanish.
-            $(#[test] fn $case() { let b = Disk::new(); let keep = b.clone(); run(move || super::$case(b)); drop(keep); })*
-        }
-    };
 }
 
 both_backends!(

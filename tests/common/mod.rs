@@ -1,6 +1,29 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+/// Defines each listed async case `fn(B: Backend)` as two tests: on the
+/// fault backend and on the real disk. The disk directory outlives the
+/// executor, so a spare file still being prepared when a case returns
+/// never sees it vanish.
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($case:ident),*) => {
+        mod on_fault_backend {
+            use super::*;
+            $(#[test] fn $case() { run(|| super::$case(Mem::default())); })*
+        }
+        mod on_disk {
+            use super::*;
+            $(#[test] fn $case() {
+                let b = Disk::new();
+                let keep = b.clone();
+                run(move || super::$case(b));
+                drop(keep);
+            })*
+        }
+    };
+}
+
 use std::future::Future;
 use std::path::PathBuf;
 
