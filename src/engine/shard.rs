@@ -1,4 +1,5 @@
-//! One shard: its WAL and its key-value state, on one executor.
+//! One shard: its WAL and its state machine (the key-value map by default,
+//! or a service's own through [`Shard::write_body`]), on one executor.
 //!
 //! A write is encoded once into a WAL record body, staged in the WAL (which
 //! fixes its LSN), and applied to the state in the same synchronous step, so
@@ -98,19 +99,19 @@ pub struct OpenReport {
 }
 
 /// A shard of the key space on one executor.
-pub struct Shard<S: Storage + Clone + 'static> {
+pub struct Shard<S: Storage + Clone + 'static, M: StateMachine = KvState> {
     storage: S,
     log: LogId,
     report: OpenReport,
     wal: Wal<S>,
-    state: RefCell<KvState>,
+    state: RefCell<M>,
     /// Reused encode buffer: no allocation per write.
     scratch: RefCell<Vec<u8>>,
     /// One snapshot at a time: two would write the same file.
     snapshotting: std::cell::Cell<bool>,
 }
 
-impl<S: Storage + Clone + 'static> Shard<S> {
+impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
     /// Loads the newest good snapshot, recovers the WAL and replays it.
     pub async fn open(storage: S, options: WalOptions) -> Result<Self, EngineError> {
         let log = options.log;
@@ -127,7 +128,7 @@ impl<S: Storage + Clone + 'static> Shard<S> {
         let wal = Wal::open(storage.clone(), options).await?;
         let (mut state, mut pos, name) = match snapshot {
             Some(s) => (s.state, s.pos, Some(s.name)),
-            None => (KvState::new(), wal.first_position(), None),
+            None => (M::default(), wal.first_position(), None),
         };
         if name.is_none() && pos.lsn > 0 {
             // Replaying only the WAL would serve a state missing everything
@@ -205,6 +206,46 @@ impl<S: Storage + Clone + 'static> Shard<S> {
         Ok(pos)
     }
 
+    /// Writes one record whose body `M::apply` understands, at `level`.
+    /// The body is applied first, so one that does not decode is refused
+    /// and never logged.
+    pub async fn write_body(
+        &self,
+        body: &[u8],
+        level: CommitLevel,
+    ) -> Result<ShardReceipt, EngineError> {
+        self.wal.wait_for_space().await?;
+        // No await from here to the submit: the state sees records in LSN order.
+        let lsn = self.wal.next_lsn();
+        self.state.borrow_mut().apply(lsn, body)?;
+        let pending = self.wal.submit(RecordKind::Data, body)?;
+        debug_assert_eq!(pending.receipt().lsn, lsn);
+        finish(pending, level).await
+    }
+
+    /// Runs `f` on the state as it is now (staged writes included).
+    pub fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
+        f(&self.state.borrow())
+    }
+
+    /// The error that stopped this shard's WAL, if one did.
+    pub fn failure(&self) -> Option<EngineError> {
+        self.wal.failure().map(EngineError::Wal)
+    }
+
+    /// The WAL, for its positions, counters and retention.
+    pub fn wal(&self) -> &Wal<S> {
+        &self.wal
+    }
+
+    /// Makes everything staged durable and closes the WAL.
+    pub async fn close(self) -> Result<(), EngineError> {
+        Ok(self.wal.close().await?)
+    }
+}
+
+/// The key-value API of a shard holding the default state.
+impl<S: Storage + Clone + 'static> Shard<S, KvState> {
     /// Writes `ops` atomically (one record) at `level`.
     pub async fn write(
         &self,
@@ -219,17 +260,10 @@ impl<S: Storage + Clone + 'static> Shard<S> {
             encode_batch(&mut scratch, ops)?;
             self.wal.submit(RecordKind::Data, &scratch)?
         };
-        let receipt = pending.receipt();
-        self.state.borrow_mut().apply_ops(receipt.lsn, ops);
-        if level == CommitLevel::Local {
-            pending.await?;
-        }
-        Ok(ShardReceipt {
-            shard: receipt.shard,
-            epoch: receipt.epoch,
-            lsn: receipt.lsn,
-            level,
-        })
+        self.state
+            .borrow_mut()
+            .apply_ops(pending.receipt().lsn, ops);
+        finish(pending, level).await
     }
 
     pub async fn put(
@@ -271,19 +305,21 @@ impl<S: Storage + Clone + 'static> Shard<S> {
     pub fn is_empty(&self) -> bool {
         self.state.borrow().is_empty()
     }
+}
 
-    /// The error that stopped this shard's WAL, if one did.
-    pub fn failure(&self) -> Option<EngineError> {
-        self.wal.failure().map(EngineError::Wal)
+/// Waits for what `level` asks of a staged record and makes its receipt.
+async fn finish(
+    pending: crate::wal::Pending,
+    level: CommitLevel,
+) -> Result<ShardReceipt, EngineError> {
+    let receipt = pending.receipt();
+    if level == CommitLevel::Local {
+        pending.await?;
     }
-
-    /// The WAL, for its positions, counters and retention.
-    pub fn wal(&self) -> &Wal<S> {
-        &self.wal
-    }
-
-    /// Makes everything staged durable and closes the WAL.
-    pub async fn close(self) -> Result<(), EngineError> {
-        Ok(self.wal.close().await?)
-    }
+    Ok(ShardReceipt {
+        shard: receipt.shard,
+        epoch: receipt.epoch,
+        lsn: receipt.lsn,
+        level,
+    })
 }

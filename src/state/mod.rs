@@ -30,13 +30,23 @@ pub enum StateError {
     OutOfOrder { lsn: u64, applied: u64 },
 }
 
-/// A deterministic state built by applying record bodies in LSN order.
-pub trait StateMachine {
+/// A deterministic state built by applying record bodies in LSN order: what
+/// a service implements to keep its own state in a shard (see
+/// `engine::Shard::write_body`). `Clone` must be cheap (structural sharing):
+/// a snapshot freezes the state by cloning it while writes go on.
+pub trait StateMachine: Clone + Default + 'static {
     /// Applies the body of the `Data` record at `lsn`. Bodies are applied in
     /// LSN order; a body that does not decode is an error and changes nothing.
+    /// Bodies must carry resulting values, so that applying one twice is
+    /// the same as applying it once.
     fn apply(&mut self, lsn: u64, body: &[u8]) -> Result<(), StateError>;
     /// LSN of the last record applied (0 if none).
     fn applied_lsn(&self) -> u64;
+    /// Every entry of the state as opaque `(key, value)` bytes: what a
+    /// snapshot holds.
+    fn entries(&self) -> Box<dyn Iterator<Item = (&[u8], &[u8])> + '_>;
+    /// Adds one entry read back from a snapshot taken at `lsn`.
+    fn restore(&mut self, key: Bytes, value: Bytes, lsn: u64);
 }
 
 /// The default state: an ordered map from keys to values.
@@ -105,12 +115,6 @@ impl KvState {
     pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
         self.map.iter()
     }
-
-    /// Inserts an entry restored from a snapshot taken at `lsn`.
-    pub fn restore(&mut self, key: Bytes, value: Bytes, lsn: u64) {
-        self.map.insert(key, value);
-        self.applied_lsn = lsn;
-    }
 }
 
 impl StateMachine for KvState {
@@ -128,6 +132,15 @@ impl StateMachine for KvState {
 
     fn applied_lsn(&self) -> u64 {
         self.applied_lsn
+    }
+
+    fn entries(&self) -> Box<dyn Iterator<Item = (&[u8], &[u8])> + '_> {
+        Box::new(self.map.iter().map(|(k, v)| (&k[..], &v[..])))
+    }
+
+    fn restore(&mut self, key: Bytes, value: Bytes, lsn: u64) {
+        self.map.insert(key, value);
+        self.applied_lsn = lsn;
     }
 }
 

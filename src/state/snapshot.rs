@@ -1,7 +1,7 @@
-//! Writing and loading snapshots of a [`KvState`] (format: FORMAT.md and
-//! `format::snapshot`).
+//! Writing and loading snapshots of a [`StateMachine`] (format: FORMAT.md
+//! and `format::snapshot`).
 //!
-//! Writing streams a frozen copy of the state (O(1) to take, see `KvState`)
+//! Writing streams a frozen copy of the state (O(1) to take for `KvState`)
 //! into 64 KiB checksummed blocks, written sequentially with O_DIRECT in
 //! 1 MiB writes, so writes to the shard go on meanwhile. The header goes last,
 //! then sync, rename into place, directory sync. Loading tries the newest
@@ -16,7 +16,7 @@ use crate::format::{
 };
 use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
 
-use super::KvState;
+use super::StateMachine;
 
 /// Bytes handed to one write.
 const WRITE_BYTES: usize = 1 << 20;
@@ -27,7 +27,7 @@ pub async fn write_snapshot<S: Storage>(
     storage: &S,
     log: LogId,
     pos: Expect,
-    state: &KvState,
+    state: &impl StateMachine,
 ) -> Result<String, IoError> {
     let name = snapshot_file_name(pos.lsn);
     let tmp = format!("{name}.tmp");
@@ -41,7 +41,7 @@ pub async fn write_snapshot<S: Storage>(
         stream_bytes: 0,
     };
     let mut entries = 0u64;
-    for (key, value) in state.iter() {
+    for (key, value) in state.entries() {
         writer.push(&(key.len() as u32).to_le_bytes()).await?;
         writer.push(&(value.len() as u32).to_le_bytes()).await?;
         writer.push(key).await?;
@@ -110,9 +110,9 @@ impl<F: StorageFile> BlockWriter<'_, F> {
 }
 
 /// A snapshot loaded into memory.
-pub struct LoadedSnapshot {
+pub struct LoadedSnapshot<M> {
     pub name: String,
-    pub state: KvState,
+    pub state: M,
     /// Where WAL replay starts.
     pub pos: Expect,
 }
@@ -131,10 +131,10 @@ pub async fn list_snapshots<S: Storage>(storage: &S) -> Result<Vec<(u64, String)
 
 /// Loads the newest snapshot that verifies. Each one that does not is
 /// returned in the second list with the reason, and logged.
-pub async fn load_newest<S: Storage>(
+pub async fn load_newest<S: Storage, M: StateMachine>(
     storage: &S,
     log: LogId,
-) -> Result<(Option<LoadedSnapshot>, Vec<(String, String)>), IoError> {
+) -> Result<(Option<LoadedSnapshot<M>>, Vec<(String, String)>), IoError> {
     let mut skipped = Vec::new();
     for (_, name) in list_snapshots(storage).await? {
         // An unreadable snapshot (EIO on a bad sector) is as good as a
@@ -154,11 +154,11 @@ pub async fn load_newest<S: Storage>(
 }
 
 /// Loads one snapshot: an I/O error is an error; damage is `Ok(Err(why))`.
-async fn load<S: Storage>(
+async fn load<S: Storage, M: StateMachine>(
     storage: &S,
     log: LogId,
     name: &str,
-) -> Result<Result<LoadedSnapshot, String>, IoError> {
+) -> Result<Result<LoadedSnapshot<M>, String>, IoError> {
     let file = storage.open(name).await?;
     let head = file.read_at(0, BLOCK_BYTES as usize).await?;
     let header = match SnapshotHeader::decode(&head, log) {
@@ -168,7 +168,7 @@ async fn load<S: Storage>(
     let stream_bytes = header.stream_bytes.get();
     let blocks = stream_bytes.div_ceil(SNAPSHOT_PAYLOAD_BYTES as u64);
     let mut parser = EntryParser::default();
-    let mut state = KvState::new();
+    let mut state = M::default();
     let lsn = header.lsn.get();
     let mut index = 0u64;
     while index < blocks {
