@@ -3,9 +3,10 @@
 //! `Engine::open` starts one glommio executor per core (a thread, pinned),
 //! each owning the shards `i` with `i % executors == core`: their WAL, state
 //! and snapshots. The handle routes each request to the owner of its shard
-//! (`crc32c(key) % shard_count`, fixed when the directory is created) over a
-//! channel; replies come back the same way. Nothing is shared between cores
-//! but those channels, so the hot path takes no lock. The handle's futures
+//! (`crc32c(key) % shard_count`, fixed when the directory is created)
+//! through a lock-free mailbox (`mailbox.rs`); the reply comes back on a
+//! oneshot channel. Nothing is shared between cores but those, and the path
+//! takes no lock. The handle's futures
 //! are runtime-agnostic: they work on tokio, inside glommio, or on a plain
 //! thread with [`block_on`].
 //!
@@ -23,11 +24,14 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use futures_channel::oneshot;
+
 use crate::format::LogId;
 use crate::io::{DirectIo, DmaStorage};
 use crate::state::Op;
 use crate::wal::WalOptions;
 
+use super::mailbox;
 use super::{CommitLevel, EngineError, Options, Shard, ShardReceipt};
 
 pub use futures_lite::future::block_on;
@@ -57,7 +61,7 @@ pub enum BatchAtomicity {
     PerShard,
 }
 
-type Reply<T> = flume::Sender<Result<T, EngineError>>;
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 enum Request {
     Write {
@@ -98,7 +102,7 @@ struct Meta {
 
 struct Inner {
     shard_count: u32,
-    executors: Vec<flume::Sender<Request>>,
+    executors: Vec<mailbox::Sender<Request>>,
     default_level: CommitLevel,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The data-directory lock; released by `close`.
@@ -126,9 +130,9 @@ impl Engine {
         let allowed = allowed_cpus();
         let mut senders = Vec::new();
         let mut threads = Vec::new();
-        let (ready_tx, ready_rx) = flume::unbounded();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for core in 0..executors {
-            let (tx, rx) = flume::unbounded::<Request>();
+            let (tx, rx) = mailbox::mailbox::<Request>();
             senders.push(tx);
             let shards: Vec<(u32, PathBuf, WalOptions)> = (0..meta.shard_count)
                 .filter(|s| s % executors == core)
@@ -198,7 +202,7 @@ impl Engine {
         crc32c::crc32c(key) % self.inner.shard_count
     }
 
-    fn route(&self, shard: u32) -> &flume::Sender<Request> {
+    fn route(&self, shard: u32) -> &mailbox::Sender<Request> {
         &self.inner.executors[(shard % self.inner.executors.len() as u32) as usize]
     }
 
@@ -207,11 +211,11 @@ impl Engine {
         shard: u32,
         make: impl FnOnce(Reply<T>) -> Request,
     ) -> Result<T, EngineError> {
-        let (tx, rx) = flume::bounded(1);
+        let (tx, rx) = oneshot::channel();
         self.route(shard)
             .send(make(tx))
             .map_err(|_| EngineError::Closed)?;
-        rx.recv_async().await.map_err(|_| EngineError::Closed)?
+        rx.await.map_err(|_| EngineError::Closed)?
     }
 
     /// Writes `value` under `key` at the engine's default commit level.
@@ -288,7 +292,7 @@ impl Engine {
         let level = self.inner.default_level;
         let mut waits = Vec::new();
         for (shard, ops) in by_shard {
-            let (reply, rx) = flume::bounded(1);
+            let (reply, rx) = oneshot::channel();
             self.route(shard)
                 .send(Request::Write {
                     shard,
@@ -302,12 +306,7 @@ impl Engine {
         let mut receipts = Vec::new();
         let mut failure = None;
         for rx in waits {
-            match rx
-                .recv_async()
-                .await
-                .map_err(|_| EngineError::Closed)
-                .and_then(|r| r)
-            {
+            match rx.await.map_err(|_| EngineError::Closed).and_then(|r| r) {
                 Ok(receipt) => receipts.push(receipt),
                 Err(e) => failure = failure.or(Some(e)),
             }
@@ -384,11 +383,11 @@ impl Engine {
     pub async fn close(&self) -> Result<(), EngineError> {
         let mut result = Ok(());
         for tx in &self.inner.executors {
-            let (reply, rx) = flume::bounded(1);
+            let (reply, rx) = oneshot::channel();
             if tx.send(Request::Close { reply }).is_err() {
                 continue; // closed before
             }
-            match rx.recv_async().await {
+            match rx.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(e),
                 // The executor died (a panic) before answering: what it had
@@ -402,11 +401,11 @@ impl Engine {
         }
         // Joining blocks: do it on a thread of its own, not the caller's.
         let inner = self.inner.clone();
-        let (done, joined) = flume::bounded(1);
+        let (done, joined) = oneshot::channel();
         std::thread::spawn(move || {
             let _ = done.send(inner.join_and_unlock());
         });
-        let joined = joined.recv_async().await.unwrap_or(Ok(()));
+        let joined = joined.await.unwrap_or(Ok(()));
         result.and(joined)
     }
 }
@@ -432,9 +431,9 @@ impl Drop for Inner {
     /// was staged) and keep the lock until the executors are gone.
     fn drop(&mut self) {
         for tx in &self.executors {
-            let (reply, rx) = flume::bounded(1);
+            let (reply, rx) = oneshot::channel();
             if tx.send(Request::Close { reply }).is_ok() {
-                let _ = rx.recv();
+                let _ = block_on(rx);
             }
         }
         let _ = self.join_and_unlock();
@@ -539,8 +538,8 @@ fn parse_cluster_id(hex: &str) -> Result<[u8; 16], EngineError> {
 async fn run_executor(
     shards: Vec<(u32, PathBuf, WalOptions)>,
     policy: DirectIo,
-    rx: flume::Receiver<Request>,
-    ready: flume::Sender<Result<(), EngineError>>,
+    rx: mailbox::Receiver<Request>,
+    ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
 ) {
     let mut owned: BTreeMap<u32, Rc<Shard<DmaStorage>>> = BTreeMap::new();
     for (id, dir, wal) in shards {
@@ -562,7 +561,7 @@ async fn run_executor(
     // Engine::open waits until every executor reported or hung up.
     drop(ready);
     let in_flight = Rc::new(std::cell::Cell::new(0usize));
-    while let Ok(request) = rx.recv_async().await {
+    while let Some(request) = rx.recv().await {
         if let Request::Close { reply } = request {
             let _ = reply.send(close_all(owned, &in_flight).await);
             return;

@@ -3,9 +3,11 @@
 //!
 //! - `shard`: one shard (WAL + key-value state + snapshots) on one executor.
 //! - `handle`: the multi-core [`Engine`] and its request routing.
+//! - `mailbox`: the lock-free queue that carries requests into an executor.
 //! - `options`: [`Options`], a builder loadable from TOML.
 
 mod handle;
+mod mailbox;
 mod options;
 mod shard;
 
