@@ -113,9 +113,17 @@ fn batches_are_atomic_within_a_shard_only() {
     assert_eq!(block_on(engine.get(a.clone())).unwrap(), None);
     assert!(block_on(engine.get(same.clone())).unwrap().is_some());
 
-    let receipts =
-        block_on(engine.batch(vec![op(a), op(other)], BatchAtomicity::PerShard)).unwrap();
+    let receipts = block_on(engine.batch_at(
+        vec![op(a), op(other)],
+        BatchAtomicity::PerShard,
+        CommitLevel::Memory,
+    ))
+    .unwrap();
     assert_eq!(receipts.len(), 2);
+    assert!(receipts.iter().all(|r| r.level == CommitLevel::Memory));
+    let r = block_on(engine.delete_at(a.clone(), CommitLevel::Local)).unwrap();
+    assert_eq!(r.level, CommitLevel::Local);
+    assert_eq!(block_on(engine.get(a.clone())).unwrap(), None);
     block_on(engine.close()).unwrap();
 }
 

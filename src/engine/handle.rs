@@ -240,8 +240,16 @@ impl Engine {
 
     /// Deletes `key` at the engine's default commit level.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<ShardReceipt, EngineError> {
-        self.write_one(BatchOp::Delete(key.into()), self.inner.default_level)
-            .await
+        self.delete_at(key, self.inner.default_level).await
+    }
+
+    /// Deletes `key` at `level`.
+    pub async fn delete_at(
+        &self,
+        key: impl Into<Bytes>,
+        level: CommitLevel,
+    ) -> Result<ShardReceipt, EngineError> {
+        self.write_one(BatchOp::Delete(key.into()), level).await
     }
 
     async fn write_one(
@@ -275,6 +283,17 @@ impl Engine {
         ops: Vec<BatchOp>,
         atomicity: BatchAtomicity,
     ) -> Result<Vec<ShardReceipt>, EngineError> {
+        self.batch_at(ops, atomicity, self.inner.default_level)
+            .await
+    }
+
+    /// [`Engine::batch`] at `level`.
+    pub async fn batch_at(
+        &self,
+        ops: Vec<BatchOp>,
+        atomicity: BatchAtomicity,
+        level: CommitLevel,
+    ) -> Result<Vec<ShardReceipt>, EngineError> {
         let mut by_shard: BTreeMap<u32, Vec<BatchOp>> = BTreeMap::new();
         for op in ops {
             by_shard
@@ -289,7 +308,6 @@ impl Engine {
         }
         // Every shard's part is sent before any reply is awaited, so one
         // shard's failure does not keep the others from getting theirs.
-        let level = self.inner.default_level;
         let mut waits = Vec::new();
         for (shard, ops) in by_shard {
             let (reply, rx) = oneshot::channel();
