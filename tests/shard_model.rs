@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use common::*;
 use tidewal::FaultStorage;
 use tidewal::engine::{CommitLevel, Shard};
-use tidewal::io::PowerCut;
 use tidewal::state::Op;
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -132,14 +131,7 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<&'static str, u64>) {
                 // Restart: a clean close, or after a crash a power cut.
                 if crashing {
                     drop(shard);
-                    let cut = match rng.below(3) {
-                        0 => PowerCut::DropUnsynced,
-                        1 => PowerCut::TearLast {
-                            sectors: rng.below(16) as usize,
-                        },
-                        _ => PowerCut::Random { seed: rng.next() },
-                    };
-                    storage.power_cut(cut);
+                    storage.power_cut(rng.power_cut());
                     *stats.entry("restarts after a crash").or_default() += 1;
                 } else {
                     shard.close().await.unwrap();

@@ -83,13 +83,7 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<String, u64>) {
         c.await;
     }
     drop(wal);
-    let cut = match rng.below(3) {
-        0 => PowerCut::DropUnsynced,
-        1 => PowerCut::TearLast {
-            sectors: rng.below(20) as usize,
-        },
-        _ => PowerCut::Random { seed: rng.next() },
-    };
+    let cut = rng.power_cut();
     storage.power_cut(cut);
 
     let wal = Wal::open(storage.clone(), options.clone())

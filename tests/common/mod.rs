@@ -95,6 +95,19 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+
+    /// One of the power-cut modes, chosen evenly: drop, tear the last
+    /// write, or drop/keep/tear each unsynced write at random.
+    pub fn power_cut(&mut self) -> tidewal::io::PowerCut {
+        use tidewal::io::PowerCut;
+        match self.below(3) {
+            0 => PowerCut::DropUnsynced,
+            1 => PowerCut::TearLast {
+                sectors: self.below(20) as usize,
+            },
+            _ => PowerCut::Random { seed: self.next() },
+        }
+    }
 }
 
 /// How many randomized runs to do: `TIDEWAL_<NAME>` or the default.
