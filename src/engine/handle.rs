@@ -206,16 +206,27 @@ impl Engine {
         &self.inner.executors[(shard % self.inner.executors.len() as u32) as usize]
     }
 
+    /// Sends a request to the owner of `shard`; the receiver yields its reply.
+    fn send<T>(
+        &self,
+        shard: u32,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<oneshot::Receiver<Result<T, EngineError>>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.route(shard)
+            .send(make(tx))
+            .map_err(|_| EngineError::Closed)?;
+        Ok(rx)
+    }
+
     async fn ask<T>(
         &self,
         shard: u32,
         make: impl FnOnce(Reply<T>) -> Request,
     ) -> Result<T, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.route(shard)
-            .send(make(tx))
-            .map_err(|_| EngineError::Closed)?;
-        rx.await.map_err(|_| EngineError::Closed)?
+        self.send(shard, make)?
+            .await
+            .map_err(|_| EngineError::Closed)?
     }
 
     /// Writes `value` under `key` at the engine's default commit level.
@@ -310,16 +321,12 @@ impl Engine {
         // shard's failure does not keep the others from getting theirs.
         let mut waits = Vec::new();
         for (shard, ops) in by_shard {
-            let (reply, rx) = oneshot::channel();
-            self.route(shard)
-                .send(Request::Write {
-                    shard,
-                    ops,
-                    level,
-                    reply,
-                })
-                .map_err(|_| EngineError::Closed)?;
-            waits.push(rx);
+            waits.push(self.send(shard, |reply| Request::Write {
+                shard,
+                ops,
+                level,
+                reply,
+            })?);
         }
         let mut receipts = Vec::new();
         let mut failure = None;
@@ -362,20 +369,22 @@ impl Engine {
         prefix: bool,
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
-        let mut all = Vec::new();
+        // Every shard scans at once; the replies are gathered afterwards.
+        let mut waits = Vec::new();
         for shard in 0..self.inner.shard_count {
             let (start, end) = (start.clone(), end.clone());
-            all.extend(
-                self.ask(shard, |reply| Request::Scan {
-                    shard,
-                    start,
-                    end,
-                    prefix,
-                    limit,
-                    reply,
-                })
-                .await?,
-            );
+            waits.push(self.send(shard, |reply| Request::Scan {
+                shard,
+                start,
+                end,
+                prefix,
+                limit,
+                reply,
+            })?);
+        }
+        let mut all = Vec::new();
+        for rx in waits {
+            all.extend(rx.await.map_err(|_| EngineError::Closed)??);
         }
         // Each shard's part is sorted and at most `limit` long: the first
         // `limit` of the merge are the answer.

@@ -6,10 +6,11 @@
 //! - `reader`: durable records by LSN.
 //!
 //! A segment is `{base_lsn:020}.wal`: a 4 KiB header block, then records
-//! packed back to back, then zeros. Segments are written in full with zeros
-//! (and synced, with their directory) before they hold a record, so a later
-//! `fdatasync` never has to convert unwritten extents. Records never span
-//! segments; LSNs are contiguous across them.
+//! packed back to back, then zeros (or, in a recycled segment, a zero block
+//! and an older life's bytes). Every block of a segment is written before it
+//! holds a record (zero-filled when new, or by its earlier life when
+//! recycled), so a later `fdatasync` never has to convert unwritten extents.
+//! Records never span segments; LSNs are contiguous across them.
 
 mod flusher;
 mod reader;
