@@ -155,7 +155,7 @@ impl<S: Storage + 'static> Writer<S> {
             }
             if let Some(run) = st.runs.pop_front() {
                 st.staged_bytes -= run.bytes.len();
-                st.space.drain(..).for_each(Waker::wake);
+                st.wake_space_head();
                 return Poll::Ready(Some(run));
             }
             if st.closed {
@@ -322,6 +322,7 @@ async fn run_syncer<S: Storage>(
     sync: Rc<RefCell<SyncState<S::File>>>,
 ) {
     while let Some((file, upto, dir)) = next_sync_job(&state, &sync).await {
+        let started = std::time::Instant::now();
         let synced = async {
             file.sync().await?;
             if dir {
@@ -338,6 +339,7 @@ async fn run_syncer<S: Storage>(
         match synced {
             // A sync that completes after a failure acknowledges nothing.
             Ok(()) if st.failed.is_none() => {
+                st.record_sync(started.elapsed());
                 s.synced_lsn = upto;
                 st.mark_durable(upto);
             }

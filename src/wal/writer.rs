@@ -19,6 +19,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use glommio::task::JoinHandle;
+use hdrhistogram::Histogram;
 
 use crate::format::{Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, encode_record};
 use crate::io::{IoError, Storage};
@@ -80,7 +81,7 @@ pub(super) struct Run {
 }
 
 /// Counters of the flusher, for benchmarks and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct WalStats {
     /// Write + sync rounds completed (one per batch).
     pub syncs: u64,
@@ -92,6 +93,26 @@ pub struct WalStats {
     pub device_bytes: u64,
     /// Segments started.
     pub rotations: u64,
+    /// Duration of each `fdatasync` (and directory sync with it), in
+    /// microseconds.
+    pub sync_micros: Histogram<u64>,
+    /// Records made durable by each sync: the group-commit batch size.
+    pub batch_records: Histogram<u64>,
+}
+
+impl Default for WalStats {
+    fn default() -> Self {
+        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds");
+        Self {
+            syncs: 0,
+            records: 0,
+            record_bytes: 0,
+            device_bytes: 0,
+            rotations: 0,
+            sync_micros: histogram(),
+            batch_records: histogram(),
+        }
+    }
 }
 
 /// What appenders and the flusher share. One thread, no locks: a RefCell
@@ -113,7 +134,12 @@ pub(super) struct State {
     pub failed: Option<IoError>,
     pub closed: bool,
     pub flusher: Option<Waker>,
-    pub space: Vec<Waker>,
+    /// Appenders waiting for staging space, in arrival order (a ticket and
+    /// its waker). Served strictly first come first served, so appends
+    /// issued in some order are staged in that order even under
+    /// back-pressure.
+    pub space: VecDeque<(u64, Waker)>,
+    next_ticket: u64,
     pub free: Vec<Vec<u8>>,
 }
 
@@ -141,7 +167,14 @@ impl State {
         if let Some(waker) = self.flusher.take() {
             waker.wake();
         }
-        self.space.drain(..).for_each(Waker::wake);
+        self.wake_space_head();
+    }
+
+    /// Wakes the first appender waiting for space; it wakes the next.
+    pub fn wake_space_head(&mut self) {
+        if let Some((_, waker)) = self.space.front() {
+            waker.wake_by_ref();
+        }
     }
 
     pub fn durable_lsn(&self) -> u64 {
@@ -153,10 +186,12 @@ impl State {
         self.stats.syncs += 1;
         self.stats.record_bytes += end_lsn - self.durable_lsn;
         self.durable_lsn = end_lsn;
+        let mut batch = 0;
         while let Some((lsn, _)) = self.waiters.front() {
             if *lsn > end_lsn {
                 break;
             }
+            batch += 1;
             self.stats.records += 1;
             let (_, waker) = self.waiters.pop_front().expect("front exists");
             // No waker: the append was never awaited (memory level).
@@ -164,6 +199,13 @@ impl State {
                 waker.wake();
             }
         }
+        self.stats.batch_records.saturating_record(batch);
+    }
+
+    /// Records how long one sync took.
+    pub fn record_sync(&mut self, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.stats.sync_micros.saturating_record(micros.max(1));
     }
 }
 
@@ -201,7 +243,8 @@ impl<S: Storage + 'static> Writer<S> {
             failed: None,
             closed: false,
             flusher: None,
-            space: Vec::new(),
+            space: VecDeque::new(),
+            next_ticket: 0,
             free: Vec::new(),
             stats: WalStats::default(),
             options: options.clone(),
@@ -276,18 +319,15 @@ impl<S: Storage + 'static> Writer<S> {
         })
     }
 
-    /// Waits while more than `staged_bytes_max` bytes are staged.
-    pub async fn wait_for_space(&self) -> Result<(), WalError> {
-        std::future::poll_fn(|cx| {
-            let mut st = self.state.borrow_mut();
-            st.check_open()?;
-            if st.staged_bytes < st.options.staged_bytes_max {
-                return Poll::Ready(Ok(()));
-            }
-            st.space.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+    /// Waits while more than `staged_bytes_max` bytes are staged, or while
+    /// appenders that came first are still waiting: first come, first
+    /// served, so the caller may stage right after this resolves (with no
+    /// await in between) and keep its place in line.
+    pub fn wait_for_space(&self) -> SpaceWait {
+        SpaceWait {
+            state: self.state.clone(),
+            ticket: None,
+        }
     }
 
     pub fn durable_lsn(&self) -> u64 {
@@ -303,7 +343,7 @@ impl<S: Storage + 'static> Writer<S> {
     }
 
     pub fn stats(&self) -> WalStats {
-        self.state.borrow().stats
+        self.state.borrow().stats.clone()
     }
 
     pub fn failure(&self) -> Option<WalError> {
@@ -317,6 +357,7 @@ impl<S: Storage + 'static> Writer<S> {
             if let Some(waker) = st.flusher.take() {
                 waker.wake();
             }
+            st.wake_space_head();
         }
         let task = self.task.borrow_mut().take();
         if let Some(task) = task {
@@ -337,6 +378,78 @@ impl<S: Storage + 'static> Drop for Writer<S> {
         st.closed = true;
         if let Some(waker) = st.flusher.take() {
             waker.wake();
+        }
+        st.wake_space_head();
+    }
+}
+
+/// The future of [`Writer::wait_for_space`]; leaves the line when dropped.
+pub(super) struct SpaceWait {
+    state: Rc<RefCell<State>>,
+    ticket: Option<u64>,
+}
+
+impl Future for SpaceWait {
+    type Output = Result<(), WalError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let state = self.state.clone();
+        let mut st = state.borrow_mut();
+        if let Err(e) = st.check_open() {
+            self.leave(&mut st);
+            return Poll::Ready(Err(e));
+        }
+        let head = st.space.front().map(|(t, _)| *t);
+        let my_turn = match self.ticket {
+            None => head.is_none(),
+            Some(t) => head == Some(t),
+        };
+        if my_turn && st.staged_bytes < st.options.staged_bytes_max {
+            if self.ticket.take().is_some() {
+                st.space.pop_front();
+                // The next in line checks for space once this one staged.
+                st.wake_space_head();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match self.ticket {
+            Some(t) => {
+                if let Some(entry) = st.space.iter_mut().find(|(x, _)| *x == t) {
+                    entry.1.clone_from(cx.waker());
+                }
+            }
+            None => {
+                let t = st.next_ticket;
+                st.next_ticket += 1;
+                st.space.push_back((t, cx.waker().clone()));
+                self.ticket = Some(t);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl SpaceWait {
+    fn leave(&mut self, st: &mut State) {
+        if let Some(t) = self.ticket.take() {
+            let was_head = st.space.front().is_some_and(|(x, _)| *x == t);
+            st.space.retain(|(x, _)| *x != t);
+            if was_head {
+                st.wake_space_head();
+            }
+        }
+    }
+}
+
+impl Drop for SpaceWait {
+    fn drop(&mut self) {
+        if self.ticket.is_some() {
+            let state = self.state.clone();
+            // A drop during a borrow cannot happen: polls never hold one
+            // across a return.
+            if let Ok(mut st) = state.try_borrow_mut() {
+                self.leave(&mut st);
+            }
         }
     }
 }
