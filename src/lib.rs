@@ -26,6 +26,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;
+pub mod server;
 pub mod state;
 pub mod wal;
 

@@ -17,7 +17,9 @@
 use glommio::ExecutorJoinHandle as JoinHandle;
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
@@ -29,10 +31,10 @@ use futures_channel::oneshot;
 use crate::format::LogId;
 use crate::io::{DirectIo, DmaStorage};
 use crate::state::Op;
-use crate::wal::WalOptions;
+use crate::wal::{WalOptions, WalStats};
 
 use super::mailbox;
-use super::{CommitLevel, EngineError, Options, Shard, ShardReceipt};
+use super::{CommitLevel, EngineError, Options, Shard, ShardReceipt, Update};
 
 pub use futures_lite::future::block_on;
 
@@ -62,6 +64,32 @@ pub enum BatchAtomicity {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+type Decide = Box<dyn FnOnce(Option<&Bytes>) -> Update + Send>;
+
+/// One shard's figures, for status pages and metrics.
+#[derive(Debug, Clone)]
+pub struct ShardStats {
+    pub shard: u32,
+    /// The executor (core) that owns it.
+    pub executor: u32,
+    /// The epoch its new records carry.
+    pub epoch: u64,
+    /// Everything below is durable.
+    pub durable_lsn: u64,
+    /// Where the next record goes: the head of the log.
+    pub next_lsn: u64,
+    /// First LSN still held by the log (retention).
+    pub first_lsn: u64,
+    pub segments: usize,
+    pub keys: usize,
+    pub wal: WalStats,
+    /// Set once the shard's WAL failed; it serves nothing until reopened.
+    pub failure: Option<String>,
+}
+
+/// An answer that is on its way: the request was sent when this was made,
+/// so requests reach each shard in the order they were made.
+pub type Answer<T> = Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'static>>;
 
 enum Request {
     Write {
@@ -83,10 +111,22 @@ enum Request {
         limit: usize,
         reply: Reply<Vec<(Bytes, Bytes)>>,
     },
+    Update {
+        shard: u32,
+        key: Bytes,
+        decide: Decide,
+        level: CommitLevel,
+        reply: Reply<Option<ShardReceipt>>,
+    },
     Snapshot {
         shard: u32,
         reply: Reply<u64>,
     },
+    Stats {
+        reply: Reply<Vec<ShardStats>>,
+    },
+    /// Runs on the executor's thread (where it may spawn local tasks).
+    Run(Box<dyn FnOnce() + Send>),
     Close {
         reply: Reply<()>,
     },
@@ -163,7 +203,7 @@ impl Engine {
                 ));
             }
             let thread = builder
-                .spawn(move || run_executor(shards, policy, rx, ready))
+                .spawn(move || run_executor(core, shards, policy, rx, ready))
                 .map_err(|e| EngineError::Meta(format!("starting executor {core}: {e}")))?;
             threads.push(thread);
         }
@@ -219,92 +259,101 @@ impl Engine {
         Ok(rx)
     }
 
-    async fn ask<T>(
+    /// Sends now; the answer is awaited later.
+    fn answer<T: Send + 'static>(
         &self,
         shard: u32,
         make: impl FnOnce(Reply<T>) -> Request,
-    ) -> Result<T, EngineError> {
-        self.send(shard, make)?
-            .await
-            .map_err(|_| EngineError::Closed)?
+    ) -> Answer<T> {
+        let sent = self.send(shard, make);
+        Box::pin(async move { sent?.await.map_err(|_| EngineError::Closed)? })
+    }
+
+    /// The commit level writes get unless they ask for another.
+    pub fn default_level(&self) -> CommitLevel {
+        self.inner.default_level
     }
 
     /// Writes `value` under `key` at the engine's default commit level.
-    pub async fn put(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-    ) -> Result<ShardReceipt, EngineError> {
-        self.put_at(key, value, self.inner.default_level).await
+    pub fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Answer<ShardReceipt> {
+        self.put_at(key, value, self.inner.default_level)
     }
 
-    /// Writes `value` under `key` at `level`.
-    pub async fn put_at(
+    /// Writes `value` under `key` at `level`. The request is on its way when
+    /// this returns (so writes made one after the other reach their shard in
+    /// that order); the answer resolves once `level` is reached.
+    pub fn put_at(
         &self,
         key: impl Into<Bytes>,
         value: impl Into<Bytes>,
         level: CommitLevel,
-    ) -> Result<ShardReceipt, EngineError> {
+    ) -> Answer<ShardReceipt> {
         self.write_one(BatchOp::Put(key.into(), value.into()), level)
-            .await
     }
 
     /// Deletes `key` at the engine's default commit level.
-    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<ShardReceipt, EngineError> {
-        self.delete_at(key, self.inner.default_level).await
+    pub fn delete(&self, key: impl Into<Bytes>) -> Answer<ShardReceipt> {
+        self.delete_at(key, self.inner.default_level)
     }
 
     /// Deletes `key` at `level`.
-    pub async fn delete_at(
-        &self,
-        key: impl Into<Bytes>,
-        level: CommitLevel,
-    ) -> Result<ShardReceipt, EngineError> {
-        self.write_one(BatchOp::Delete(key.into()), level).await
+    pub fn delete_at(&self, key: impl Into<Bytes>, level: CommitLevel) -> Answer<ShardReceipt> {
+        self.write_one(BatchOp::Delete(key.into()), level)
     }
 
-    async fn write_one(
-        &self,
-        op: BatchOp,
-        level: CommitLevel,
-    ) -> Result<ShardReceipt, EngineError> {
+    fn write_one(&self, op: BatchOp, level: CommitLevel) -> Answer<ShardReceipt> {
         let shard = self.shard_of(op.key());
         let ops = vec![op];
-        self.ask(shard, |reply| Request::Write {
+        self.answer(shard, |reply| Request::Write {
             shard,
             ops,
             level,
             reply,
         })
-        .await
     }
 
-    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, EngineError> {
+    pub fn get(&self, key: impl Into<Bytes>) -> Answer<Option<Bytes>> {
         let key = key.into();
         let shard = self.shard_of(&key);
-        self.ask(shard, |reply| Request::Get { shard, key, reply })
-            .await
+        self.answer(shard, |reply| Request::Get { shard, key, reply })
+    }
+
+    /// Reads `key` and writes what `decide` makes of its value, atomically
+    /// (read-modify-write: counters, compare-and-set). `decide` runs on the
+    /// shard's executor. Returns the receipt, or `None` when it chose
+    /// [`Update::Keep`].
+    pub fn update_at(
+        &self,
+        key: impl Into<Bytes>,
+        level: CommitLevel,
+        decide: impl FnOnce(Option<&Bytes>) -> Update + Send + 'static,
+    ) -> Answer<Option<ShardReceipt>> {
+        let key = key.into();
+        let shard = self.shard_of(&key);
+        let decide: Decide = Box::new(decide);
+        self.answer(shard, |reply| Request::Update {
+            shard,
+            key,
+            decide,
+            level,
+            reply,
+        })
     }
 
     /// Writes several operations. With [`BatchAtomicity::Atomic`] they must
     /// all fall in one shard, and are then all-or-nothing; otherwise each
     /// shard's part is atomic on its own. One receipt per shard touched.
-    pub async fn batch(
-        &self,
-        ops: Vec<BatchOp>,
-        atomicity: BatchAtomicity,
-    ) -> Result<Vec<ShardReceipt>, EngineError> {
+    pub fn batch(&self, ops: Vec<BatchOp>, atomicity: BatchAtomicity) -> Answer<Vec<ShardReceipt>> {
         self.batch_at(ops, atomicity, self.inner.default_level)
-            .await
     }
 
     /// [`Engine::batch`] at `level`.
-    pub async fn batch_at(
+    pub fn batch_at(
         &self,
         ops: Vec<BatchOp>,
         atomicity: BatchAtomicity,
         level: CommitLevel,
-    ) -> Result<Vec<ShardReceipt>, EngineError> {
+    ) -> Answer<Vec<ShardReceipt>> {
         let mut by_shard: BTreeMap<u32, Vec<BatchOp>> = BTreeMap::new();
         for op in ops {
             by_shard
@@ -313,84 +362,129 @@ impl Engine {
                 .push(op);
         }
         if by_shard.len() > 1 && atomicity == BatchAtomicity::Atomic {
-            return Err(EngineError::CrossShardBatch {
-                shards: by_shard.len(),
-            });
+            let shards = by_shard.len();
+            return Box::pin(async move { Err(EngineError::CrossShardBatch { shards }) });
         }
         // Every shard's part is sent before any reply is awaited, so one
         // shard's failure does not keep the others from getting theirs.
-        let mut waits = Vec::new();
-        for (shard, ops) in by_shard {
-            waits.push(self.send(shard, |reply| Request::Write {
-                shard,
-                ops,
-                level,
-                reply,
-            })?);
-        }
-        let mut receipts = Vec::new();
-        let mut failure = None;
-        for rx in waits {
-            match rx.await.map_err(|_| EngineError::Closed).and_then(|r| r) {
-                Ok(receipt) => receipts.push(receipt),
-                Err(e) => failure = failure.or(Some(e)),
+        let waits: Vec<_> = by_shard
+            .into_iter()
+            .map(|(shard, ops)| {
+                self.send(shard, |reply| Request::Write {
+                    shard,
+                    ops,
+                    level,
+                    reply,
+                })
+            })
+            .collect();
+        Box::pin(async move {
+            let mut receipts = Vec::new();
+            let mut failure = None;
+            for rx in waits {
+                let result = match rx {
+                    Ok(rx) => rx.await.map_err(|_| EngineError::Closed).and_then(|r| r),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(receipt) => receipts.push(receipt),
+                    Err(e) => failure = failure.or(Some(e)),
+                }
             }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        Ok(receipts)
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(receipts),
+            }
+        })
     }
 
     /// Up to `limit` entries with `start <= key < end`, in key order, from
     /// every shard.
-    pub async fn scan(
+    pub fn scan(
         &self,
         start: impl Into<Bytes>,
         end: Option<Bytes>,
         limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
-        self.scan_all(start.into(), end, false, limit).await
+    ) -> Answer<Vec<(Bytes, Bytes)>> {
+        self.scan_all(start.into(), end, false, limit)
     }
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
-    pub async fn scan_prefix(
+    pub fn scan_prefix(
         &self,
         prefix: impl Into<Bytes>,
         limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
-        self.scan_all(prefix.into(), None, true, limit).await
+    ) -> Answer<Vec<(Bytes, Bytes)>> {
+        self.scan_all(prefix.into(), None, true, limit)
     }
 
-    async fn scan_all(
+    fn scan_all(
         &self,
         start: Bytes,
         end: Option<Bytes>,
         prefix: bool,
         limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>, EngineError> {
+    ) -> Answer<Vec<(Bytes, Bytes)>> {
         // Every shard scans at once; the replies are gathered afterwards.
+        let waits: Vec<_> = (0..self.inner.shard_count)
+            .map(|shard| {
+                let (start, end) = (start.clone(), end.clone());
+                self.send(shard, |reply| Request::Scan {
+                    shard,
+                    start,
+                    end,
+                    prefix,
+                    limit,
+                    reply,
+                })
+            })
+            .collect();
+        Box::pin(async move {
+            let mut all = Vec::new();
+            for rx in waits {
+                all.extend(rx?.await.map_err(|_| EngineError::Closed)??);
+            }
+            // Each shard's part is sorted and at most `limit` long: the first
+            // `limit` of the merge are the answer.
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all.truncate(limit);
+            Ok(all)
+        })
+    }
+
+    /// Every shard's figures, in shard order.
+    pub async fn stats(&self) -> Result<Vec<ShardStats>, EngineError> {
         let mut waits = Vec::new();
-        for shard in 0..self.inner.shard_count {
-            let (start, end) = (start.clone(), end.clone());
-            waits.push(self.send(shard, |reply| Request::Scan {
-                shard,
-                start,
-                end,
-                prefix,
-                limit,
-                reply,
-            })?);
+        for tx in &self.inner.executors {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Request::Stats { reply })
+                .map_err(|_| EngineError::Closed)?;
+            waits.push(rx);
         }
         let mut all = Vec::new();
         for rx in waits {
             all.extend(rx.await.map_err(|_| EngineError::Closed)??);
         }
-        // Each shard's part is sorted and at most `limit` long: the first
-        // `limit` of the merge are the answer.
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.truncate(limit);
+        all.sort_by_key(|s| s.shard);
         Ok(all)
+    }
+
+    /// Number of executors (cores).
+    pub fn executor_count(&self) -> u32 {
+        self.inner.executors.len() as u32
+    }
+
+    /// Runs `f(executor)` on every executor's thread, where it may spawn
+    /// tasks with `glommio::spawn_local` (a server's listeners, say). Tasks
+    /// still running when the engine closes are dropped with it.
+    pub fn run_on_each(&self, f: impl Fn(u32) + Send + Sync + 'static) -> Result<(), EngineError> {
+        let f = Arc::new(f);
+        for (core, tx) in self.inner.executors.iter().enumerate() {
+            let f = f.clone();
+            tx.send(Request::Run(Box::new(move || f(core as u32))))
+                .map_err(|_| EngineError::Closed)?;
+        }
+        Ok(())
     }
 
     /// Snapshots every shard; returns each shard's snapshot LSN.
@@ -398,7 +492,7 @@ impl Engine {
         let mut lsns = Vec::new();
         for shard in 0..self.inner.shard_count {
             lsns.push(
-                self.ask(shard, |reply| Request::Snapshot { shard, reply })
+                self.answer(shard, |reply| Request::Snapshot { shard, reply })
                     .await?,
             );
         }
@@ -563,6 +657,7 @@ fn parse_cluster_id(hex: &str) -> Result<[u8; 16], EngineError> {
 /// The body of one executor thread: open its shards, then serve requests,
 /// each in its own task so that concurrent writes share group commits.
 async fn run_executor(
+    core: u32,
     shards: Vec<(u32, PathBuf, WalOptions)>,
     policy: DirectIo,
     rx: mailbox::Receiver<Request>,
@@ -589,10 +684,24 @@ async fn run_executor(
     drop(ready);
     let in_flight = Rc::new(std::cell::Cell::new(0usize));
     while let Some(request) = rx.recv().await {
-        if let Request::Close { reply } = request {
-            let _ = reply.send(close_all(owned, &in_flight).await);
-            return;
-        }
+        let request = match request {
+            Request::Close { reply } => {
+                let _ = reply.send(close_all(owned, &in_flight).await);
+                return;
+            }
+            Request::Run(f) => {
+                f();
+                continue;
+            }
+            Request::Stats { reply } => {
+                let _ = reply.send(Ok(owned
+                    .iter()
+                    .map(|(id, shard)| shard_stats(*id, core, shard))
+                    .collect()));
+                continue;
+            }
+            other => other,
+        };
         let shards = owned.clone();
         let counter = in_flight.clone();
         counter.set(counter.get() + 1);
@@ -685,6 +794,38 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             };
             let _ = reply.send(result);
         }
-        Request::Close { .. } => unreachable!("handled by the executor loop"),
+        Request::Update {
+            shard,
+            key,
+            decide,
+            level,
+            reply,
+        } => {
+            let result = match shard_of(shard) {
+                Ok(s) => s.update(&key, decide, level).await,
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
+        Request::Close { .. } | Request::Run(_) | Request::Stats { .. } => {
+            unreachable!("handled by the executor loop")
+        }
+    }
+}
+
+fn shard_stats(id: u32, executor: u32, shard: &Shard<DmaStorage>) -> ShardStats {
+    let wal = shard.wal();
+    let next = wal.next_position();
+    ShardStats {
+        shard: id,
+        executor,
+        epoch: next.epoch,
+        durable_lsn: wal.durable_lsn(),
+        next_lsn: next.lsn,
+        first_lsn: wal.first_position().lsn,
+        segments: wal.segment_count(),
+        keys: shard.len(),
+        wal: wal.stats(),
+        failure: shard.failure().map(|e| e.to_string()),
     }
 }

@@ -116,7 +116,7 @@ impl Options {
         }
     }
 
-    pub(super) fn check(&self) -> Result<(), OptionsError> {
+    pub fn check(&self) -> Result<(), OptionsError> {
         if !self.segment_bytes.is_multiple_of(4096)
             || self.segment_bytes < 8192
             || self.segment_bytes > 1 << 30

@@ -49,6 +49,15 @@ pub enum CommitLevel {
     Local,
 }
 
+/// What [`Shard::update`] writes, decided from a key's current value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// Write nothing.
+    Keep,
+    Put(Bytes),
+    Delete,
+}
+
 /// What a write returns: where it sits and what was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardReceipt {
@@ -264,6 +273,38 @@ impl<S: Storage + Clone + 'static> Shard<S, KvState> {
             .borrow_mut()
             .apply_ops(pending.receipt().lsn, ops);
         finish(pending, level).await
+    }
+
+    /// Reads `key` and writes what `decide` makes of its current value, as
+    /// one atomic step: no other write to this shard comes in between (the
+    /// read, the staging and the application share one synchronous step).
+    /// `Keep` writes nothing and returns no receipt.
+    pub async fn update(
+        &self,
+        key: &[u8],
+        decide: impl FnOnce(Option<&Bytes>) -> Update,
+        level: CommitLevel,
+    ) -> Result<Option<ShardReceipt>, EngineError> {
+        self.wal.wait_for_space().await?;
+        let current = self.get(key);
+        let value = match decide(current.as_ref()) {
+            Update::Keep => return Ok(None),
+            Update::Put(value) => Some(value),
+            Update::Delete => None,
+        };
+        let op = match &value {
+            Some(value) => Op::Put { key, value },
+            None => Op::Delete { key },
+        };
+        let pending = {
+            let mut scratch = self.scratch.borrow_mut();
+            encode_batch(&mut scratch, std::slice::from_ref(&op))?;
+            self.wal.submit(RecordKind::Data, &scratch)?
+        };
+        self.state
+            .borrow_mut()
+            .apply_ops(pending.receipt().lsn, std::slice::from_ref(&op));
+        finish(pending, level).await.map(Some)
     }
 
     pub async fn put(

@@ -3,11 +3,13 @@
 //! - `tidewal wal inspect DIR`: list and verify a shard's WAL (like pg_waldump).
 //! - `tidewal wal stress --dir DIR`: append from many tasks and print each ack;
 //!   a soak tool, and what the kill -9 crash test drives.
+//! - `tidewal node`: the server (Redis protocol, admin HTTP) until SIGTERM.
 //! - `tidewal bench wal`: durable append throughput and latency against the
 //!   disk's own ceiling, measured in the same run.
 
 mod bench_wal;
 mod inspect;
+mod node;
 mod stress;
 
 use std::path::PathBuf;
@@ -28,6 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a node: clients over the Redis protocol (RESP2), an admin HTTP
+    /// endpoint; stops cleanly on SIGTERM or SIGINT.
+    Node(node::NodeArgs),
     /// Write-ahead log tools.
     #[command(subcommand)]
     Wal(WalCommand),
@@ -64,12 +69,13 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter())),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Node(args) => node::run(args).map(|()| ExitCode::SUCCESS),
         Command::Wal(WalCommand::Inspect { dir, summary }) => inspect::run(&dir, summary),
         Command::Wal(WalCommand::Stress(args)) => stress::run(args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Wal(args)) => bench_wal::run(args).map(|()| ExitCode::SUCCESS),
@@ -80,5 +86,14 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `info` for the server (it says when it serves and stops), `warn` for
+/// the tools; `RUST_LOG` overrides either.
+fn default_filter() -> &'static str {
+    match std::env::args().nth(1).as_deref() {
+        Some("node") => "info",
+        _ => "warn",
     }
 }

@@ -1,0 +1,381 @@
+//! The admin HTTP endpoint: `GET /admin/replication/status` (JSON),
+//! `GET /metrics` (Prometheus text), `GET /healthz`, `GET /readyz`.
+//!
+//! A small HTTP/1.1 server on `httparse`: one request per connection
+//! (`Connection: close`), headers capped at 16 KiB and read within a few
+//! seconds. Anything that is not a well-formed GET of a known path gets a
+//! 4xx and the connection is closed; nothing a client sends can stop it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use serde_json::json;
+
+use super::Shared;
+use crate::engine::{CommitLevel, ShardStats};
+
+const HEADER_BYTES_MAX: usize = 16 << 10;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+    shared
+        .counters
+        .http_requests
+        .fetch_add(1, Ordering::Relaxed);
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let response = match read_request(&mut stream).await {
+        Ok(Some((method, path))) => route(&shared, &method, &path).await,
+        Ok(None) => return,
+        Err(status) => text(status, status_text(status)),
+    };
+    if response.0 >= 400 {
+        shared.counters.http_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let (status, content_type, body) = response;
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status_text(status),
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.close().await;
+}
+
+type Response = (u16, &'static str, String);
+
+fn text(status: u16, body: &str) -> Response {
+    (status, "text/plain; charset=utf-8", format!("{body}\n"))
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Reads one request head: `(method, path)`, `None` when the peer left
+/// without sending anything, or the status to answer.
+async fn read_request(stream: &mut TcpStream) -> Result<Option<(String, String)>, u16> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(408),
+            Err(_) => return Ok(None),
+        };
+        if n == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(400) };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = request.method.unwrap_or_default().to_string();
+                let path = request.path.unwrap_or_default().to_string();
+                return Ok(Some((method, path)));
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= HEADER_BYTES_MAX => {}
+            Ok(httparse::Status::Partial) => return Err(431),
+            Err(httparse::Error::TooManyHeaders) => return Err(431),
+            Err(_) => return Err(400),
+        }
+    }
+}
+
+async fn route(shared: &Arc<Shared>, method: &str, path: &str) -> Response {
+    let path = path.split('?').next().unwrap_or_default();
+    let known = matches!(
+        path,
+        "/healthz" | "/readyz" | "/metrics" | "/admin/replication/status"
+    );
+    if !known {
+        return text(404, "not found");
+    }
+    if method != "GET" && method != "HEAD" {
+        return text(405, "only GET");
+    }
+    if path == "/healthz" {
+        return text(200, "ok");
+    }
+    let stats = match shared.engine.stats().await {
+        Ok(stats) => stats,
+        Err(e) => return text(503, &format!("not ready: {e}")),
+    };
+    match path {
+        "/readyz" => {
+            let failed: Vec<u32> = stats
+                .iter()
+                .filter(|s| s.failure.is_some())
+                .map(|s| s.shard)
+                .collect();
+            if shared.stopping() {
+                text(503, "shutting down")
+            } else if !failed.is_empty() {
+                text(
+                    503,
+                    &format!("shards {failed:?} stopped after a WAL failure"),
+                )
+            } else {
+                text(200, "ready")
+            }
+        }
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics(shared, &stats),
+        ),
+        _ => (
+            200,
+            "application/json",
+            serde_json::to_string_pretty(&status(shared, &stats)).unwrap_or_default() + "\n",
+        ),
+    }
+}
+
+/// The status document: the spec's shape (`primary`, `replicas`) and the
+/// node's own figures.
+pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value {
+    let level = match shared.engine.default_level() {
+        CommitLevel::Memory => "memory",
+        CommitLevel::Local => "local",
+    };
+    let shards: Vec<_> = stats
+        .iter()
+        .map(|s| {
+            json!({
+                "shard": s.shard,
+                "epoch": s.epoch,
+                "head_lsn": s.next_lsn,
+                "durable_lsn": s.durable_lsn,
+                "first_lsn": s.first_lsn,
+                "segments": s.segments,
+                "keys": s.keys,
+                "failure": s.failure,
+            })
+        })
+        .collect();
+    let mut alerts = Vec::new();
+    for s in stats {
+        if let Some(f) = &s.failure {
+            alerts.push(json!({"kind": "wal_failed", "shard": s.shard, "message": f}));
+        }
+    }
+    json!({
+        "node_id": shared.node_id,
+        "role": "primary",
+        "primary": shared.listen.to_string(),
+        "upstream": null,
+        "epoch": stats.iter().map(|s| s.epoch).max().unwrap_or(0),
+        "commit_policy": {
+            "default_level": level,
+            "timeout_policy": null,
+        },
+        "replicas": [],
+        "replication": "this node has no replicas attached",
+        "shards": shards,
+        "alerts": alerts,
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+    })
+}
+
+/// A histogram read off an hdrhistogram at fixed bucket bounds.
+#[derive(Debug)]
+struct Buckets {
+    sum: f64,
+    count: u64,
+    /// (upper bound, samples in this bucket only).
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Buckets {
+    fn from_hdr(h: &hdrhistogram::Histogram<u64>, bounds: &[u64], scale: f64) -> Self {
+        let mut buckets = Vec::new();
+        let mut below = 0u64;
+        for &bound in bounds {
+            let upto = h.count_between(0, bound);
+            buckets.push((bound as f64 * scale, upto - below));
+            below = upto;
+        }
+        buckets.push((f64::INFINITY, h.len() - below));
+        let sum = h.mean() * h.len() as f64 * scale;
+        Self {
+            sum,
+            count: h.len(),
+            buckets,
+        }
+    }
+}
+
+impl EncodeMetric for Buckets {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ShardLabel {
+    shard: u32,
+}
+
+fn counter(value: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(value);
+    c
+}
+
+fn gauge(value: i64) -> Gauge {
+    let g = Gauge::default();
+    g.set(value);
+    g
+}
+
+fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
+    let mut registry = Registry::with_prefix("tidewal");
+    let c = &shared.counters;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    registry.register(
+        "connections",
+        "Clients connected now",
+        gauge(c.connections.load(Ordering::Relaxed) as i64),
+    );
+    registry.register(
+        "connections_accepted",
+        "Clients accepted",
+        counter(load(&c.connections_total)),
+    );
+    registry.register(
+        "connections_rejected",
+        "Clients turned away at the connection limit",
+        counter(load(&c.rejected)),
+    );
+    registry.register("commands", "Commands processed", counter(load(&c.commands)));
+    registry.register(
+        "protocol_errors",
+        "Connections closed for malformed input",
+        counter(load(&c.protocol_errors)),
+    );
+    registry.register(
+        "http_requests",
+        "Admin HTTP requests",
+        counter(load(&c.http_requests)),
+    );
+
+    let per_shard = |f: &dyn Fn(&ShardStats) -> u64| {
+        let family = Family::<ShardLabel, Counter>::default();
+        for s in stats {
+            family
+                .get_or_create(&ShardLabel { shard: s.shard })
+                .inc_by(f(s));
+        }
+        family
+    };
+    registry.register(
+        "wal_commits",
+        "Records made durable (commits)",
+        per_shard(&|s| s.wal.records),
+    );
+    registry.register(
+        "wal_syncs",
+        "WAL write + sync rounds (group commits)",
+        per_shard(&|s| s.wal.syncs),
+    );
+    registry.register_with_unit(
+        "wal_record",
+        "Record bytes made durable",
+        Unit::Bytes,
+        per_shard(&|s| s.wal.record_bytes),
+    );
+    registry.register_with_unit(
+        "wal_device_written",
+        "Bytes written to the device, with rewritten tail blocks and headers",
+        Unit::Bytes,
+        per_shard(&|s| s.wal.device_bytes),
+    );
+    registry.register(
+        "wal_rotations",
+        "Segments started",
+        per_shard(&|s| s.wal.rotations),
+    );
+    let lsn = |f: &dyn Fn(&ShardStats) -> u64| {
+        let family = Family::<ShardLabel, Gauge>::default();
+        for s in stats {
+            family
+                .get_or_create(&ShardLabel { shard: s.shard })
+                .set(f(s) as i64);
+        }
+        family
+    };
+    registry.register(
+        "wal_head_lsn",
+        "Where the next record goes",
+        lsn(&|s| s.next_lsn),
+    );
+    registry.register(
+        "wal_durable_lsn",
+        "Everything below is durable",
+        lsn(&|s| s.durable_lsn),
+    );
+    registry.register("keys", "Keys held", lsn(&|s| s.keys as u64));
+    registry.register(
+        "shard_failed",
+        "1 when the shard stopped after a WAL failure",
+        lsn(&|s| u64::from(s.failure.is_some())),
+    );
+
+    let mut sync =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2).expect("bounds");
+    let mut batch = sync.clone();
+    for s in stats {
+        let _ = sync.add(&s.wal.sync_micros);
+        let _ = batch.add(&s.wal.batch_records);
+    }
+    let micros = [
+        25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+    ];
+    registry.register_with_unit(
+        "wal_sync_duration",
+        "fdatasync latency, every shard",
+        Unit::Seconds,
+        Buckets::from_hdr(&sync, &micros, 1e-6),
+    );
+    let sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+    registry.register(
+        "wal_batch_records",
+        "Records made durable by one sync (group-commit batch size)",
+        Buckets::from_hdr(&batch, &sizes, 1.0),
+    );
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}

@@ -1,0 +1,835 @@
+//! One client connection: read, parse, run, reply in order.
+//!
+//! Every command parsed from what arrived is started before any reply is
+//! awaited, so a pipeline of writes reaches the shards together and shares
+//! their group commits; replies still go out in request order. A command
+//! that reads waits for the writes before it in the same pipeline first, so
+//! a client always sees its own earlier writes. Writes reach each shard in
+//! the order they were sent (the engine's requests are sent eagerly, and the
+//! WAL serves staging space first come first served).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::Shared;
+use super::glob;
+use super::resp::{self, Reply};
+use crate::engine::{BatchAtomicity, BatchOp, EngineError, Update};
+
+/// How often an idle connection looks whether the node is stopping.
+const STOP_POLL: Duration = Duration::from_millis(100);
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 << 10;
+/// SCAN cursors a connection remembers.
+const CURSORS_MAX: usize = 1024;
+
+type Later = Pin<Box<dyn Future<Output = Reply>>>;
+
+/// A reply that is ready, or on its way.
+enum Slot {
+    Ready(Reply),
+    Later(Later),
+}
+
+/// What a command asks of the connection besides its reply.
+#[derive(PartialEq, Eq)]
+enum After {
+    Continue,
+    Close,
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    id: u64,
+    name: Option<Bytes>,
+    cursors: Rc<RefCell<Cursors>>,
+}
+
+/// SCAN cursors: number → the last key returned, the newest
+/// [`CURSORS_MAX`] kept.
+#[derive(Default)]
+struct Cursors {
+    keys: HashMap<u64, Bytes>,
+    order: VecDeque<u64>,
+    next: u64,
+}
+
+impl Cursors {
+    fn file(&mut self, cursor: u64, key: Bytes) {
+        self.keys.insert(cursor, key);
+        self.order.push_back(cursor);
+        if self.order.len() > CURSORS_MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.keys.remove(&old);
+        }
+    }
+}
+
+/// Serves one client until it leaves, breaks the protocol, or the node stops.
+pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(STOP_POLL));
+    let mut conn = Conn {
+        shared: shared.clone(),
+        id,
+        name: None,
+        cursors: Rc::default(),
+    };
+    if let Err(e) = conn.run(&mut stream).await {
+        tracing::debug!(client = id, error = %e, "client connection ended");
+    }
+    let _ = stream.close().await;
+}
+
+impl Conn {
+    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        let limits = self.shared.config.limits;
+        let resp_limits = resp::Limits {
+            bulk_bytes_max: limits.bulk_bytes_max,
+            args_max: limits.args_max,
+            inline_bytes_max: 64 << 10,
+        };
+        let mut input = BytesMut::with_capacity(READ_CHUNK);
+        let mut out = BytesMut::new();
+        loop {
+            let mut slots: Vec<Slot> = Vec::new();
+            let mut after = After::Continue;
+            while after == After::Continue {
+                let frame = match resp::parse(&input, &resp_limits) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.shared
+                            .counters
+                            .protocol_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(client = self.id, error = %e, "protocol error; closing");
+                        slots.push(Slot::Ready(Reply::Error(format!(
+                            "ERR Protocol error: {e}"
+                        ))));
+                        after = After::Close;
+                        break;
+                    }
+                };
+                let bytes = input.split_to(frame.consumed).freeze();
+                let args = frame.arguments(&bytes);
+                if args.is_empty() {
+                    continue;
+                }
+                self.shared
+                    .counters
+                    .commands
+                    .fetch_add(1, Ordering::Relaxed);
+                after = self.dispatch(args, &mut slots, &mut out).await;
+                if out.len() >= limits.reply_buffer_bytes_max.min(1 << 20) {
+                    drain(&mut slots, &mut out).await;
+                    stream.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+            drain(&mut slots, &mut out).await;
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            if after == After::Close || self.shared.stopping() {
+                return Ok(());
+            }
+            if input.len() > limits.query_buffer_bytes_max {
+                self.shared
+                    .counters
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                stream
+                    .write_all(b"-ERR query buffer limit reached; closing the connection\r\n")
+                    .await?;
+                return Ok(());
+            }
+            // Read more, looking up now and then whether the node stops.
+            let len = input.len();
+            input.resize(len + READ_CHUNK, 0);
+            let n = loop {
+                match stream.read(&mut input[len..]).await {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        if self.shared.stopping() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            input.truncate(len + n);
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one command: its reply goes into `slots`, in order.
+    async fn dispatch(
+        &mut self,
+        args: Vec<Bytes>,
+        slots: &mut Vec<Slot>,
+        out: &mut BytesMut,
+    ) -> After {
+        let name = args[0].to_ascii_uppercase();
+        let command = Command::of(&name);
+        if command.reads() && slots.iter().any(|s| matches!(s, Slot::Later(_))) {
+            // Read after write: the writes before it land first.
+            drain(slots, out).await;
+        }
+        let arity_ok = command.arity_ok(args.len());
+        if !arity_ok {
+            let name = String::from_utf8_lossy(&args[0]).to_lowercase();
+            slots.push(Slot::Ready(Reply::err(format!(
+                "wrong number of arguments for '{name}' command"
+            ))));
+            return After::Continue;
+        }
+        let engine = &self.shared.engine;
+        let level = engine.default_level();
+        let slot = match command {
+            Command::Ping => Slot::Ready(match args.get(1) {
+                Some(message) => Reply::Bulk(message.clone()),
+                None => Reply::Simple("PONG".into()),
+            }),
+            Command::Echo => Slot::Ready(Reply::Bulk(args[1].clone())),
+            Command::Quit => {
+                slots.push(Slot::Ready(Reply::Ok));
+                return After::Close;
+            }
+            Command::Get => {
+                let answer = engine.get(args[1].clone());
+                later(async move { answer.await.map(bulk_or_nil) })
+            }
+            Command::Set => self.set(args),
+            Command::Del => {
+                let answers: Vec<_> = args[1..]
+                    .iter()
+                    .map(|key| {
+                        engine.update_at(key.clone(), level, |current| match current {
+                            Some(_) => Update::Delete,
+                            None => Update::Keep,
+                        })
+                    })
+                    .collect();
+                later(async move {
+                    let mut deleted = 0;
+                    for answer in answers {
+                        deleted += i64::from(answer.await?.is_some());
+                    }
+                    Ok(Reply::Int(deleted))
+                })
+            }
+            Command::Exists => {
+                let answers: Vec<_> = args[1..].iter().map(|k| engine.get(k.clone())).collect();
+                later(async move {
+                    let mut found = 0;
+                    for answer in answers {
+                        found += i64::from(answer.await?.is_some());
+                    }
+                    Ok(Reply::Int(found))
+                })
+            }
+            Command::Mget => {
+                let answers: Vec<_> = args[1..].iter().map(|k| engine.get(k.clone())).collect();
+                later(async move {
+                    let mut values = Vec::with_capacity(answers.len());
+                    for answer in answers {
+                        values.push(bulk_or_nil(answer.await?));
+                    }
+                    Ok(Reply::Array(values))
+                })
+            }
+            Command::Mset => {
+                if args.len().is_multiple_of(2) {
+                    Slot::Ready(Reply::err("wrong number of arguments for 'mset' command"))
+                } else {
+                    let ops = args[1..]
+                        .chunks(2)
+                        .map(|kv| BatchOp::Put(kv[0].clone(), kv[1].clone()))
+                        .collect();
+                    let answer = engine.batch_at(ops, BatchAtomicity::PerShard, level);
+                    later(async move { answer.await.map(|_| Reply::Ok) })
+                }
+            }
+            Command::Incr | Command::Decr | Command::IncrBy | Command::DecrBy => {
+                let delta = match command {
+                    Command::Incr => Some(1),
+                    Command::Decr => Some(-1),
+                    Command::IncrBy => parse_i64(&args[2]),
+                    _ => parse_i64(&args[2]).and_then(i64::checked_neg),
+                };
+                match delta {
+                    None => Slot::Ready(Reply::err("value is not an integer or out of range")),
+                    Some(delta) => self.incr(args[1].clone(), delta),
+                }
+            }
+            Command::Scan => self.scan(&args),
+            Command::Keys => {
+                let pattern = args[1].clone();
+                let answer = scan_matching(self.shared.clone(), pattern, usize::MAX);
+                later(async move {
+                    let (keys, _) = answer.await?;
+                    Ok(Reply::Array(keys.into_iter().map(Reply::Bulk).collect()))
+                })
+            }
+            Command::DbSize => {
+                let shared = self.shared.clone();
+                later(async move {
+                    let stats = shared.engine.stats().await?;
+                    Ok(Reply::Int(stats.iter().map(|s| s.keys as i64).sum()))
+                })
+            }
+            Command::Info => {
+                let shared = self.shared.clone();
+                let section = args
+                    .get(1)
+                    .map(|s| String::from_utf8_lossy(s).to_lowercase());
+                later(async move {
+                    let text = super::info::render(&shared, section.as_deref()).await?;
+                    Ok(Reply::Bulk(text.into()))
+                })
+            }
+            Command::Role => {
+                let shared = self.shared.clone();
+                later(async move {
+                    let stats = shared.engine.stats().await?;
+                    let offset: u64 = stats.iter().map(|s| s.next_lsn).sum();
+                    Ok(Reply::Array(vec![
+                        Reply::bulk("master"),
+                        Reply::Int(offset as i64),
+                        Reply::Array(Vec::new()),
+                    ]))
+                })
+            }
+            Command::Wait => self.wait(&args),
+            Command::Config => config_command(&self.shared, &args),
+            Command::Introspect => Slot::Ready(match args.get(1).map(|a| a.to_ascii_uppercase()) {
+                Some(sub) if sub == b"COUNT" => Reply::Int(Command::ALL.len() as i64),
+                // COMMAND, COMMAND DOCS, COMMAND INFO: nothing to say; tools
+                // such as redis-cli take an empty answer.
+                _ => Reply::Array(Vec::new()),
+            }),
+            Command::Client => self.client(&args),
+            Command::Select => Slot::Ready(match parse_i64(&args[1]) {
+                Some(0) => Reply::Ok,
+                _ => Reply::err("DB index is out of range (tidewal has one database, 0)"),
+            }),
+            Command::Hello => Slot::Ready(match args.get(1).map(|v| v.as_ref()) {
+                None | Some(b"2") => Reply::Array(vec![
+                    Reply::bulk("server"),
+                    Reply::bulk("tidewal"),
+                    Reply::bulk("version"),
+                    Reply::bulk(env!("CARGO_PKG_VERSION")),
+                    Reply::bulk("proto"),
+                    Reply::Int(2),
+                    Reply::bulk("id"),
+                    Reply::Int(self.id as i64),
+                    Reply::bulk("mode"),
+                    Reply::bulk("standalone"),
+                    Reply::bulk("role"),
+                    Reply::bulk("master"),
+                    Reply::bulk("modules"),
+                    Reply::Array(Vec::new()),
+                ]),
+                Some(_) => Reply::Error(
+                    "NOPROTO this protocol version is not supported (tidewal speaks RESP2)".into(),
+                ),
+            }),
+            Command::Unknown => {
+                let name = String::from_utf8_lossy(&args[0]);
+                let rest: Vec<String> = args[1..]
+                    .iter()
+                    .take(3)
+                    .map(|a| format!("'{}'", String::from_utf8_lossy(&a[..a.len().min(64)])))
+                    .collect();
+                Slot::Ready(Reply::err(format!(
+                    "unknown command '{}', with args beginning with: {}",
+                    &name[..name.len().min(64)],
+                    rest.join(" ")
+                )))
+            }
+        };
+        slots.push(slot);
+        After::Continue
+    }
+
+    /// `SET key value [NX|XX]`: other options are refused by name.
+    fn set(&self, args: Vec<Bytes>) -> Slot {
+        let engine = &self.shared.engine;
+        let level = engine.default_level();
+        let (mut nx, mut xx) = (false, false);
+        for option in &args[3..] {
+            match option.to_ascii_uppercase().as_slice() {
+                b"NX" => nx = true,
+                b"XX" => xx = true,
+                b"EX" | b"PX" | b"EXAT" | b"PXAT" | b"KEEPTTL" => {
+                    return Slot::Ready(Reply::err(format!(
+                        "SET option '{}' is not supported: tidewal keys do not expire",
+                        String::from_utf8_lossy(option)
+                    )));
+                }
+                b"GET" => {
+                    return Slot::Ready(Reply::err("SET option 'GET' is not supported"));
+                }
+                _ => return Slot::Ready(Reply::err("syntax error")),
+            }
+        }
+        if nx && xx {
+            return Slot::Ready(Reply::err("syntax error"));
+        }
+        let (key, value) = (args[1].clone(), args[2].clone());
+        if !nx && !xx {
+            let answer = engine.put_at(key, value, level);
+            return later(async move { answer.await.map(|_| Reply::Ok) });
+        }
+        let answer = engine.update_at(key, level, move |current| {
+            if current.is_some() == xx {
+                Update::Put(value)
+            } else {
+                Update::Keep
+            }
+        });
+        later(async move {
+            Ok(match answer.await? {
+                Some(_) => Reply::Ok,
+                None => Reply::Nil,
+            })
+        })
+    }
+
+    /// `INCR` and friends: one atomic read-modify-write on the key's shard.
+    fn incr(&self, key: Bytes, delta: i64) -> Slot {
+        let engine = &self.shared.engine;
+        let (tx, rx) = futures_channel::oneshot::channel::<Result<i64, &'static str>>();
+        let answer = engine.update_at(key, engine.default_level(), move |current| {
+            let old = match current {
+                None => Some(0),
+                Some(v) => parse_i64(v),
+            };
+            let result = match old {
+                None => Err("value is not an integer or out of range"),
+                Some(old) => old
+                    .checked_add(delta)
+                    .ok_or("increment or decrement would overflow"),
+            };
+            let update = match result {
+                Ok(new) => Update::Put(Bytes::from(new.to_string())),
+                Err(_) => Update::Keep,
+            };
+            let _ = tx.send(result);
+            update
+        });
+        later(async move {
+            answer.await?;
+            Ok(match rx.await {
+                Ok(Ok(value)) => Reply::Int(value),
+                Ok(Err(why)) => Reply::err(why),
+                Err(_) => Reply::err("the update did not run"),
+            })
+        })
+    }
+
+    /// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE t]`. Keys come in key
+    /// order; the cursor stands for the last key returned, so every key
+    /// present from the start to the end of an iteration is returned once.
+    fn scan(&mut self, args: &[Bytes]) -> Slot {
+        let Some(cursor) = std::str::from_utf8(&args[1])
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return Slot::Ready(Reply::err("invalid cursor"));
+        };
+        let (mut pattern, mut count, mut strings) = (Bytes::from_static(b"*"), 10usize, true);
+        let mut rest = args[2..].iter();
+        while let Some(option) = rest.next() {
+            let Some(value) = rest.next() else {
+                return Slot::Ready(Reply::err("syntax error"));
+            };
+            match option.to_ascii_uppercase().as_slice() {
+                b"MATCH" => pattern = value.clone(),
+                b"COUNT" => match parse_i64(value) {
+                    Some(n) if n >= 1 => count = n.min(100_000) as usize,
+                    _ => return Slot::Ready(Reply::err("value is not an integer or out of range")),
+                },
+                b"TYPE" => strings = value.eq_ignore_ascii_case(b"string"),
+                _ => return Slot::Ready(Reply::err("syntax error")),
+            }
+        }
+        let after = if cursor == 0 {
+            None
+        } else {
+            match self.cursors.borrow().keys.get(&cursor) {
+                Some(key) => Some(key.clone()),
+                None => {
+                    return Slot::Ready(Reply::err(
+                        "invalid cursor (SCAN cursors belong to the connection that got them)",
+                    ));
+                }
+            }
+        };
+        if !strings {
+            // Every tidewal value is a string.
+            return Slot::Ready(Reply::Array(vec![
+                Reply::bulk("0"),
+                Reply::Array(Vec::new()),
+            ]));
+        }
+        let next = {
+            let mut cursors = self.cursors.borrow_mut();
+            cursors.next += 1;
+            cursors.next
+        };
+        let cursors = self.cursors.clone();
+        let engine = self.shared.engine.clone();
+        let prefix = Bytes::copy_from_slice(glob::literal_prefix(&pattern));
+        let start = match after {
+            // The smallest key after the last one returned.
+            Some(last) if last.as_ref() >= prefix.as_ref() => {
+                let mut k = last.to_vec();
+                k.push(0);
+                Bytes::from(k)
+            }
+            _ => prefix.clone(),
+        };
+        let answer = engine.scan(start, prefix_end(&prefix), count);
+        later(async move {
+            let entries = answer.await?;
+            let done = entries.len() < count;
+            let last = entries.last().map(|(k, _)| k.clone());
+            let keys: Vec<Reply> = entries
+                .into_iter()
+                .filter(|(k, _)| glob::matches(&pattern, k))
+                .map(|(k, _)| Reply::Bulk(k))
+                .collect();
+            let cursor = match (done, last) {
+                (false, Some(last)) => {
+                    cursors.borrow_mut().file(next, last);
+                    next
+                }
+                _ => 0,
+            };
+            Ok(Reply::Array(vec![
+                Reply::Bulk(cursor.to_string().into()),
+                Reply::Array(keys),
+            ]))
+        })
+    }
+
+    /// `WAIT numreplicas timeout`: this node has no replicas yet, so it
+    /// answers 0 at once when none are asked for, or after the timeout (0 =
+    /// forever, as in Redis).
+    fn wait(&self, args: &[Bytes]) -> Slot {
+        let (Some(replicas), Some(timeout)) = (parse_i64(&args[1]), parse_i64(&args[2])) else {
+            return Slot::Ready(Reply::err("value is not an integer or out of range"));
+        };
+        if timeout < 0 {
+            return Slot::Ready(Reply::err("timeout is negative"));
+        }
+        if replicas <= 0 {
+            return Slot::Ready(Reply::Int(0));
+        }
+        let shared = self.shared.clone();
+        later(async move {
+            let started = std::time::Instant::now();
+            let limit = Duration::from_millis(timeout as u64);
+            while timeout == 0 || started.elapsed() < limit {
+                if shared.stopping() {
+                    break;
+                }
+                let left = if timeout == 0 {
+                    STOP_POLL
+                } else {
+                    limit.saturating_sub(started.elapsed())
+                };
+                glommio::timer::sleep(left.min(STOP_POLL)).await;
+            }
+            Ok(Reply::Int(0))
+        })
+    }
+
+    fn client(&mut self, args: &[Bytes]) -> Slot {
+        let sub = args
+            .get(1)
+            .map(|s| s.to_ascii_uppercase())
+            .unwrap_or_default();
+        Slot::Ready(match sub.as_slice() {
+            b"SETNAME" if args.len() == 3 => {
+                self.name = Some(args[2].clone());
+                Reply::Ok
+            }
+            b"GETNAME" => self.name.clone().map_or(Reply::Nil, Reply::Bulk),
+            b"ID" => Reply::Int(self.id as i64),
+            // Client libraries announce themselves; nothing to do with it.
+            b"SETINFO" => Reply::Ok,
+            _ => Reply::err(format!(
+                "CLIENT {} is not supported",
+                String::from_utf8_lossy(&sub[..sub.len().min(32)])
+            )),
+        })
+    }
+}
+
+/// Awaits every reply in order and encodes them.
+async fn drain(slots: &mut Vec<Slot>, out: &mut BytesMut) {
+    for slot in slots.drain(..) {
+        let reply = match slot {
+            Slot::Ready(reply) => reply,
+            Slot::Later(later) => later.await,
+        };
+        reply.encode(out);
+    }
+}
+
+fn later(f: impl Future<Output = Result<Reply, EngineError>> + 'static) -> Slot {
+    Slot::Later(Box::pin(async move {
+        match f.await {
+            Ok(reply) => reply,
+            Err(e) => engine_error(e),
+        }
+    }))
+}
+
+fn engine_error(e: EngineError) -> Reply {
+    match e {
+        EngineError::Closed => Reply::err("the node is shutting down"),
+        EngineError::Wal(e) => Reply::err(format!(
+            "write failed and its durability is unknown; the shard stopped taking writes: {e}"
+        )),
+        other => Reply::err(other),
+    }
+}
+
+fn bulk_or_nil(value: Option<Bytes>) -> Reply {
+    value.map_or(Reply::Nil, Reply::Bulk)
+}
+
+/// A decimal i64 as Redis accepts it (no spaces, no `+`, no leading zeros).
+fn parse_i64(bytes: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(bytes).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty()
+        || (digits.len() > 1 && digits.starts_with('0'))
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The first key after every key starting with `prefix` (`None`: no end).
+fn prefix_end(prefix: &[u8]) -> Option<Bytes> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(Bytes::from(end));
+        }
+    }
+    None
+}
+
+/// Every key matching `pattern`, up to `limit` (for `KEYS`), in key order.
+async fn scan_matching(
+    shared: Arc<Shared>,
+    pattern: Bytes,
+    limit: usize,
+) -> Result<(Vec<Bytes>, bool), EngineError> {
+    {
+        let prefix = Bytes::copy_from_slice(glob::literal_prefix(&pattern));
+        let end = prefix_end(&prefix);
+        let mut start = prefix.clone();
+        let mut keys = Vec::new();
+        const PAGE: usize = 4096;
+        loop {
+            let page = shared.engine.scan(start.clone(), end.clone(), PAGE).await?;
+            let full = page.len() == PAGE;
+            if let Some((last, _)) = page.last() {
+                let mut k = last.to_vec();
+                k.push(0);
+                start = Bytes::from(k);
+            }
+            keys.extend(
+                page.into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| glob::matches(&pattern, k)),
+            );
+            if !full || keys.len() >= limit {
+                let more = full;
+                keys.truncate(limit);
+                return Ok((keys, more));
+            }
+        }
+    }
+}
+
+/// `CONFIG GET pattern`: a few parameters, answered so tools stay quiet.
+fn config_command(shared: &Shared, args: &[Bytes]) -> Slot {
+    let sub = args[1].to_ascii_uppercase();
+    if sub != b"GET" {
+        return Slot::Ready(Reply::err(format!(
+            "CONFIG {} is not supported; configure tidewal with its TOML file or flags",
+            String::from_utf8_lossy(&sub[..sub.len().min(32)])
+        )));
+    }
+    let level = shared.engine.default_level();
+    let params: [(&str, String); 6] = [
+        ("appendonly", "yes".into()),
+        (
+            "appendfsync",
+            match level {
+                crate::engine::CommitLevel::Local => "always".into(),
+                crate::engine::CommitLevel::Memory => "no".into(),
+            },
+        ),
+        ("save", String::new()),
+        ("databases", "1".into()),
+        (
+            "maxclients",
+            shared.config.limits.connections_max.to_string(),
+        ),
+        (
+            "proto-max-bulk-len",
+            shared.config.limits.bulk_bytes_max.to_string(),
+        ),
+    ];
+    let mut reply = Vec::new();
+    for pattern in &args[2..] {
+        let pattern = pattern.to_ascii_lowercase();
+        for (name, value) in &params {
+            if glob::matches(&pattern, name.as_bytes()) {
+                reply.push(Reply::bulk(*name));
+                reply.push(Reply::Bulk(value.clone().into()));
+            }
+        }
+    }
+    Slot::Ready(Reply::Array(reply))
+}
+
+/// The commands tidewal knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Ping,
+    Echo,
+    Quit,
+    Get,
+    Set,
+    Del,
+    Exists,
+    Mget,
+    Mset,
+    Incr,
+    Decr,
+    IncrBy,
+    DecrBy,
+    Scan,
+    Keys,
+    DbSize,
+    Info,
+    Role,
+    Wait,
+    Config,
+    Introspect,
+    Client,
+    Select,
+    Hello,
+    Unknown,
+}
+
+impl Command {
+    const ALL: [(&'static [u8], Command); 24] = [
+        (b"PING", Command::Ping),
+        (b"ECHO", Command::Echo),
+        (b"QUIT", Command::Quit),
+        (b"GET", Command::Get),
+        (b"SET", Command::Set),
+        (b"DEL", Command::Del),
+        (b"EXISTS", Command::Exists),
+        (b"MGET", Command::Mget),
+        (b"MSET", Command::Mset),
+        (b"INCR", Command::Incr),
+        (b"DECR", Command::Decr),
+        (b"INCRBY", Command::IncrBy),
+        (b"DECRBY", Command::DecrBy),
+        (b"SCAN", Command::Scan),
+        (b"KEYS", Command::Keys),
+        (b"DBSIZE", Command::DbSize),
+        (b"INFO", Command::Info),
+        (b"ROLE", Command::Role),
+        (b"WAIT", Command::Wait),
+        (b"CONFIG", Command::Config),
+        (b"COMMAND", Command::Introspect),
+        (b"CLIENT", Command::Client),
+        (b"SELECT", Command::Select),
+        (b"HELLO", Command::Hello),
+    ];
+
+    fn of(upper: &[u8]) -> Command {
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == upper)
+            .map_or(Command::Unknown, |(_, c)| *c)
+    }
+
+    /// Whether it reads state (and so must see this client's earlier writes).
+    fn reads(self) -> bool {
+        !matches!(
+            self,
+            Command::Set
+                | Command::Del
+                | Command::Mset
+                | Command::Incr
+                | Command::Decr
+                | Command::IncrBy
+                | Command::DecrBy
+                | Command::Ping
+                | Command::Echo
+        )
+    }
+
+    /// Redis's arity: exact `n`, or at least `n` when negative.
+    fn arity_ok(self, args: usize) -> bool {
+        let arity: i32 = match self {
+            Command::Ping => -1,
+            Command::Echo => 2,
+            Command::Quit => -1,
+            Command::Get => 2,
+            Command::Set => -3,
+            Command::Del | Command::Exists | Command::Mget => -2,
+            Command::Mset => -3,
+            Command::Incr | Command::Decr => 2,
+            Command::IncrBy | Command::DecrBy => 3,
+            Command::Scan => -2,
+            Command::Keys => 2,
+            Command::DbSize => 1,
+            Command::Info => -1,
+            Command::Role => 1,
+            Command::Wait => 3,
+            Command::Config => -2,
+            Command::Introspect => -1,
+            Command::Client => -2,
+            Command::Select => 2,
+            Command::Hello => -1,
+            Command::Unknown => -1,
+        };
+        if arity >= 0 {
+            args == arity as usize
+        } else {
+            args >= (-arity) as usize
+        }
+    }
+}

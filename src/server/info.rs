@@ -1,0 +1,108 @@
+//! `INFO`, in Redis's `# Section` / `field:value` layout, and the figures
+//! it shares with the status endpoint.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+use crate::engine::{CommitLevel, EngineError, ShardStats};
+
+/// Renders the sections asked for (`None`, `all`, `everything`, `default`:
+/// all of them).
+pub(super) async fn render(
+    shared: &Arc<Shared>,
+    section: Option<&str>,
+) -> Result<String, EngineError> {
+    let stats = shared.engine.stats().await?;
+    let all = matches!(section, None | Some("all" | "everything" | "default"));
+    let want = |name: &str| all || section == Some(name);
+    let mut out = String::new();
+    let c = &shared.counters;
+    if want("server") {
+        let _ = write!(
+            out,
+            "# Server\r\nredis_version:7.0.0\r\ntidewal_version:{}\r\nredis_mode:standalone\r\nos:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nexecutors:{}\r\nshards:{}\r\nnode_id:{}\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::process::id(),
+            shared.listen.port(),
+            shared.started.elapsed().as_secs(),
+            shared.engine.executor_count(),
+            shared.engine.shard_count(),
+            shared.node_id,
+        );
+    }
+    if want("clients") {
+        let _ = write!(
+            out,
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
+            c.connections.load(Ordering::Relaxed),
+            shared.config.limits.connections_max,
+        );
+    }
+    if want("replication") {
+        let _ = write!(
+            out,
+            "# Replication\r\nrole:master\r\nconnected_slaves:0\r\nmaster_repl_offset:{}\r\nepoch:{}\r\n\r\n",
+            stats.iter().map(|s| s.next_lsn).sum::<u64>(),
+            stats.iter().map(|s| s.epoch).max().unwrap_or(0),
+        );
+    }
+    if want("persistence") {
+        let level = match shared.engine.default_level() {
+            CommitLevel::Memory => "memory",
+            CommitLevel::Local => "local",
+        };
+        let failed = stats.iter().filter(|s| s.failure.is_some()).count();
+        let _ = write!(
+            out,
+            "# Persistence\r\nloading:0\r\naof_enabled:1\r\ncommit_level:{level}\r\nwal_durable_lsn:{}\r\nwal_head_lsn:{}\r\nwal_syncs:{}\r\nwal_records:{}\r\nwal_record_bytes:{}\r\nwal_device_bytes:{}\r\nwal_segments:{}\r\nwal_sync_p50_us:{}\r\nwal_sync_p99_us:{}\r\nshards_failed:{failed}\r\n\r\n",
+            stats.iter().map(|s| s.durable_lsn).sum::<u64>(),
+            stats.iter().map(|s| s.next_lsn).sum::<u64>(),
+            sum(&stats, |s| s.wal.syncs),
+            sum(&stats, |s| s.wal.records),
+            sum(&stats, |s| s.wal.record_bytes),
+            sum(&stats, |s| s.wal.device_bytes),
+            stats.iter().map(|s| s.segments).sum::<usize>(),
+            sync_quantile(&stats, 0.5),
+            sync_quantile(&stats, 0.99),
+        );
+    }
+    if want("stats") {
+        let _ = write!(
+            out,
+            "# Stats\r\ntotal_connections_received:{}\r\nrejected_connections:{}\r\ntotal_commands_processed:{}\r\nprotocol_errors:{}\r\n\r\n",
+            c.connections_total.load(Ordering::Relaxed),
+            c.rejected.load(Ordering::Relaxed),
+            c.commands.load(Ordering::Relaxed),
+            c.protocol_errors.load(Ordering::Relaxed),
+        );
+    }
+    if want("keyspace") {
+        let keys: usize = stats.iter().map(|s| s.keys).sum();
+        let _ = write!(out, "# Keyspace\r\n");
+        if keys > 0 {
+            let _ = write!(out, "db0:keys={keys},expires=0,avg_ttl=0\r\n");
+        }
+    }
+    Ok(out)
+}
+
+fn sum(stats: &[ShardStats], f: impl Fn(&ShardStats) -> u64) -> u64 {
+    stats.iter().map(f).sum()
+}
+
+/// A quantile of every shard's sync latency, in microseconds.
+pub(super) fn sync_quantile(stats: &[ShardStats], q: f64) -> u64 {
+    let mut all =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds");
+    for s in stats {
+        let _ = all.add(&s.wal.sync_micros);
+    }
+    if all.is_empty() {
+        0
+    } else {
+        all.value_at_quantile(q)
+    }
+}

@@ -1,0 +1,294 @@
+//! The server: `tidewal node`, the engine behind the Redis protocol and an
+//! admin HTTP endpoint.
+//!
+//! - `resp`: the RESP2 parser (limits checked before lengths are trusted)
+//!   and reply encoder.
+//! - `conn`: one client connection; the commands.
+//! - `glob`: Redis glob patterns for `SCAN MATCH` and `KEYS`.
+//! - `info`: the `INFO` text.
+//! - `admin`: `/admin/replication/status`, `/metrics`, `/healthz`, `/readyz`.
+//! - `config`: [`NodeConfig`], from TOML and flags.
+//!
+//! Every executor (core) of the engine accepts clients on the same port
+//! (`SO_REUSEPORT`; the kernel spreads connections), so a connection is
+//! served on one core and reaches each key's shard through the engine's
+//! mailboxes. The admin endpoint runs on the first executor.
+
+mod admin;
+mod config;
+mod conn;
+pub mod glob;
+mod info;
+pub mod resp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+pub use config::{ConfigError, Limits, NodeConfig};
+
+use crate::engine::{Engine, EngineError};
+
+/// Counters the node keeps besides the engine's.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub rejected: AtomicU64,
+    pub commands: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+}
+
+/// What every connection of a node shares.
+pub(crate) struct Shared {
+    config: NodeConfig,
+    engine: Engine,
+    node_id: String,
+    /// The client address actually bound (the port is known even when 0
+    /// was asked for).
+    listen: SocketAddr,
+    started: Instant,
+    stopping: AtomicBool,
+    counters: Counters,
+    next_client_id: AtomicU64,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<Shared>,
+    admin: Option<SocketAddr>,
+}
+
+impl Node {
+    /// Opens the data directory and starts serving.
+    pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        config.check()?;
+        // Claim the ports before anything else, without SO_REUSEPORT: if
+        // another process (another node, a Redis) listens there, this fails
+        // instead of silently sharing the port (glommio's listeners set
+        // SO_REUSEPORT). Port 0 gets a free port here.
+        let listen = claim(&config.listen)?;
+        let admin = if config.admin.is_empty() {
+            None
+        } else {
+            Some(claim(&config.admin)?)
+        };
+        let engine = Engine::open(&config.data_dir, config.engine_options())?;
+        let node_id = if config.node_id.is_empty() {
+            listen.to_string()
+        } else {
+            config.node_id.clone()
+        };
+        let shared = Arc::new(Shared {
+            config,
+            engine: engine.clone(),
+            node_id,
+            listen,
+            started: Instant::now(),
+            stopping: AtomicBool::new(false),
+            counters: Counters::default(),
+            next_client_id: AtomicU64::new(1),
+        });
+        let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
+        let bound_tx = std::sync::Mutex::new(bound_tx);
+        let for_executors = shared.clone();
+        engine.run_on_each(move |core| {
+            let shared = for_executors.clone();
+            let mut result = listen_on(core, shared.clone());
+            if result.is_ok()
+                && core == 0
+                && let Some(admin) = admin
+            {
+                result = admin_on(admin, shared);
+            }
+            let _ = bound_tx.lock().map(|tx| tx.send(result));
+        })?;
+        for _ in 0..engine.executor_count() {
+            match bound_rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = crate::engine::block_on(engine.close());
+                    return Err(e);
+                }
+                Err(_) => {
+                    let _ = crate::engine::block_on(engine.close());
+                    return Err(NodeError::Engine(EngineError::Closed));
+                }
+            }
+        }
+        tracing::info!(
+            %listen,
+            admin = ?admin,
+            node_id = %shared.node_id,
+            executors = engine.executor_count(),
+            shards = engine.shard_count(),
+            "tidewal node serving"
+        );
+        Ok(Node { shared, admin })
+    }
+
+    /// The address clients connect to.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
+    /// The admin HTTP address, when on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    /// Stops taking clients, lets each finish what it sent (up to the
+    /// grace period), then makes everything durable and closes the engine.
+    pub fn shutdown(self) -> Result<(), EngineError> {
+        let shared = self.shared;
+        shared.stopping.store(true, Ordering::SeqCst);
+        let grace = Duration::from_millis(shared.config.limits.shutdown_grace_ms);
+        let started = Instant::now();
+        while shared.counters.connections.load(Ordering::SeqCst) > 0 && started.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = shared.counters.connections.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(
+                clients = left,
+                "grace period over; closing with clients still connected"
+            );
+        }
+        let result = crate::engine::block_on(shared.engine.close());
+        tracing::info!(ok = result.is_ok(), "tidewal node stopped");
+        result
+    }
+}
+
+/// Binds `addr` without `SO_REUSEPORT` to make sure nobody else listens
+/// there, and returns the address (with the port chosen for port 0).
+fn claim(addr: &str) -> Result<SocketAddr, NodeError> {
+    let fail = |error| NodeError::Listen {
+        addr: addr.to_string(),
+        error,
+    };
+    let probe = std::net::TcpListener::bind(addr).map_err(fail)?;
+    probe.local_addr().map_err(fail)
+}
+
+/// Starts accepting clients on this executor.
+fn listen_on(core: u32, shared: Arc<Shared>) -> Result<(), NodeError> {
+    let addr = shared.listen;
+    let listener = glommio::net::TcpListener::bind(addr).map_err(|e| NodeError::Listen {
+        addr: addr.to_string(),
+        error: std::io::Error::other(e.to_string()),
+    })?;
+    glommio::spawn_local(async move {
+        accept_loop(listener, shared, core, Port::Clients).await;
+    })
+    .detach();
+    Ok(())
+}
+
+fn admin_on(addr: SocketAddr, shared: Arc<Shared>) -> Result<(), NodeError> {
+    let listener = glommio::net::TcpListener::bind(addr).map_err(|e| NodeError::Listen {
+        addr: addr.to_string(),
+        error: std::io::Error::other(e.to_string()),
+    })?;
+    glommio::spawn_local(async move {
+        accept_loop(listener, shared, 0, Port::Admin).await;
+    })
+    .detach();
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Clients,
+    Admin,
+}
+
+/// Accepts until the node stops. Clients count against the connection
+/// limit; admin requests do not.
+async fn accept_loop(
+    listener: glommio::net::TcpListener,
+    shared: Arc<Shared>,
+    core: u32,
+    port: Port,
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            while !shared.stopping() {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                // Out of descriptors, say: wait a little and go on.
+                tracing::warn!(core, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if port == Port::Admin {
+            glommio::spawn_local(admin::serve(stream, shared.clone())).detach();
+            continue;
+        }
+        let c = &shared.counters;
+        c.connections_total.fetch_add(1, Ordering::Relaxed);
+        let now = c.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        if now > shared.config.limits.connections_max {
+            c.connections.fetch_sub(1, Ordering::SeqCst);
+            c.rejected.fetch_add(1, Ordering::Relaxed);
+            glommio::spawn_local(async move {
+                use futures_lite::AsyncWriteExt;
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
+                let _ = stream.close().await;
+            })
+            .detach();
+            continue;
+        }
+        let shared = shared.clone();
+        glommio::spawn_local(async move {
+            let guard = ConnectionGuard(shared.clone());
+            conn::serve(stream, shared).await;
+            drop(guard);
+        })
+        .detach();
+    }
+}
+
+/// Counts a client out however its task ends.
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.counters.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}

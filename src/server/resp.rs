@@ -1,0 +1,435 @@
+//! RESP2, the Redis serialization protocol: requests in and replies out.
+//!
+//! A request is an array of bulk strings (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`)
+//! or an inline line (`PING\r\n`, as `redis-benchmark` and telnet send).
+//! [`parse`] looks at the bytes received so far and returns one command
+//! (the byte ranges of its arguments and how many bytes it used), "not yet"
+//! when it is incomplete, or a [`ProtocolError`]. It never panics and checks
+//! every length against the limits before it trusts it, so a hostile client
+//! cannot make the node allocate what it announces.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Limits a parse enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest bulk string (a key or a value).
+    pub bulk_bytes_max: usize,
+    /// Most arguments in one command.
+    pub args_max: usize,
+    /// Longest inline command line.
+    pub inline_bytes_max: usize,
+}
+
+/// Input that is not RESP2, or that passes a limit. The connection is
+/// answered with the error and closed, as Redis does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("invalid multibulk length")]
+    MultibulkLength,
+    #[error("invalid bulk length")]
+    BulkLength,
+    #[error("expected '$', got '{0}'")]
+    ExpectedBulk(char),
+    #[error("bulk string of {len} bytes is over the limit of {max}")]
+    BulkTooLarge { len: u64, max: usize },
+    #[error("{count} arguments are over the limit of {max}")]
+    TooManyArgs { count: u64, max: usize },
+    #[error("bulk string not followed by CRLF")]
+    MissingCrlf,
+    #[error("too big inline request")]
+    InlineTooLarge,
+    #[error("unbalanced quotes in request")]
+    UnbalancedQuotes,
+}
+
+/// One parsed command: argument ranges into the parsed bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub args: Vec<Range<usize>>,
+    /// Bytes of input the command used.
+    pub consumed: usize,
+    /// Inline arguments with quotes or escapes are rebuilt: then they are
+    /// here instead of in `args`.
+    pub owned: Option<Vec<Bytes>>,
+}
+
+impl Frame {
+    /// The arguments, sharing `input` (which must be the parsed bytes).
+    pub fn arguments(self, input: &Bytes) -> Vec<Bytes> {
+        match self.owned {
+            Some(args) => args,
+            None => self.args.into_iter().map(|r| input.slice(r)).collect(),
+        }
+    }
+}
+
+/// Parses one command from the front of `input`: `Ok(None)` means more
+/// bytes are needed. An empty command (`*0`, a blank line) comes back with
+/// no arguments.
+pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
+    match input.first() {
+        None => Ok(None),
+        Some(b'*') => parse_multibulk(input, limits),
+        Some(_) => parse_inline(input, limits),
+    }
+}
+
+/// Finds the `\r\n` ending the line that starts at `from`.
+fn line_end(input: &[u8], from: usize) -> Option<usize> {
+    input
+        .get(from..)?
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map(|p| from + p)
+}
+
+/// A decimal integer as RESP writes it (`-1` allowed), at most 19 digits.
+fn parse_int(digits: &[u8]) -> Option<i64> {
+    let (negative, digits) = match digits.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let value = digits
+        .iter()
+        .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
+    Some(if negative { -value } else { value })
+}
+
+fn parse_multibulk(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
+    let Some(end) = line_end(input, 1) else {
+        // A count line longer than any valid one is garbage, not "wait".
+        return if input.len() > 32 {
+            Err(ProtocolError::MultibulkLength)
+        } else {
+            Ok(None)
+        };
+    };
+    let count = parse_int(&input[1..end]).ok_or(ProtocolError::MultibulkLength)?;
+    let mut pos = end + 2;
+    if count <= 0 {
+        return Ok(Some(Frame {
+            args: Vec::new(),
+            consumed: pos,
+            owned: None,
+        }));
+    }
+    if count as u64 > limits.args_max as u64 {
+        return Err(ProtocolError::TooManyArgs {
+            count: count as u64,
+            max: limits.args_max,
+        });
+    }
+    // Not `with_capacity(count)`: the count is the client's word only.
+    let mut args = Vec::new();
+    for _ in 0..count {
+        let Some(&first) = input.get(pos) else {
+            return Ok(None);
+        };
+        if first != b'$' {
+            return Err(ProtocolError::ExpectedBulk(char::from(first)));
+        }
+        let Some(end) = line_end(input, pos + 1) else {
+            return if input.len() - pos > 32 {
+                Err(ProtocolError::BulkLength)
+            } else {
+                Ok(None)
+            };
+        };
+        let len = parse_int(&input[pos + 1..end]).ok_or(ProtocolError::BulkLength)?;
+        if len < 0 {
+            return Err(ProtocolError::BulkLength);
+        }
+        if len as u64 > limits.bulk_bytes_max as u64 {
+            return Err(ProtocolError::BulkTooLarge {
+                len: len as u64,
+                max: limits.bulk_bytes_max,
+            });
+        }
+        let start = end + 2;
+        let stop = start + len as usize;
+        if input.len() < stop + 2 {
+            return Ok(None);
+        }
+        if &input[stop..stop + 2] != b"\r\n" {
+            return Err(ProtocolError::MissingCrlf);
+        }
+        args.push(start..stop);
+        pos = stop + 2;
+    }
+    Ok(Some(Frame {
+        args,
+        consumed: pos,
+        owned: None,
+    }))
+}
+
+fn parse_inline(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
+    let Some(newline) = input.iter().position(|&b| b == b'\n') else {
+        return if input.len() > limits.inline_bytes_max {
+            Err(ProtocolError::InlineTooLarge)
+        } else {
+            Ok(None)
+        };
+    };
+    if newline > limits.inline_bytes_max {
+        return Err(ProtocolError::InlineTooLarge);
+    }
+    let line = &input[..newline];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let consumed = newline + 1;
+    if !line.iter().any(|&b| b == b'"' || b == b'\'') {
+        let mut args = Vec::new();
+        let mut start = None;
+        for (i, &b) in line.iter().enumerate() {
+            match (b.is_ascii_whitespace(), start) {
+                (true, Some(s)) => {
+                    args.push(s..i);
+                    start = None;
+                }
+                (false, None) => start = Some(i),
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            args.push(s..line.len());
+        }
+        if args.len() > limits.args_max {
+            return Err(ProtocolError::TooManyArgs {
+                count: args.len() as u64,
+                max: limits.args_max,
+            });
+        }
+        return Ok(Some(Frame {
+            args,
+            consumed,
+            owned: None,
+        }));
+    }
+    let owned = split_quoted(line)?;
+    if owned.len() > limits.args_max {
+        return Err(ProtocolError::TooManyArgs {
+            count: owned.len() as u64,
+            max: limits.args_max,
+        });
+    }
+    Ok(Some(Frame {
+        args: Vec::new(),
+        consumed,
+        owned: Some(owned),
+    }))
+}
+
+/// Splits an inline line with quotes the way redis-cli writes them:
+/// `"..."` with `\n \r \t \" \\ \xHH` escapes, and `'...'` taken literally
+/// (but `\'`).
+fn split_quoted(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    while i < line.len() {
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == line.len() {
+            break;
+        }
+        let mut arg = Vec::new();
+        let mut quote = None;
+        while i < line.len() {
+            let b = line[i];
+            match quote {
+                None if b.is_ascii_whitespace() => break,
+                None if b == b'"' || b == b'\'' => quote = Some(b),
+                None => arg.push(b),
+                Some(q) if b == q => {
+                    quote = None;
+                    // A closing quote must end the argument.
+                    if line.get(i + 1).is_some_and(|c| !c.is_ascii_whitespace()) {
+                        return Err(ProtocolError::UnbalancedQuotes);
+                    }
+                }
+                Some(b'"') if b == b'\\' && i + 1 < line.len() => {
+                    i += 1;
+                    let hex = |c: u8| (c as char).to_digit(16);
+                    match line[i] {
+                        b'n' => arg.push(b'\n'),
+                        b'r' => arg.push(b'\r'),
+                        b't' => arg.push(b'\t'),
+                        b'a' => arg.push(7),
+                        b'b' => arg.push(8),
+                        b'x' if i + 2 < line.len()
+                            && hex(line[i + 1]).is_some()
+                            && hex(line[i + 2]).is_some() =>
+                        {
+                            let v =
+                                hex(line[i + 1]).unwrap_or(0) * 16 + hex(line[i + 2]).unwrap_or(0);
+                            arg.push(v as u8);
+                            i += 2;
+                        }
+                        c => arg.push(c),
+                    }
+                }
+                Some(b'\'') if b == b'\\' && line.get(i + 1) == Some(&b'\'') => {
+                    i += 1;
+                    arg.push(b'\'');
+                }
+                Some(_) => arg.push(b),
+            }
+            i += 1;
+        }
+        if quote.is_some() {
+            return Err(ProtocolError::UnbalancedQuotes);
+        }
+        args.push(Bytes::from(arg));
+    }
+    Ok(args)
+}
+
+/// A reply, encoded with [`Reply::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ok,
+    Simple(String),
+    /// An error line; the text starts with its code (`ERR`, `READONLY`...).
+    Error(String),
+    Int(i64),
+    Bulk(Bytes),
+    Nil,
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    pub fn err(text: impl std::fmt::Display) -> Reply {
+        Reply::Error(format!("ERR {text}"))
+    }
+
+    pub fn bulk(bytes: impl Into<Bytes>) -> Reply {
+        Reply::Bulk(bytes.into())
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Reply::Ok => out.put_slice(b"+OK\r\n"),
+            Reply::Simple(s) => line(out, b'+', s.as_bytes()),
+            Reply::Error(s) => line(out, b'-', s.as_bytes()),
+            Reply::Int(n) => line(out, b':', n.to_string().as_bytes()),
+            Reply::Bulk(b) => {
+                line(out, b'$', b.len().to_string().as_bytes());
+                out.put_slice(b);
+                out.put_slice(b"\r\n");
+            }
+            Reply::Nil => out.put_slice(b"$-1\r\n"),
+            Reply::Array(items) => {
+                line(out, b'*', items.len().to_string().as_bytes());
+                for item in items {
+                    item.encode(out);
+                }
+            }
+        }
+    }
+}
+
+/// `prefix text \r\n`, with CR and LF in the text replaced: a simple string
+/// or error must stay on one line whatever it quotes.
+fn line(out: &mut BytesMut, prefix: u8, text: &[u8]) {
+    out.put_u8(prefix);
+    out.extend(
+        text.iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        bulk_bytes_max: 1024,
+        args_max: 8,
+        inline_bytes_max: 64,
+    };
+
+    type Parsed = Option<(Vec<Vec<u8>>, usize)>;
+
+    fn args(input: &[u8]) -> Result<Parsed, ProtocolError> {
+        let bytes = Bytes::copy_from_slice(input);
+        Ok(parse(input, &LIMITS)?.map(|f| {
+            let consumed = f.consumed;
+            let a = f.arguments(&bytes).iter().map(|b| b.to_vec()).collect();
+            (a, consumed)
+        }))
+    }
+
+    #[test]
+    fn multibulk_and_inline() {
+        let (a, n) = args(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nrest")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, vec![b"GET".to_vec(), b"k".to_vec()]);
+        assert_eq!(n, 20);
+        let (a, n) = args(b"PING\r\n").unwrap().unwrap();
+        assert_eq!((a, n), (vec![b"PING".to_vec()], 6));
+        let (a, _) = args(b"set k \"a b\\x41\"\n").unwrap().unwrap();
+        assert_eq!(a, vec![b"set".to_vec(), b"k".to_vec(), b"a bA".to_vec()]);
+        assert_eq!(args(b"*0\r\n").unwrap().unwrap().0.len(), 0);
+    }
+
+    #[test]
+    fn incomplete_waits_for_more() {
+        let full = b"*2\r\n$3\r\nGET\r\n$5\r\nhello\r\n";
+        for cut in 0..full.len() {
+            assert_eq!(args(&full[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        assert!(args(full).unwrap().is_some());
+        assert_eq!(args(b"PIN").unwrap(), None);
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        assert_eq!(args(b"*x\r\n"), Err(ProtocolError::MultibulkLength));
+        assert_eq!(args(b"*1\r\n:1\r\n"), Err(ProtocolError::ExpectedBulk(':')));
+        assert_eq!(args(b"*1\r\n$-5\r\n"), Err(ProtocolError::BulkLength));
+        assert!(matches!(
+            args(b"*1\r\n$99999999\r\n"),
+            Err(ProtocolError::BulkTooLarge { .. })
+        ));
+        assert!(matches!(
+            args(b"*999999999\r\n"),
+            Err(ProtocolError::TooManyArgs { .. })
+        ));
+        assert_eq!(args(b"*1\r\n$1\r\nab\r\n"), Err(ProtocolError::MissingCrlf));
+        assert_eq!(args(&[b'x'; 100]), Err(ProtocolError::InlineTooLarge));
+        assert_eq!(args(b"set \"k\n"), Err(ProtocolError::UnbalancedQuotes));
+        assert_eq!(args(&[b'*'; 40]), Err(ProtocolError::MultibulkLength));
+    }
+
+    #[test]
+    fn replies_encode_as_redis_does() {
+        let mut out = BytesMut::new();
+        Reply::Array(vec![
+            Reply::Ok,
+            Reply::Int(-3),
+            Reply::bulk("v"),
+            Reply::Nil,
+            Reply::err("bad\r\nline"),
+        ])
+        .encode(&mut out);
+        assert_eq!(
+            &out[..],
+            b"*5\r\n+OK\r\n:-3\r\n$1\r\nv\r\n$-1\r\n-ERR bad  line\r\n"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(input in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = parse(&input, &LIMITS);
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! `tidewal node`: run a server until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use tidewal::engine::CommitLevel;
+use tidewal::server::{Node, NodeConfig};
+
+/// Flags override the config file, which overrides the defaults.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// A TOML file with the same settings (see `src/server/config.rs`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (created if missing; locked while the node runs).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Client address, RESP2 (default 127.0.0.1:6379; port 0 picks one).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Admin HTTP address (default 127.0.0.1:9121; "" turns it off).
+    #[arg(long, value_name = "HOST:PORT")]
+    admin: Option<String>,
+    /// This node's name in status pages (default: the listen address).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Shards, fixed when the data directory is created (default: one per
+    /// core).
+    #[arg(long, value_name = "N")]
+    shards: Option<u32>,
+    /// Level every write waits for before it is acknowledged: `local`
+    /// (durable on this disk) or `memory`.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    commit_level: Option<CommitLevel>,
+    /// Executors (cores) to run on (default: every allowed core).
+    #[arg(long, value_name = "N")]
+    executors: Option<u32>,
+    /// Run even where O_DIRECT is not in effect (tmpfs): not durable.
+    #[arg(long)]
+    allow_buffered_io: bool,
+    /// Print the admin and client addresses on stdout once serving (for
+    /// scripts that start a node on port 0).
+    #[arg(long)]
+    print_addresses: bool,
+}
+
+fn parse_level(s: &str) -> Result<CommitLevel, String> {
+    match s {
+        "local" => Ok(CommitLevel::Local),
+        "memory" => Ok(CommitLevel::Memory),
+        other => Err(format!(
+            "unknown commit level {other:?}: this build has `local` and `memory`"
+        )),
+    }
+}
+
+pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_toml_file(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = &args.data_dir {
+        config.data_dir = v.clone();
+    }
+    if let Some(v) = &args.listen {
+        config.listen = v.clone();
+    }
+    if let Some(v) = &args.admin {
+        config.admin = v.clone();
+    }
+    if let Some(v) = &args.node_id {
+        config.node_id = v.clone();
+    }
+    if let Some(v) = args.shards {
+        config.shards = v;
+    }
+    if let Some(v) = args.commit_level {
+        config.commit_level = v;
+    }
+    if let Some(v) = args.executors {
+        config.engine.executor_count = v;
+    }
+    if args.allow_buffered_io {
+        config.engine.allow_buffered_io = true;
+    }
+    Ok(config)
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let config = config(&args)?;
+    // Signals are taken before any thread starts, so every thread inherits
+    // the handler's mask rather than dying on SIGTERM.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    let node = Node::start(config)?;
+    if args.print_addresses {
+        println!("listen {}", node.listen_addr());
+        if let Some(admin) = node.admin_addr() {
+            println!("admin {admin}");
+        }
+    }
+    let signal = signals.forever().next();
+    tracing::info!(?signal, "shutting down");
+    node.shutdown().context("closing the engine")?;
+    Ok(())
+}
