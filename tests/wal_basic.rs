@@ -152,7 +152,10 @@ fn back_pressure_keeps_issue_order() {
             lsns.windows(2).all(|w| w[0] < w[1]),
             "appends were staged out of issue order"
         );
-        assert!(!wal.stats().batch_records.is_empty(), "batches were recorded");
+        assert!(
+            !wal.stats().batch_records.is_empty(),
+            "batches were recorded"
+        );
         std::rc::Rc::try_unwrap(wal)
             .ok()
             .unwrap()

@@ -351,15 +351,14 @@ impl Conn {
                 ),
             }),
             Command::Unknown => {
-                let name = String::from_utf8_lossy(&args[0]);
                 let rest: Vec<String> = args[1..]
                     .iter()
                     .take(3)
-                    .map(|a| format!("'{}'", String::from_utf8_lossy(&a[..a.len().min(64)])))
+                    .map(|a| format!("'{}'", shown(a)))
                     .collect();
                 Slot::Ready(Reply::err(format!(
                     "unknown command '{}', with args beginning with: {}",
-                    &name[..name.len().min(64)],
+                    shown(&args[0]),
                     rest.join(" ")
                 )))
             }
@@ -380,7 +379,7 @@ impl Conn {
                 b"EX" | b"PX" | b"EXAT" | b"PXAT" | b"KEEPTTL" => {
                     return Slot::Ready(Reply::err(format!(
                         "SET option '{}' is not supported: tidewal keys do not expire",
-                        String::from_utf8_lossy(option)
+                        shown(option)
                     )));
                 }
                 b"GET" => {
@@ -576,10 +575,7 @@ impl Conn {
             b"ID" => Reply::Int(self.id as i64),
             // Client libraries announce themselves; nothing to do with it.
             b"SETINFO" => Reply::Ok,
-            _ => Reply::err(format!(
-                "CLIENT {} is not supported",
-                String::from_utf8_lossy(&sub[..sub.len().min(32)])
-            )),
+            _ => Reply::err(format!("CLIENT {} is not supported", shown(&sub))),
         })
     }
 }
@@ -612,6 +608,12 @@ fn engine_error(e: EngineError) -> Reply {
         )),
         other => Reply::err(other),
     }
+}
+
+/// Client bytes quoted in an error: at most 64, lossily as text (cut as
+/// bytes before decoding, never inside a character).
+fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(64)])
 }
 
 fn bulk_or_nil(value: Option<Bytes>) -> Reply {
@@ -683,7 +685,7 @@ fn config_command(shared: &Shared, args: &[Bytes]) -> Slot {
     if sub != b"GET" {
         return Slot::Ready(Reply::err(format!(
             "CONFIG {} is not supported; configure tidewal with its TOML file or flags",
-            String::from_utf8_lossy(&sub[..sub.len().min(32)])
+            shown(&sub)
         )));
     }
     let level = shared.engine.default_level();

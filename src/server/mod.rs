@@ -54,6 +54,7 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     counters: Counters,
     next_client_id: AtomicU64,
+    last_trim_ms: AtomicU64,
 }
 
 impl Shared {
@@ -108,6 +109,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             counters: Counters::default(),
             next_client_id: AtomicU64::new(1),
+            last_trim_ms: AtomicU64::new(0),
         });
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
@@ -289,6 +291,27 @@ struct ConnectionGuard(Arc<Shared>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.counters.connections.fetch_sub(1, Ordering::SeqCst);
+        let left = self.0.counters.connections.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 {
+            trim_memory(&self.0);
+        }
+    }
+}
+
+/// When the last client left, hands the memory their buffers used back to
+/// the system: glibc keeps freed memory in per-thread arenas, so a burst of
+/// connections would otherwise raise the node's footprint for good. At
+/// most once a second (a trim walks the free lists).
+fn trim_memory(shared: &Shared) {
+    let now = shared.started.elapsed().as_millis() as u64;
+    let last = shared.last_trim_ms.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && shared
+            .last_trim_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        // SAFETY: malloc_trim only releases memory that is free.
+        unsafe { libc::malloc_trim(0) };
     }
 }

@@ -24,6 +24,8 @@ macro_rules! both_backends {
     };
 }
 
+pub mod node;
+
 use std::future::Future;
 use std::path::PathBuf;
 

@@ -89,6 +89,15 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
+    // A panic on an executor would leave a process that holds its ports and
+    // data directory but serves nothing. Fail stop instead: log it and
+    // abort, so a supervisor restarts the node and recovery runs.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!(%info, "a tidewal thread panicked; aborting the node");
+        std::process::abort();
+    }));
     // Signals are taken before any thread starts, so every thread inherits
     // the handler's mask rather than dying on SIGTERM.
     let mut signals = signal_hook::iterator::Signals::new([

@@ -1,0 +1,327 @@
+//! The real `tidewal node` binary, driven by real clients: the `redis`
+//! client library, `redis-cli` and `redis-benchmark`.
+
+#[macro_use]
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+
+use common::disk_dir;
+use common::node::{NodeProcess, raw, tool};
+use redis::Commands;
+
+#[test]
+fn values_round_trip_through_a_client_library() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &["--shards", "4"]);
+    let mut c = node.client();
+    let _: () = redis::cmd("PING").query(&mut c).unwrap();
+    // Binary-safe keys and values, including CRLF and zeros.
+    let value: Vec<u8> = (0..=255u8).chain(b"\r\n\0".iter().copied()).collect();
+    let _: () = c.set(b"bin\r\nkey\0", &value).unwrap();
+    let got: Vec<u8> = c.get(b"bin\r\nkey\0").unwrap();
+    assert_eq!(got, value);
+    let missing: Option<String> = c.get("missing").unwrap();
+    assert_eq!(missing, None);
+
+    // Counters are atomic read-modify-writes.
+    assert_eq!(c.incr::<_, _, i64>("n", 1).unwrap(), 1);
+    assert_eq!(c.incr::<_, _, i64>("n", 41).unwrap(), 42);
+    assert_eq!(c.decr::<_, _, i64>("n", 2).unwrap(), 40);
+    let err = c.incr::<_, _, i64>("bin\r\nkey\0", 1).unwrap_err();
+    assert!(err.to_string().contains("not an integer"), "{err}");
+
+    // MSET/MGET/EXISTS/DEL.
+    let _: () = redis::cmd("MSET")
+        .arg(&["a", "1", "b", "2", "c", "3"])
+        .query(&mut c)
+        .unwrap();
+    let values: Vec<Option<String>> = c.mget(&["a", "b", "zz", "c"]).unwrap();
+    assert_eq!(
+        values,
+        vec![Some("1".into()), Some("2".into()), None, Some("3".into())]
+    );
+    assert_eq!(c.exists::<_, i64>(&["a", "b", "zz"]).unwrap(), 2);
+    assert_eq!(c.del::<_, i64>(&["a", "zz"]).unwrap(), 1);
+    assert_eq!(c.exists::<_, i64>("a").unwrap(), 0);
+
+    // SET NX / XX; expiry options are refused by name.
+    let set_nx: Option<String> = redis::cmd("SET")
+        .arg("b")
+        .arg("x")
+        .arg("NX")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(set_nx, None);
+    let set_xx: Option<String> = redis::cmd("SET")
+        .arg("b")
+        .arg("x")
+        .arg("XX")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(set_xx.as_deref(), Some("OK"));
+    let ex = redis::cmd("SET")
+        .arg("e")
+        .arg("1")
+        .arg("EX")
+        .arg(10)
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(ex.to_string().contains("not supported"), "{ex}");
+    let unknown = redis::cmd("LPUSH")
+        .arg("l")
+        .arg("1")
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(unknown.to_string().contains("unknown command"), "{unknown}");
+
+    // A pipeline of writes, then reads of them in the same pipeline.
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.set(format!("p:{i:04}"), i).ignore();
+    }
+    for i in 0..500 {
+        pipe.get(format!("p:{i:04}"));
+    }
+    let read: Vec<i64> = pipe.query(&mut c).unwrap();
+    assert_eq!(read, (0..500).collect::<Vec<i64>>());
+
+    // SCAN with MATCH and COUNT walks every key exactly once.
+    let mut seen: Vec<String> = c.scan_match("p:*").unwrap().map(Result::unwrap).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..500).map(|i| format!("p:{i:04}")).collect::<Vec<_>>()
+    );
+    let mut cursor = 0u64;
+    let mut pages = 0;
+    let mut all = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("p:00*")
+            .arg("COUNT")
+            .arg(7)
+            .query(&mut c)
+            .unwrap();
+        all.extend(keys);
+        pages += 1;
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    assert_eq!(all.len(), 100);
+    assert!(pages > 1, "COUNT paginates");
+
+    let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(size, 500 + 4);
+    let info: String = redis::cmd("INFO").query(&mut c).unwrap();
+    for field in [
+        "# Server",
+        "# Replication",
+        "role:master",
+        "# Persistence",
+        "commit_level:local",
+        "# Stats",
+        "total_commands_processed:",
+        "db0:keys=504",
+    ] {
+        assert!(info.contains(field), "INFO lacks {field}:\n{info}");
+    }
+    let role: (String, i64, Vec<String>) = redis::cmd("ROLE").query(&mut c).unwrap();
+    assert_eq!(role.0, "master");
+    assert!(role.1 > 0);
+    let waited: i64 = redis::cmd("WAIT").arg(0).arg(0).query(&mut c).unwrap();
+    assert_eq!(waited, 0);
+    let waited: i64 = redis::cmd("WAIT").arg(1).arg(50).query(&mut c).unwrap();
+    assert_eq!(waited, 0, "no replica can ack");
+    let config: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("append*")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(config, ["appendonly", "yes", "appendfsync", "always"]);
+    let _: Vec<String> = redis::cmd("COMMAND").arg("DOCS").query(&mut c).unwrap();
+
+    // The inline form redis-benchmark and telnet use.
+    assert_eq!(
+        raw(node.listen, b"PING\r\nget n\r\nQUIT\r\n"),
+        b"+PONG\r\n$2\r\n40\r\n+OK\r\n"
+    );
+    assert_eq!(node.terminate().code(), Some(0));
+}
+
+#[test]
+fn restart_keeps_every_acked_key_even_after_kill_9() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let mut c = node.client();
+    for i in 0..300 {
+        let _: () = c.set(format!("k{i}"), format!("v{i}")).unwrap();
+    }
+    // Acked (durable) then the process dies without a chance to flush.
+    node.kill9();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let mut c = node.client();
+    for i in 0..300 {
+        let v: Option<String> = c.get(format!("k{i}")).unwrap();
+        assert_eq!(v, Some(format!("v{i}")), "acked key k{i} lost");
+    }
+    // And a clean stop keeps what a memory-level node acked, too.
+    assert_eq!(node.terminate().code(), Some(0));
+    let node = NodeProcess::start(dir.path(), &["--commit-level", "memory"]);
+    let mut c = node.client();
+    for i in 0..300 {
+        let _: () = c.set(format!("m{i}"), i).unwrap();
+    }
+    assert_eq!(node.terminate().code(), Some(0));
+    let node = NodeProcess::start(dir.path(), &[]);
+    let mut c = node.client();
+    let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(size, 600);
+}
+
+#[test]
+fn sigterm_answers_what_was_sent_and_every_ok_is_durable() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let mut s = std::net::TcpStream::connect(node.listen).unwrap();
+    // The connection is being served before the pipeline goes out.
+    s.write_all(b"PING\r\n").unwrap();
+    let mut pong = [0u8; 7];
+    s.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
+    let mut pipeline = Vec::new();
+    for i in 0..2000 {
+        let (k, v) = (format!("s{i}"), format!("{i}"));
+        pipeline.extend(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+                k.len(),
+                v.len()
+            )
+            .bytes(),
+        );
+    }
+    s.write_all(&pipeline).unwrap();
+    // SIGTERM while the pipeline is being committed.
+    let pid = node.child.id();
+    let dir_path = node.dir.clone();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let mut replies = Vec::new();
+    let _ = s.read_to_end(&mut replies);
+    assert!(replies.len() % 5 == 0 && replies.chunks(5).all(|r| r == b"+OK\r\n"));
+    let oks = replies.len() / 5;
+    eprintln!("{oks} of 2000 writes acked before the node stopped");
+    let mut node = node;
+    let status = node.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit");
+    std::mem::forget(node);
+    let node = NodeProcess::start(&dir_path, &[]);
+    let mut c = node.client();
+    for i in 0..oks {
+        let v: Option<String> = c.get(format!("s{i}")).unwrap();
+        assert_eq!(v, Some(i.to_string()), "s{i} was acked but is gone");
+    }
+}
+
+#[test]
+fn redis_cli_and_redis_benchmark_work() {
+    let (Some(cli), Some(bench)) = (tool("redis-cli"), tool("redis-benchmark")) else {
+        return;
+    };
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let port = node.listen.port().to_string();
+    let cli_run = |args: &[&str]| {
+        let out = Command::new(&cli)
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli_run(&["set", "greeting", "hello world"]), "OK");
+    assert_eq!(cli_run(&["get", "greeting"]), "hello world");
+    assert_eq!(cli_run(&["ping"]), "PONG");
+    assert!(cli_run(&["info", "replication"]).contains("role:master"));
+    let out = Command::new(&bench)
+        .args([
+            "-p", &port, "-t", "set,get", "-n", "3000", "-c", "8", "-P", "16", "-d", "100", "-r",
+            "1000", "-q",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SET:") && text.contains("GET:"), "{text}");
+    let keys: i64 = cli_run(&["dbsize"]).parse().unwrap();
+    assert!(
+        keys > 1 && keys <= 1001,
+        "redis-benchmark's keys landed: {keys}"
+    );
+    let mut c = node.client();
+    let some: Vec<String> = c
+        .scan_match("key:*")
+        .unwrap()
+        .take(1)
+        .map(Result::unwrap)
+        .collect();
+    let value: Vec<u8> = c.get(&some[0]).unwrap();
+    assert_eq!(value.len(), 100);
+    assert_eq!(node.terminate().code(), Some(0));
+}
+
+#[test]
+fn config_file_limits_and_refusals() {
+    let dir = disk_dir();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "shards = 2\ncommit_level = \"local\"\n[limits]\nconnections_max = 3\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let node = NodeProcess::start(&data, &["--config", config.to_str().unwrap()]);
+    let held: Vec<_> = (0..3).map(|_| node.client()).collect();
+    let refused = raw(node.listen, b"PING\r\n");
+    assert!(String::from_utf8_lossy(&refused).contains("max number of clients"));
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut c = node.client();
+    let _: () = redis::cmd("PING").query(&mut c).unwrap();
+
+    // A second node on the same data directory is refused (LOCK), and so
+    // is a node on a port someone already listens on.
+    let second = NodeProcess::try_start(&data, &[]).err().expect("refused");
+    assert!(second.contains("in use"), "{second}");
+    let other = disk_dir();
+    let taken = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["node", "--data-dir"])
+        .arg(other.path())
+        .args(["--listen", &node.listen.to_string(), "--admin", ""])
+        .output()
+        .unwrap();
+    assert!(!taken.status.success());
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("cannot listen"));
+
+    // Bad config: unknown key, bad address, bad level.
+    std::fs::write(&config, "listne = \"x\"\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["node", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("listne"));
+    let bad = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["node", "--commit-level", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown commit level"));
+}
