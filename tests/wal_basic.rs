@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use tidewal::format::RecordKind;
-use tidewal::io::{DirectIo, DmaStorage, FaultStorage, Storage};
+use tidewal::io::{DirectIo, DmaStorage, FaultStorage, Storage, SyncMode};
 use tidewal::wal::{Case, Wal};
 
 async fn append_read_reopen<S: Storage + Clone + 'static>(storage: S) {
@@ -64,6 +64,20 @@ fn disk_backend_append_read_reopen() {
     run(move || async move {
         let storage = DmaStorage::open(&p, DirectIo::Require).await.unwrap();
         assert!(storage.direct_io());
+        assert_eq!(storage.sync_mode(), SyncMode::Dsync, "the default");
+        append_read_reopen(storage).await
+    });
+}
+
+#[test]
+fn disk_backend_with_fdatasync_append_read_reopen() {
+    let dir = disk_dir();
+    let p = path(&dir);
+    run(move || async move {
+        let storage = DmaStorage::open(&p, DirectIo::Require)
+            .await
+            .unwrap()
+            .with_sync_mode(SyncMode::Fdatasync);
         append_read_reopen(storage).await
     });
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use futures_channel::oneshot;
 
 use crate::format::LogId;
-use crate::io::{DirectIo, DmaStorage};
+use crate::io::{DirectIo, DmaStorage, SyncMode};
 use crate::state::Op;
 use crate::wal::{WalOptions, WalStats};
 
@@ -194,6 +194,7 @@ impl Engine {
             } else {
                 DirectIo::Require
             };
+            let sync_mode = options.sync_mode;
             let ready = ready_tx.clone();
             let mut builder =
                 glommio::LocalExecutorBuilder::new(placement).name(&format!("tidewal-{core}"));
@@ -203,7 +204,7 @@ impl Engine {
                 ));
             }
             let thread = builder
-                .spawn(move || run_executor(core, shards, policy, rx, ready))
+                .spawn(move || run_executor(core, shards, policy, sync_mode, rx, ready))
                 .map_err(|e| EngineError::Meta(format!("starting executor {core}: {e}")))?;
             threads.push(thread);
         }
@@ -660,13 +661,14 @@ async fn run_executor(
     core: u32,
     shards: Vec<(u32, PathBuf, WalOptions)>,
     policy: DirectIo,
+    sync_mode: SyncMode,
     rx: mailbox::Receiver<Request>,
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
 ) {
     let mut owned: BTreeMap<u32, Rc<Shard<DmaStorage>>> = BTreeMap::new();
     for (id, dir, wal) in shards {
         let opened = match DmaStorage::open(&dir, policy).await {
-            Ok(storage) => Shard::open(storage, wal).await,
+            Ok(storage) => Shard::open(storage.with_sync_mode(sync_mode), wal).await,
             Err(e) => Err(e.into()),
         };
         match opened {

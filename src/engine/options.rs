@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::CommitLevel;
+use crate::io::SyncMode;
 
 /// How an engine is opened. Units are last in every name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +29,10 @@ pub struct Options {
     /// Microseconds an idle executor spins before it sleeps: trades CPU for
     /// the latency of waking it from another thread. 0 sleeps at once.
     pub spin_before_park_us: u64,
+    /// How WAL and snapshot writes are made durable: `dsync` (each write
+    /// durable on completion; one device round trip per batch) or
+    /// `fdatasync` (write, then sync).
+    pub sync_mode: SyncMode,
 }
 
 impl Default for Options {
@@ -41,6 +46,7 @@ impl Default for Options {
             allow_buffered_io: false,
             pin_executors: true,
             spin_before_park_us: 0,
+            sync_mode: SyncMode::Dsync,
         }
     }
 }
@@ -53,6 +59,11 @@ pub struct OptionsError(pub String);
 impl Options {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_sync_mode(mut self, mode: SyncMode) -> Self {
+        self.sync_mode = mode;
+        self
     }
 
     pub fn with_shard_count(mut self, n: u32) -> Self {

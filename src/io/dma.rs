@@ -23,10 +23,25 @@ pub enum DirectIo {
 const PROBE_FILE: &str = ".direct-io-probe";
 
 /// A directory of `O_DIRECT` files. Clones name the same directory.
+/// How [`DmaStorage`] makes a write durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Files are opened `O_DSYNC`: each write is durable when it completes
+    /// (the device gets a FUA write or a flush with it), and `sync` has
+    /// nothing left to do. One round trip per batch instead of two; measured
+    /// faster at every concurrency (see the commit that made it the default).
+    #[default]
+    Dsync,
+    /// Plain O_DIRECT writes, then `fdatasync`.
+    Fdatasync,
+}
+
 #[derive(Debug, Clone)]
 pub struct DmaStorage {
     dir: PathBuf,
     direct_io: bool,
+    dsync: bool,
 }
 
 /// A file of [`DmaStorage`].
@@ -34,6 +49,10 @@ pub struct DmaStorage {
 pub struct DmaFileHandle {
     file: DmaFile,
     path: String,
+    dsync: bool,
+    /// An `allocate` changed the file's size: O_DSYNC writes do not cover
+    /// that, so the next `sync` must `fdatasync`.
+    metadata_dirty: std::cell::Cell<bool>,
 }
 
 fn glommio_err(op: &'static str, path: &Path, err: glommio::GlommioError<()>) -> IoError {
@@ -86,7 +105,25 @@ impl DmaStorage {
         if !direct_io {
             tracing::warn!(dir = %dir.display(), "O_DIRECT not in effect; running with buffered I/O");
         }
-        Ok(Self { dir, direct_io })
+        Ok(Self {
+            dir,
+            direct_io,
+            dsync: true,
+        })
+    }
+
+    /// How writes are made durable; [`SyncMode::Dsync`] unless changed.
+    pub fn with_sync_mode(mut self, mode: SyncMode) -> Self {
+        self.dsync = mode == SyncMode::Dsync;
+        self
+    }
+
+    pub fn sync_mode(&self) -> SyncMode {
+        if self.dsync {
+            SyncMode::Dsync
+        } else {
+            SyncMode::Fdatasync
+        }
     }
 
     /// Whether writes bypass the page cache.
@@ -102,6 +139,9 @@ impl DmaStorage {
         let path = self.dir.join(name);
         let mut options = OpenOptions::new();
         options.read(true).write(true);
+        if self.dsync {
+            options.custom_flags(libc::O_DSYNC);
+        }
         if create {
             options.create(true).truncate(true);
         }
@@ -113,6 +153,8 @@ impl DmaStorage {
         Ok(DmaFileHandle {
             file,
             path: path.display().to_string(),
+            dsync: self.dsync,
+            metadata_dirty: std::cell::Cell::new(false),
         })
     }
 }
@@ -230,6 +272,9 @@ impl StorageFile for DmaFileHandle {
     }
 
     async fn sync(&self) -> Result<(), IoError> {
+        if self.dsync && !self.metadata_dirty.replace(false) {
+            return Ok(());
+        }
         self.file.fdatasync().await.map_err(|e| self.err("sync", e))
     }
 
@@ -238,6 +283,7 @@ impl StorageFile for DmaFileHandle {
     }
 
     async fn allocate(&self, len: u64) -> Result<(), IoError> {
+        self.metadata_dirty.set(true);
         self.file
             .pre_allocate(len, false)
             .await

@@ -23,7 +23,7 @@ mod fault;
 
 use std::sync::Arc;
 
-pub use dma::{DirectIo, DmaFileHandle, DmaStorage};
+pub use dma::{DirectIo, DmaFileHandle, DmaStorage, SyncMode};
 pub use fault::{FaultFile, FaultOp, FaultStorage, PowerCut};
 
 /// Alignment of every write offset and length: one 4 KiB block.

@@ -93,7 +93,8 @@ pub struct WalStats {
     pub device_bytes: u64,
     /// Segments started.
     pub rotations: u64,
-    /// Duration of each `fdatasync` (and directory sync with it), in
+    /// Duration of each sync (the `fdatasync`, or with O_DSYNC writes the
+    /// confirmation, and the directory sync with it), in
     /// microseconds.
     pub sync_micros: Histogram<u64>,
     /// Records made durable by each sync: the group-commit batch size.
