@@ -122,17 +122,15 @@ impl NodeConfig {
     /// Checks what can be checked before anything starts.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |what: String| Err(ConfigError::Invalid(what));
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad(format!(
-                "listen = {:?} is not HOST:PORT (an IP address and a port)",
-                self.listen
-            ));
+        let resolves = |addr: &str| {
+            use std::net::ToSocketAddrs;
+            addr.to_socket_addrs().is_ok_and(|mut a| a.next().is_some())
+        };
+        if !resolves(&self.listen) {
+            return bad(format!("listen = {:?} is not HOST:PORT", self.listen));
         }
-        if !self.admin.is_empty() && self.admin.parse::<std::net::SocketAddr>().is_err() {
-            return bad(format!(
-                "admin = {:?} is not HOST:PORT (an IP address and a port)",
-                self.admin
-            ));
+        if !self.admin.is_empty() && !resolves(&self.admin) {
+            return bad(format!("admin = {:?} is not HOST:PORT", self.admin));
         }
         let l = &self.limits;
         if l.connections_max == 0 || l.args_max == 0 || l.bulk_bytes_max == 0 {
