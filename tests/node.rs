@@ -116,6 +116,57 @@ fn values_round_trip_through_a_client_library() {
     assert_eq!(all.len(), 100);
     assert!(pages > 1, "COUNT paginates");
 
+    // A cursor may be continued on another connection (pooled clients).
+    let (cursor, first): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg("p:*")
+        .arg("COUNT")
+        .arg(100)
+        .query(&mut c)
+        .unwrap();
+    let mut other = node.client();
+    let (_, second): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg("p:*")
+        .arg("COUNT")
+        .arg(100)
+        .query(&mut other)
+        .unwrap();
+    assert_eq!((first.len(), second.len()), (100, 100));
+    assert!(
+        first.last().unwrap() < second.first().unwrap(),
+        "continues in order"
+    );
+    let long = redis::cmd("KEYS")
+        .arg("*".repeat(5000))
+        .query::<Vec<String>>(&mut c)
+        .unwrap_err();
+    assert!(long.to_string().contains("pattern"), "{long}");
+
+    // KEYS answers as of its place in a pipeline: a later SET is not in it.
+    let (keys, ()): (Vec<String>, ()) = redis::pipe()
+        .cmd("KEYS")
+        .arg("late*")
+        .cmd("SET")
+        .arg("late")
+        .arg(1)
+        .query(&mut c)
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    let _: i64 = c.del("late").unwrap();
+
+    // A key over the engine's limit is refused as such; the shard goes on.
+    let err = redis::cmd("SET")
+        .arg(vec![b'k'; 100 << 10])
+        .arg(1)
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(err.to_string().contains("over the limit"), "{err}");
+    let _: () = c.set("after-big", 1).unwrap();
+    let _: i64 = c.del("after-big").unwrap();
+
     let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(size, 500 + 4);
     let info: String = redis::cmd("INFO").query(&mut c).unwrap();

@@ -727,11 +727,20 @@ async fn close_all(
         futures_lite::future::yield_now().await;
     }
     let mut result = Ok(());
-    for (_, shard) in owned {
-        if let Ok(shard) = Rc::try_unwrap(shard)
-            && let Err(e) = shard.close().await
-        {
-            result = Err(e);
+    for (id, shard) in owned {
+        match Rc::try_unwrap(shard) {
+            Ok(shard) => {
+                if let Err(e) = shard.close().await {
+                    result = Err(e);
+                }
+            }
+            // Something still holds the shard: it cannot be closed, and what
+            // it staged at the memory level may not reach the disk. Say so.
+            Err(_) => {
+                result = Err(EngineError::Meta(format!(
+                    "shard {id} was still in use at close; its staged writes may be lost"
+                )))
+            }
         }
     }
     result

@@ -50,8 +50,9 @@ pub struct DmaFileHandle {
     file: DmaFile,
     path: String,
     dsync: bool,
-    /// An `allocate` changed the file's size: O_DSYNC writes do not cover
-    /// that, so the next `sync` must `fdatasync`.
+    /// The next `sync` must `fdatasync` even with O_DSYNC writes: after an
+    /// `allocate` (a size change writes do not cover) and, once, for a file
+    /// opened rather than created.
     metadata_dirty: std::cell::Cell<bool>,
 }
 
@@ -154,7 +155,10 @@ impl DmaStorage {
             file,
             path: path.display().to_string(),
             dsync: self.dsync,
-            metadata_dirty: std::cell::Cell::new(false),
+            // A file opened again may hold bytes an earlier run wrote
+            // without O_DSYNC (or a crash left in the device cache): its
+            // first sync is a real one.
+            metadata_dirty: std::cell::Cell::new(!create),
         })
     }
 }

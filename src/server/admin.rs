@@ -27,14 +27,34 @@ use crate::engine::{CommitLevel, ShardStats};
 const HEADER_BYTES_MAX: usize = 16 << 10;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
-    shared
-        .counters
-        .http_requests
-        .fetch_add(1, Ordering::Relaxed);
+/// Admin connections served at once; more are closed at once.
+const CONNECTIONS_MAX: usize = 64;
+/// The whole exchange, read to write, must fit in this.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+pub(super) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let counters = &shared.counters;
+    counters.http_requests.fetch_add(1, Ordering::Relaxed);
+    if counters.http_connections.fetch_add(1, Ordering::SeqCst) >= CONNECTIONS_MAX {
+        counters.http_connections.fetch_sub(1, Ordering::SeqCst);
+        counters.http_errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let exchange = glommio::timer::timeout(DEADLINE, async {
+        exchange(stream, &shared).await;
+        Ok(())
+    });
+    if exchange.await.is_err() {
+        counters.http_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    counters.http_connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+async fn exchange(mut stream: TcpStream, shared: &Arc<Shared>) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let response = match read_request(&mut stream).await {
-        Ok(Some((method, path))) => route(&shared, &method, &path).await,
+        Ok(Some((method, path))) => route(shared, &method, &path).await,
         Ok(None) => return,
         Err(status) => text(status, status_text(status)),
     };

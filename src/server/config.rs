@@ -65,7 +65,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             connections_max: 10_000,
-            bulk_bytes_max: 16 << 20,
+            // A key and its value share one WAL record (16 MiB at most).
+            bulk_bytes_max: 8 << 20,
             args_max: 1 << 16,
             query_buffer_bytes_max: 64 << 20,
             reply_buffer_bytes_max: 64 << 20,

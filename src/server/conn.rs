@@ -8,11 +8,9 @@
 //! the order they were sent (the engine's requests are sent eagerly, and the
 //! WAL serves staging space first come first served).
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -30,8 +28,9 @@ use crate::engine::{BatchAtomicity, BatchOp, EngineError, Update};
 const STOP_POLL: Duration = Duration::from_millis(100);
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 << 10;
-/// SCAN cursors a connection remembers.
-const CURSORS_MAX: usize = 1024;
+/// Longest glob pattern (matching costs pattern length x key length).
+const PATTERN_BYTES_MAX: usize = 4096;
+const PATTERN_TOO_LONG: &str = "pattern is over 4096 bytes";
 
 type Later = Pin<Box<dyn Future<Output = Reply>>>;
 
@@ -52,27 +51,42 @@ struct Conn {
     shared: Arc<Shared>,
     id: u64,
     name: Option<Bytes>,
-    cursors: Rc<RefCell<Cursors>>,
+    /// A write of this pipeline has been started and not yet answered.
+    writes_pending: bool,
 }
 
-/// SCAN cursors: number → the last key returned, the newest
-/// [`CURSORS_MAX`] kept.
+/// SCAN cursors of the whole node: number → the last key returned. Any
+/// connection may continue an iteration (client libraries with pools do);
+/// the newest [`CURSORS_MAX`] are kept, within [`CURSOR_BYTES_MAX`] of keys.
 #[derive(Default)]
-struct Cursors {
+pub(super) struct Cursors {
     keys: HashMap<u64, Bytes>,
     order: VecDeque<u64>,
+    bytes: usize,
     next: u64,
 }
 
+const CURSORS_MAX: usize = 65_536;
+const CURSOR_BYTES_MAX: usize = 64 << 20;
+
 impl Cursors {
-    fn file(&mut self, cursor: u64, key: Bytes) {
-        self.keys.insert(cursor, key);
+    fn file(&mut self, cursor: u64, key: &Bytes) {
+        self.bytes += key.len();
+        self.keys.insert(cursor, Bytes::copy_from_slice(key));
         self.order.push_back(cursor);
-        if self.order.len() > CURSORS_MAX
-            && let Some(old) = self.order.pop_front()
-        {
-            self.keys.remove(&old);
+        while self.order.len() > CURSORS_MAX || self.bytes > CURSOR_BYTES_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(k) = self.keys.remove(&old) {
+                self.bytes -= k.len();
+            }
         }
+    }
+
+    fn take_number(&mut self) -> u64 {
+        self.next += 1;
+        self.next
     }
 }
 
@@ -85,7 +99,7 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         shared: shared.clone(),
         id,
         name: None,
-        cursors: Rc::default(),
+        writes_pending: false,
     };
     if let Err(e) = conn.run(&mut stream).await {
         tracing::debug!(client = id, error = %e, "client connection ended");
@@ -103,7 +117,11 @@ impl Conn {
         };
         let mut input = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
+        let flush_at = limits.reply_buffer_bytes_max.min(1 << 20);
         loop {
+            // A client whose commands never wait (PING...) must not keep the
+            // shards and other clients of this core from running.
+            glommio::yield_if_needed().await;
             let mut slots: Vec<Slot> = Vec::new();
             let mut after = After::Continue;
             while after == After::Continue {
@@ -132,14 +150,10 @@ impl Conn {
                     .counters
                     .commands
                     .fetch_add(1, Ordering::Relaxed);
-                after = self.dispatch(args, &mut slots, &mut out).await;
-                if out.len() >= limits.reply_buffer_bytes_max.min(1 << 20) {
-                    drain(&mut slots, &mut out).await;
-                    stream.write_all(&out).await?;
-                    out.clear();
-                }
+                after = self.dispatch(args, &mut slots, &mut out, stream).await?;
             }
-            drain(&mut slots, &mut out).await;
+            drain(&mut slots, &mut out, stream, flush_at).await?;
+            self.writes_pending = false;
             if !out.is_empty() {
                 stream.write_all(&out).await?;
                 out.clear();
@@ -184,13 +198,36 @@ impl Conn {
         args: Vec<Bytes>,
         slots: &mut Vec<Slot>,
         out: &mut BytesMut,
-    ) -> After {
+        stream: &mut TcpStream,
+    ) -> std::io::Result<After> {
+        let flush_at = self
+            .shared
+            .config
+            .limits
+            .reply_buffer_bytes_max
+            .min(1 << 20);
         let name = args[0].to_ascii_uppercase();
         let command = Command::of(&name);
-        if command.reads() && slots.iter().any(|s| matches!(s, Slot::Later(_))) {
+        if command.reads() && self.writes_pending {
             // Read after write: the writes before it land first.
-            drain(slots, out).await;
+            drain(slots, out, stream, flush_at).await?;
+            self.writes_pending = false;
         }
+        let after = self.run_command(command, args, slots);
+        if command.writes() {
+            self.writes_pending = true;
+        }
+        if out.len() >= flush_at || command.sends_when_polled() {
+            // These ask the engine only when polled: answer them now, so no
+            // later command of the pipeline overtakes them.
+            drain(slots, out, stream, flush_at).await?;
+            self.writes_pending = false;
+        }
+        Ok(after)
+    }
+
+    /// Starts one command: its reply goes into `slots`, in order.
+    fn run_command(&mut self, command: Command, args: Vec<Bytes>, slots: &mut Vec<Slot>) -> After {
         let arity_ok = command.arity_ok(args.len());
         if !arity_ok {
             let name = String::from_utf8_lossy(&args[0]).to_lowercase();
@@ -279,6 +316,9 @@ impl Conn {
                 }
             }
             Command::Scan => self.scan(&args),
+            Command::Keys if args[1].len() > PATTERN_BYTES_MAX => {
+                Slot::Ready(Reply::err(PATTERN_TOO_LONG))
+            }
             Command::Keys => {
                 let pattern = args[1].clone();
                 let answer = scan_matching(self.shared.clone(), pattern, usize::MAX);
@@ -460,6 +500,9 @@ impl Conn {
                 return Slot::Ready(Reply::err("syntax error"));
             };
             match option.to_ascii_uppercase().as_slice() {
+                b"MATCH" if value.len() > PATTERN_BYTES_MAX => {
+                    return Slot::Ready(Reply::err(PATTERN_TOO_LONG));
+                }
                 b"MATCH" => pattern = value.clone(),
                 b"COUNT" => match parse_i64(value) {
                     Some(n) if n >= 1 => count = n.min(100_000) as usize,
@@ -472,11 +515,17 @@ impl Conn {
         let after = if cursor == 0 {
             None
         } else {
-            match self.cursors.borrow().keys.get(&cursor) {
+            let known = self
+                .shared
+                .cursors
+                .lock()
+                .ok()
+                .and_then(|c| c.keys.get(&cursor).cloned());
+            match known {
                 Some(key) => Some(key.clone()),
                 None => {
                     return Slot::Ready(Reply::err(
-                        "invalid cursor (SCAN cursors belong to the connection that got them)",
+                        "invalid cursor (unknown, or evicted: the node keeps the newest 65536)",
                     ));
                 }
             }
@@ -488,12 +537,7 @@ impl Conn {
                 Reply::Array(Vec::new()),
             ]));
         }
-        let next = {
-            let mut cursors = self.cursors.borrow_mut();
-            cursors.next += 1;
-            cursors.next
-        };
-        let cursors = self.cursors.clone();
+        let shared = self.shared.clone();
         let engine = self.shared.engine.clone();
         let prefix = Bytes::copy_from_slice(glob::literal_prefix(&pattern));
         let start = match after {
@@ -516,10 +560,14 @@ impl Conn {
                 .map(|(k, _)| Reply::Bulk(k))
                 .collect();
             let cursor = match (done, last) {
-                (false, Some(last)) => {
-                    cursors.borrow_mut().file(next, last);
-                    next
-                }
+                (false, Some(last)) => match shared.cursors.lock() {
+                    Ok(mut cursors) => {
+                        let next = cursors.take_number();
+                        cursors.file(next, &last);
+                        next
+                    }
+                    Err(_) => 0,
+                },
                 _ => 0,
             };
             Ok(Reply::Array(vec![
@@ -568,7 +616,8 @@ impl Conn {
             .unwrap_or_default();
         Slot::Ready(match sub.as_slice() {
             b"SETNAME" if args.len() == 3 => {
-                self.name = Some(args[2].clone());
+                // A copy: a slice would pin the whole input buffer.
+                self.name = Some(Bytes::copy_from_slice(&args[2]));
                 Reply::Ok
             }
             b"GETNAME" => self.name.clone().map_or(Reply::Nil, Reply::Bulk),
@@ -581,14 +630,26 @@ impl Conn {
 }
 
 /// Awaits every reply in order and encodes them.
-async fn drain(slots: &mut Vec<Slot>, out: &mut BytesMut) {
+/// Awaits every reply in order and encodes them, writing out whenever
+/// `flush_at` bytes are waiting.
+async fn drain(
+    slots: &mut Vec<Slot>,
+    out: &mut BytesMut,
+    stream: &mut TcpStream,
+    flush_at: usize,
+) -> std::io::Result<()> {
     for slot in slots.drain(..) {
         let reply = match slot {
             Slot::Ready(reply) => reply,
             Slot::Later(later) => later.await,
         };
         reply.encode(out);
+        if out.len() >= flush_at {
+            stream.write_all(out).await?;
+            out.clear();
+        }
     }
+    Ok(())
 }
 
 fn later(f: impl Future<Output = Result<Reply, EngineError>> + 'static) -> Slot {
@@ -601,11 +662,18 @@ fn later(f: impl Future<Output = Result<Reply, EngineError>> + 'static) -> Slot 
 }
 
 fn engine_error(e: EngineError) -> Reply {
+    use crate::wal::WalError;
     match e {
-        EngineError::Closed => Reply::err("the node is shutting down"),
-        EngineError::Wal(e) => Reply::err(format!(
+        EngineError::Closed | EngineError::Wal(WalError::Closed) => {
+            Reply::err("the node is shutting down")
+        }
+        EngineError::Wal(WalError::TooLarge { len, max }) => Reply::err(format!(
+            "the write is too large: {len} bytes for one shard, over the limit of {max}"
+        )),
+        EngineError::Wal(e @ WalError::Failed(_)) => Reply::err(format!(
             "write failed and its durability is unknown; the shard stopped taking writes: {e}"
         )),
+        EngineError::Wal(e) => Reply::err(e),
         other => Reply::err(other),
     }
 }
@@ -785,6 +853,28 @@ impl Command {
             .iter()
             .find(|(name, _)| *name == upper)
             .map_or(Command::Unknown, |(_, c)| *c)
+    }
+
+    /// Whether it changes state.
+    fn writes(self) -> bool {
+        matches!(
+            self,
+            Command::Set
+                | Command::Del
+                | Command::Mset
+                | Command::Incr
+                | Command::Decr
+                | Command::IncrBy
+                | Command::DecrBy
+        )
+    }
+
+    /// Whether its engine requests go out only when its reply is polled.
+    fn sends_when_polled(self) -> bool {
+        matches!(
+            self,
+            Command::Keys | Command::DbSize | Command::Info | Command::Role
+        )
     }
 
     /// Whether it reads state (and so must see this client's earlier writes).

@@ -40,6 +40,7 @@ pub struct Counters {
     pub protocol_errors: AtomicU64,
     pub http_requests: AtomicU64,
     pub http_errors: AtomicU64,
+    pub http_connections: AtomicUsize,
 }
 
 /// What every connection of a node shares.
@@ -55,6 +56,7 @@ pub(crate) struct Shared {
     counters: Counters,
     next_client_id: AtomicU64,
     last_trim_ms: AtomicU64,
+    cursors: std::sync::Mutex<conn::Cursors>,
 }
 
 impl Shared {
@@ -110,6 +112,7 @@ impl Node {
             counters: Counters::default(),
             next_client_id: AtomicU64::new(1),
             last_trim_ms: AtomicU64::new(0),
+            cursors: Default::default(),
         });
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
