@@ -106,3 +106,38 @@ fn a_custom_state_machine_snapshots_and_replays() {
         shard.close().await.unwrap();
     });
 }
+
+/// A body the log cannot take is refused before the state sees it: the
+/// state never runs ahead of the log.
+#[test]
+fn a_body_too_large_for_the_log_never_reaches_the_state() {
+    run(|| async {
+        let mut options = small_options();
+        options.segment_bytes = 8192;
+        options.batch_bytes_max = 4096;
+        options.staged_bytes_max = 4096;
+        let shard: Shard<FaultStorage> = Shard::open(FaultStorage::new(), options).await.unwrap();
+        let max = shard.wal().record_body_max();
+        // A batch the key-value state takes, but too long for one record.
+        let value = vec![7u8; max];
+        let mut body = Vec::new();
+        tidewal::state::encode_batch(
+            &mut body,
+            &[tidewal::state::Op::Put {
+                key: b"big",
+                value: &value,
+            }],
+        )
+        .unwrap();
+        assert!(body.len() > max);
+        let err = shard
+            .write_body(&body, CommitLevel::Local)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
+        assert_eq!(shard.get(b"big"), None, "the state took a refused body");
+        shard.put(b"small", b"v", CommitLevel::Local).await.unwrap();
+        assert_eq!(shard.len(), 1);
+        shard.close().await.unwrap();
+    });
+}

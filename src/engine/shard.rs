@@ -224,6 +224,16 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         level: CommitLevel,
     ) -> Result<ShardReceipt, EngineError> {
         self.wal.wait_for_space().await?;
+        // Refused before it reaches the state: after `wait_for_space` the log
+        // is open, so size is the only reason left for `submit` to fail.
+        let max = self.wal.record_body_max();
+        if body.len() > max {
+            return Err(WalError::TooLarge {
+                len: body.len(),
+                max,
+            }
+            .into());
+        }
         // No await from here to the submit: the state sees records in LSN order.
         let lsn = self.wal.next_lsn();
         self.state.borrow_mut().apply(lsn, body)?;

@@ -150,6 +150,7 @@ pub struct Wal<S: Storage + 'static> {
     writer: Writer<S>,
     segments: Rc<Segments<S>>,
     report: RecoveryReport,
+    record_body_max: usize,
 }
 
 impl<S: Storage + 'static> Wal<S> {
@@ -166,12 +167,19 @@ impl<S: Storage + 'static> Wal<S> {
             });
         }
         let segments = Rc::new(segments);
+        let record_body_max = options.record_body_max();
         let writer = Writer::start(storage, segments.clone(), options, end, tail)?;
         Ok(Self {
             writer,
             segments,
             report,
+            record_body_max,
         })
+    }
+
+    /// Largest record body this log takes.
+    pub fn record_body_max(&self) -> usize {
+        self.record_body_max
     }
 
     /// What recovery found.
