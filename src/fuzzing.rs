@@ -88,3 +88,60 @@ pub fn recovery_scan(data: &[u8]) {
         );
     }
 }
+
+/// Input: bytes a replication peer sent. A frame that decodes re-encodes to
+/// the same bytes; so do the payloads of the kinds that have a layout.
+pub fn frame_decode(data: &[u8]) {
+    use crate::format::{
+        Ack, FrameKind, Heartbeat, Hello, decode_fixed, decode_frame, encode_frame,
+    };
+    let Ok(Some(f)) = decode_frame(data, 1 << 16) else {
+        return;
+    };
+    assert!(f.consumed <= data.len(), "consumed past the input");
+    let mut again = Vec::new();
+    encode_frame(&mut again, f.kind, f.shard, f.epoch, f.start_lsn, f.payload);
+    assert_eq!(&again[..], &data[..f.consumed], "frame did not round-trip");
+    match f.kind {
+        FrameKind::Hello => {
+            if let Ok(hello) = Hello::decode(f.payload) {
+                assert_eq!(hello.encode(), f.payload, "hello did not round-trip");
+            }
+        }
+        FrameKind::Ack => {
+            let _ = decode_fixed::<Ack>(f.kind, f.payload);
+        }
+        FrameKind::Heartbeat => {
+            let _ = decode_fixed::<Heartbeat>(f.kind, f.payload);
+        }
+        FrameKind::Records | FrameKind::Refuse => {}
+    }
+}
+
+/// Input: bytes a client sent to the RESP listener. A parsed command's
+/// argument ranges lie inside the bytes it consumed.
+pub fn resp_parse(data: &[u8]) {
+    use crate::server::resp::{Limits, parse};
+    let limits = Limits {
+        bulk_bytes_max: 1 << 16,
+        args_max: 1024,
+        inline_bytes_max: 1 << 12,
+    };
+    let mut rest = data;
+    while let Ok(Some(frame)) = parse(rest, &limits) {
+        assert!(
+            frame.consumed > 0 && frame.consumed <= rest.len(),
+            "bad consumed count"
+        );
+        for r in &frame.args {
+            assert!(
+                r.start <= r.end && r.end <= frame.consumed,
+                "argument outside the command"
+            );
+        }
+        let bytes = bytes::Bytes::copy_from_slice(&rest[..frame.consumed]);
+        let consumed = frame.consumed;
+        let _ = frame.arguments(&bytes);
+        rest = &rest[consumed..];
+    }
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use tidewal::format::{RecordKind, encode_record};
-use tidewal::fuzzing::{FUZZ_LOG, record_decode, recovery_scan};
+use tidewal::fuzzing::{FUZZ_LOG, frame_decode, record_decode, recovery_scan, resp_parse};
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -37,10 +37,30 @@ fn recovery_scan_corpus() {
     assert!(replay("recovery_scan", recovery_scan) >= 3);
 }
 
+#[test]
+fn frame_decode_corpus() {
+    assert!(replay("frame_decode", frame_decode) >= 4);
+}
+
+#[test]
+fn resp_parse_corpus() {
+    assert!(replay("resp_parse", resp_parse) >= 4);
+}
+
 proptest! {
     #[test]
     fn record_decode_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
         record_decode(&data);
+    }
+
+    #[test]
+    fn frame_decode_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        frame_decode(&data);
+    }
+
+    #[test]
+    fn resp_parse_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        resp_parse(&data);
     }
 
     #[test]
@@ -127,4 +147,75 @@ fn regenerate_seed_corpus() {
     let mut one = vec![0u8];
     one.extend(&first);
     std::fs::write(rs.join("one-segment"), one).unwrap();
+}
+
+/// Writes the seeds of the frame and RESP targets:
+/// `cargo test --test fuzz_corpus -- --ignored regenerate_frame_and_resp`.
+#[test]
+#[ignore]
+fn regenerate_frame_and_resp_seeds() {
+    use tidewal::format::{Ack, FrameKind, Heartbeat, Hello, encode_frame};
+    use zerocopy::IntoBytes;
+    let fd = corpus("frame_decode");
+    std::fs::create_dir_all(&fd).unwrap();
+    let frame = |kind, payload: &[u8]| {
+        let mut v = Vec::new();
+        encode_frame(&mut v, kind, 1, 3, 8192, payload);
+        v
+    };
+    let hello = Hello {
+        cluster_id: *b"tidewal-fuzz\0\0\0\0",
+        lsn: 8192,
+        chain: 0x1234_5678,
+        history: vec![(1, 0), (3, 4096)],
+        node_id: "replica-1".into(),
+    };
+    let ack = Ack {
+        written: 9000.into(),
+        flushed: 8192.into(),
+        applied: 8192.into(),
+    };
+    let hb = Heartbeat {
+        head_lsn: 9000.into(),
+        durable_lsn: 9000.into(),
+        unix_micros: 1.into(),
+    };
+    let mut records = Vec::new();
+    encode_record(
+        &mut records,
+        RecordKind::Data,
+        3,
+        8192,
+        7,
+        0,
+        b"replicated bytes",
+    );
+    let mut flipped = frame(FrameKind::Records, &records);
+    flipped[50] ^= 2;
+    for (name, bytes) in [
+        ("hello", frame(FrameKind::Hello, &hello.encode())),
+        ("ack", frame(FrameKind::Ack, ack.as_bytes())),
+        ("heartbeat", frame(FrameKind::Heartbeat, hb.as_bytes())),
+        ("records", frame(FrameKind::Records, &records)),
+        ("refuse", frame(FrameKind::Refuse, b"epoch 2 is below 3")),
+        ("flipped", flipped),
+    ] {
+        std::fs::write(fd.join(name), bytes).unwrap();
+    }
+    let rp = corpus("resp_parse");
+    std::fs::create_dir_all(&rp).unwrap();
+    let seeds: [(&str, &[u8]); 6] = [
+        (
+            "set-get",
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+        ),
+        ("inline", b"PING\r\nset k \"a b\\x41\" 'c\\'d'\n"),
+        ("truncated", b"*2\r\n$3\r\nGET\r\n$5\r\nhel"),
+        ("bad-length", b"*1\r\n$-3\r\n"),
+        ("empty", b"*0\r\n\r\n"),
+        ("huge-count", b"*999999999\r\n"),
+    ];
+    for (name, bytes) in seeds {
+        std::fs::write(rp.join(name), bytes).unwrap();
+    }
 }

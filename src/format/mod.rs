@@ -6,10 +6,15 @@
 //! return a value, "incomplete", or a typed error saying where and what. They
 //! never panic on input, which is what makes them fuzzable.
 
+mod frame;
 mod record;
 mod segment;
 mod snapshot;
 
+pub use frame::{
+    Ack, FRAME_HEADER_BYTES, FRAME_MAGIC, FrameError, FrameHeader, FrameKind, FrameRef,
+    HELLO_HISTORY_MAX, Heartbeat, Hello, NODE_ID_MAX, decode_fixed, decode_frame, encode_frame,
+};
 pub use record::{
     CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader, RecordKind,
     RecordRef, decode_record, encode_record, plausible_durable_floor_at, record_checksum,
