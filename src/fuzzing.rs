@@ -119,29 +119,69 @@ pub fn frame_decode(data: &[u8]) {
 }
 
 /// Input: bytes a client sent to the RESP listener. A parsed command's
-/// argument ranges lie inside the bytes it consumed.
+/// argument ranges lie inside the bytes it consumed, and a [`Parser`] fed
+/// the same bytes in pieces finds the same commands as one fed them whole.
+///
+/// [`Parser`]: crate::server::resp::Parser
 pub fn resp_parse(data: &[u8]) {
-    use crate::server::resp::{Limits, parse};
+    use crate::server::resp::{Limits, Parser, parse};
     let limits = Limits {
         bulk_bytes_max: 1 << 16,
         args_max: 1024,
         inline_bytes_max: 1 << 12,
     };
+    let mut whole = Vec::new();
     let mut rest = data;
-    while let Ok(Some(frame)) = parse(rest, &limits) {
-        assert!(
-            frame.consumed > 0 && frame.consumed <= rest.len(),
-            "bad consumed count"
-        );
-        for r in &frame.args {
-            assert!(
-                r.start <= r.end && r.end <= frame.consumed,
-                "argument outside the command"
-            );
+    let whole_end = loop {
+        match parse(rest, &limits) {
+            Ok(Some(frame)) => {
+                assert!(
+                    frame.consumed > 0 && frame.consumed <= rest.len(),
+                    "bad consumed count"
+                );
+                for r in &frame.args {
+                    assert!(
+                        r.start <= r.end && r.end <= frame.consumed,
+                        "argument outside the command"
+                    );
+                }
+                let bytes = bytes::Bytes::copy_from_slice(&rest[..frame.consumed]);
+                let consumed = frame.consumed;
+                whole.push((frame.args.clone(), consumed));
+                let _ = frame.arguments(&bytes);
+                rest = &rest[consumed..];
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         }
-        let bytes = bytes::Bytes::copy_from_slice(&rest[..frame.consumed]);
-        let consumed = frame.consumed;
-        let _ = frame.arguments(&bytes);
-        rest = &rest[consumed..];
-    }
+    };
+    // The same bytes in pieces of a size taken from the input.
+    let step = 1 + data.first().map_or(0, |b| usize::from(*b % 7));
+    let mut parser = Parser::default();
+    let (mut fed, mut start, mut pieces) = (0, 0, Vec::new());
+    let pieces_end = 'feed: loop {
+        loop {
+            match parser.parse(&data[start..fed], &limits) {
+                Ok(Some(frame)) => {
+                    start += frame.consumed;
+                    pieces.push((frame.args.clone(), frame.consumed));
+                }
+                Ok(None) => break,
+                Err(e) => break 'feed Err(e),
+            }
+        }
+        if fed == data.len() {
+            break Ok(());
+        }
+        fed = (fed + step).min(data.len());
+    };
+    assert_eq!(
+        pieces, whole,
+        "fed in pieces, the parser found other commands"
+    );
+    assert_eq!(
+        pieces_end.is_err(),
+        whole_end.is_err(),
+        "fed in pieces, the verdict changed"
+    );
 }

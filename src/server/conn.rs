@@ -116,6 +116,7 @@ impl Conn {
             inline_bytes_max: 64 << 10,
         };
         let mut input = BytesMut::with_capacity(READ_CHUNK);
+        let mut parser = resp::Parser::default();
         let mut out = BytesMut::new();
         let flush_at = limits.reply_buffer_bytes_max.min(1 << 20);
         loop {
@@ -125,7 +126,7 @@ impl Conn {
             let mut slots: Vec<Slot> = Vec::new();
             let mut after = After::Continue;
             while after == After::Continue {
-                let frame = match resp::parse(&input, &resp_limits) {
+                let frame = match parser.parse(&input, &resp_limits) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(e) => {

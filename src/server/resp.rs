@@ -68,12 +68,45 @@ impl Frame {
 
 /// Parses one command from the front of `input`: `Ok(None)` means more
 /// bytes are needed. An empty command (`*0`, a blank line) comes back with
-/// no arguments.
+/// no arguments. Stateless: an incomplete command is parsed again from its
+/// start next time; a connection uses a [`Parser`] instead.
 pub fn parse(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
-    match input.first() {
-        None => Ok(None),
-        Some(b'*') => parse_multibulk(input, limits),
-        Some(_) => parse_inline(input, limits),
+    Parser::default().parse(input, limits)
+}
+
+/// A parser that remembers where an incomplete command stopped, so a client
+/// that sends a long command a few bytes at a time costs work in proportion
+/// to what it sends, not to what it sent before. Between calls the caller
+/// may only append to the input (until a command completes and is removed).
+#[derive(Debug, Default)]
+pub struct Parser {
+    resume: Option<Resume>,
+}
+
+#[derive(Debug)]
+enum Resume {
+    /// Arguments complete so far, and where the next one starts.
+    Multibulk {
+        count: usize,
+        args: Vec<Range<usize>>,
+        pos: usize,
+    },
+    /// Bytes already searched for the end of the line.
+    Inline { scanned: usize },
+}
+
+impl Parser {
+    pub fn parse(&mut self, input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
+        let resume = self.resume.take();
+        let result = match input.first() {
+            None => Ok(None),
+            Some(b'*') => parse_multibulk(input, limits, resume, &mut self.resume),
+            Some(_) => parse_inline(input, limits, resume, &mut self.resume),
+        };
+        if result.is_err() {
+            self.resume = None;
+        }
+        result
     }
 }
 
@@ -101,45 +134,44 @@ fn parse_int(digits: &[u8]) -> Option<i64> {
     Some(if negative { -value } else { value })
 }
 
-fn parse_multibulk(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
-    let Some(end) = line_end(input, 1) else {
-        // A count line longer than any valid one is garbage, not "wait".
-        return if input.len() > 32 {
-            Err(ProtocolError::MultibulkLength)
-        } else {
-            Ok(None)
-        };
+fn parse_multibulk(
+    input: &[u8],
+    limits: &Limits,
+    resume: Option<Resume>,
+    save: &mut Option<Resume>,
+) -> Result<Option<Frame>, ProtocolError> {
+    let (count, mut args, mut pos) = match resume {
+        Some(Resume::Multibulk { count, args, pos }) => (count, args, pos),
+        _ => match multibulk_count(input, limits)? {
+            Count::Incomplete => return Ok(None),
+            Count::Empty(consumed) => {
+                return Ok(Some(Frame {
+                    args: Vec::new(),
+                    consumed,
+                    owned: None,
+                }));
+            }
+            // Not `with_capacity(count)`: the count is the client's word only.
+            Count::Args { count, pos } => (count, Vec::new(), pos),
+        },
     };
-    let count = parse_int(&input[1..end]).ok_or(ProtocolError::MultibulkLength)?;
-    let mut pos = end + 2;
-    if count <= 0 {
-        return Ok(Some(Frame {
-            args: Vec::new(),
-            consumed: pos,
-            owned: None,
-        }));
-    }
-    if count as u64 > limits.args_max as u64 {
-        return Err(ProtocolError::TooManyArgs {
-            count: count as u64,
-            max: limits.args_max,
-        });
-    }
-    // Not `with_capacity(count)`: the count is the client's word only.
-    let mut args = Vec::new();
-    for _ in 0..count {
+    while args.len() < count {
         let Some(&first) = input.get(pos) else {
+            *save = Some(Resume::Multibulk { count, args, pos });
             return Ok(None);
         };
         if first != b'$' {
             return Err(ProtocolError::ExpectedBulk(char::from(first)));
         }
-        let Some(end) = line_end(input, pos + 1) else {
-            return if input.len() - pos > 32 {
-                Err(ProtocolError::BulkLength)
-            } else {
-                Ok(None)
-            };
+        // The length line is short: search a bounded window, not the
+        // (possibly huge, partly arrived) data after it.
+        let window = &input[..input.len().min(pos + 34)];
+        let Some(end) = line_end(window, pos + 1) else {
+            if input.len() - pos > 32 {
+                return Err(ProtocolError::BulkLength);
+            }
+            *save = Some(Resume::Multibulk { count, args, pos });
+            return Ok(None);
         };
         let len = parse_int(&input[pos + 1..end]).ok_or(ProtocolError::BulkLength)?;
         if len < 0 {
@@ -154,6 +186,7 @@ fn parse_multibulk(input: &[u8], limits: &Limits) -> Result<Option<Frame>, Proto
         let start = end + 2;
         let stop = start + len as usize;
         if input.len() < stop + 2 {
+            *save = Some(Resume::Multibulk { count, args, pos });
             return Ok(None);
         }
         if &input[stop..stop + 2] != b"\r\n" {
@@ -169,13 +202,65 @@ fn parse_multibulk(input: &[u8], limits: &Limits) -> Result<Option<Frame>, Proto
     }))
 }
 
-fn parse_inline(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
-    let Some(newline) = input.iter().position(|&b| b == b'\n') else {
-        return if input.len() > limits.inline_bytes_max {
-            Err(ProtocolError::InlineTooLarge)
+enum Count {
+    Incomplete,
+    /// `*0` or a negative count: an empty command of this many bytes.
+    Empty(usize),
+    Args {
+        count: usize,
+        pos: usize,
+    },
+}
+
+fn multibulk_count(input: &[u8], limits: &Limits) -> Result<Count, ProtocolError> {
+    let window = &input[..input.len().min(34)];
+    let Some(end) = line_end(window, 1) else {
+        // A count line longer than any valid one is garbage, not "wait".
+        return if input.len() > 32 {
+            Err(ProtocolError::MultibulkLength)
         } else {
-            Ok(None)
+            Ok(Count::Incomplete)
         };
+    };
+    let count = parse_int(&input[1..end]).ok_or(ProtocolError::MultibulkLength)?;
+    let pos = end + 2;
+    if count <= 0 {
+        return Ok(Count::Empty(pos));
+    }
+    if count as u64 > limits.args_max as u64 {
+        return Err(ProtocolError::TooManyArgs {
+            count: count as u64,
+            max: limits.args_max,
+        });
+    }
+    Ok(Count::Args {
+        count: count as usize,
+        pos,
+    })
+}
+
+fn parse_inline(
+    input: &[u8],
+    limits: &Limits,
+    resume: Option<Resume>,
+    save: &mut Option<Resume>,
+) -> Result<Option<Frame>, ProtocolError> {
+    let from = match resume {
+        Some(Resume::Inline { scanned }) => scanned.min(input.len()),
+        _ => 0,
+    };
+    let Some(newline) = input[from..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|p| from + p)
+    else {
+        if input.len() > limits.inline_bytes_max {
+            return Err(ProtocolError::InlineTooLarge);
+        }
+        *save = Some(Resume::Inline {
+            scanned: input.len(),
+        });
+        return Ok(None);
     };
     if newline > limits.inline_bytes_max {
         return Err(ProtocolError::InlineTooLarge);
@@ -388,6 +473,29 @@ mod tests {
         }
         assert!(args(full).unwrap().is_some());
         assert_eq!(args(b"PIN").unwrap(), None);
+    }
+
+    #[test]
+    fn a_parser_fed_byte_by_byte_finds_the_same_commands() {
+        let input: &[u8] =
+            b"*3\r\n$3\r\nSET\r\n$5\r\nhello\r\n$0\r\n\r\nPING\r\n*1\r\n$4\r\nPING\r\n";
+        let mut whole = Vec::new();
+        let mut rest = input;
+        while let Some(f) = parse(rest, &LIMITS).unwrap() {
+            whole.push((f.args.clone(), f.consumed));
+            rest = &rest[f.consumed..];
+        }
+        let mut parser = Parser::default();
+        let (mut fed, mut start, mut got) = (0, 0, Vec::new());
+        while fed < input.len() {
+            fed += 1;
+            while let Some(f) = parser.parse(&input[start..fed], &LIMITS).unwrap() {
+                start += f.consumed;
+                got.push((f.args.clone(), f.consumed));
+            }
+        }
+        assert_eq!(got, whole);
+        assert_eq!(got.len(), 3);
     }
 
     #[test]
