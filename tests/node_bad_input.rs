@@ -172,6 +172,8 @@ fn garbage_truncated_oversized_and_floods_leave_the_node_healthy() {
             "garbage got {status}"
         );
     }
+    let (status, body) = node.http(b"HEAD /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!((status, body.as_str()), (200, ""), "HEAD has no body");
     check_good_client(&node, 4);
     let (status, metrics) = node.get("/metrics");
     assert_eq!(status, 200);

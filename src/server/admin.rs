@@ -53,8 +53,12 @@ pub(super) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
 async fn exchange(mut stream: TcpStream, shared: &Arc<Shared>) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+    let mut head_only = false;
     let response = match read_request(&mut stream).await {
-        Ok(Some((method, path))) => route(shared, &method, &path).await,
+        Ok(Some((method, path))) => {
+            head_only = method == "HEAD";
+            route(shared, &method, &path).await
+        }
         Ok(None) => return,
         Err(status) => text(status, status_text(status)),
     };
@@ -68,7 +72,9 @@ async fn exchange(mut stream: TcpStream, shared: &Arc<Shared>) {
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
+    if !head_only {
+        let _ = stream.write_all(body.as_bytes()).await;
+    }
     let _ = stream.close().await;
 }
 

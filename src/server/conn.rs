@@ -644,7 +644,22 @@ async fn drain(
             Slot::Ready(reply) => reply,
             Slot::Later(later) => later.await,
         };
-        reply.encode(out);
+        // An array (MGET, KEYS, SCAN) goes out element by element: its values
+        // are shared with the state, and only their encoding is copied, at
+        // most `flush_at` bytes of it at a time.
+        match reply {
+            Reply::Array(items) => {
+                resp::encode_array_header(items.len(), out);
+                for item in items {
+                    item.encode(out);
+                    if out.len() >= flush_at {
+                        stream.write_all(out).await?;
+                        out.clear();
+                    }
+                }
+            }
+            reply => reply.encode(out),
+        }
         if out.len() >= flush_at {
             stream.write_all(out).await?;
             out.clear();

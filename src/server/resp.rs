@@ -419,6 +419,11 @@ impl Reply {
     }
 }
 
+/// The `*N` line that starts an array of `len` replies.
+pub fn encode_array_header(len: usize, out: &mut BytesMut) {
+    line(out, b'*', len.to_string().as_bytes());
+}
+
 /// `prefix text \r\n`, with CR and LF in the text replaced: a simple string
 /// or error must stay on one line whatever it quotes.
 fn line(out: &mut BytesMut, prefix: u8, text: &[u8]) {
