@@ -197,6 +197,36 @@ fn values_round_trip_through_a_client_library() {
     assert_eq!(config, ["appendonly", "yes", "appendfsync", "always"]);
     let _: Vec<String> = redis::cmd("COMMAND").arg("DOCS").query(&mut c).unwrap();
 
+    // A connection may choose its own commit level.
+    let level: String = redis::cmd("CLIENT")
+        .arg("COMMIT-LEVEL")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(level, "local");
+    let _: () = redis::cmd("CLIENT")
+        .arg("COMMIT-LEVEL")
+        .arg("memory")
+        .query(&mut c)
+        .unwrap();
+    let level: String = redis::cmd("CLIENT")
+        .arg("COMMIT-LEVEL")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(level, "memory");
+    let _: () = c.set("fast", 1).unwrap();
+    let other_level: String = redis::cmd("CLIENT")
+        .arg("COMMIT-LEVEL")
+        .query(&mut other)
+        .unwrap();
+    assert_eq!(other_level, "local", "per connection");
+    let bad = redis::cmd("CLIENT")
+        .arg("COMMIT-LEVEL")
+        .arg("sometimes")
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(bad.to_string().contains("unknown commit level"), "{bad}");
+    let _: i64 = c.del("fast").unwrap();
+
     // The inline form redis-benchmark and telnet use.
     assert_eq!(
         raw(node.listen, b"PING\r\nget n\r\nQUIT\r\n"),

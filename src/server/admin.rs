@@ -22,7 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 use serde_json::json;
 
 use super::Shared;
-use crate::engine::{CommitLevel, ShardStats};
+use crate::engine::ShardStats;
 
 const HEADER_BYTES_MAX: usize = 16 << 10;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -181,10 +181,7 @@ async fn route(shared: &Arc<Shared>, method: &str, path: &str) -> Response {
 /// The status document: the spec's shape (`primary`, `replicas`) and the
 /// node's own figures.
 pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value {
-    let level = match shared.engine.default_level() {
-        CommitLevel::Memory => "memory",
-        CommitLevel::Local => "local",
-    };
+    let level = super::conn::level_name(shared.engine.default_level());
     let shards: Vec<_> = stats
         .iter()
         .map(|s| {

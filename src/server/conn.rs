@@ -22,7 +22,7 @@ use glommio::net::TcpStream;
 use super::Shared;
 use super::glob;
 use super::resp::{self, Reply};
-use crate::engine::{BatchAtomicity, BatchOp, EngineError, Update};
+use crate::engine::{BatchAtomicity, BatchOp, CommitLevel, EngineError, Update};
 
 /// How often an idle connection looks whether the node is stopping.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -53,6 +53,8 @@ struct Conn {
     name: Option<Bytes>,
     /// A write of this pipeline has been started and not yet answered.
     writes_pending: bool,
+    /// What this connection's writes wait for (`CLIENT COMMIT-LEVEL`).
+    level: CommitLevel,
 }
 
 /// SCAN cursors of the whole node: number → the last key returned. Any
@@ -100,6 +102,7 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         id,
         name: None,
         writes_pending: false,
+        level: shared.engine.default_level(),
     };
     if let Err(e) = conn.run(&mut stream).await {
         tracing::debug!(client = id, error = %e, "client connection ended");
@@ -238,7 +241,7 @@ impl Conn {
             return After::Continue;
         }
         let engine = &self.shared.engine;
-        let level = engine.default_level();
+        let level = self.level;
         let slot = match command {
             Command::Ping => Slot::Ready(match args.get(1) {
                 Some(message) => Reply::Bulk(message.clone()),
@@ -411,7 +414,7 @@ impl Conn {
     /// `SET key value [NX|XX]`: other options are refused by name.
     fn set(&self, args: Vec<Bytes>) -> Slot {
         let engine = &self.shared.engine;
-        let level = engine.default_level();
+        let level = self.level;
         let (mut nx, mut xx) = (false, false);
         for option in &args[3..] {
             match option.to_ascii_uppercase().as_slice() {
@@ -456,7 +459,7 @@ impl Conn {
     fn incr(&self, key: Bytes, delta: i64) -> Slot {
         let engine = &self.shared.engine;
         let (tx, rx) = futures_channel::oneshot::channel::<Result<i64, &'static str>>();
-        let answer = engine.update_at(key, engine.default_level(), move |current| {
+        let answer = engine.update_at(key, self.level, move |current| {
             let old = match current {
                 None => Some(0),
                 Some(v) => parse_i64(v),
@@ -625,6 +628,21 @@ impl Conn {
             b"ID" => Reply::Int(self.id as i64),
             // Client libraries announce themselves; nothing to do with it.
             b"SETINFO" => Reply::Ok,
+            b"COMMIT-LEVEL" if args.len() == 2 => Reply::bulk(level_name(self.level)),
+            b"COMMIT-LEVEL" if args.len() == 3 => match args[2].to_ascii_lowercase().as_slice() {
+                b"local" => {
+                    self.level = CommitLevel::Local;
+                    Reply::Ok
+                }
+                b"memory" => {
+                    self.level = CommitLevel::Memory;
+                    Reply::Ok
+                }
+                _ => Reply::err(format!(
+                    "unknown commit level '{}': this build has 'local' and 'memory'",
+                    shown(&args[2])
+                )),
+            },
             _ => Reply::err(format!("CLIENT {} is not supported", shown(&sub))),
         })
     }
@@ -778,8 +796,8 @@ fn config_command(shared: &Shared, args: &[Bytes]) -> Slot {
         (
             "appendfsync",
             match level {
-                crate::engine::CommitLevel::Local => "always".into(),
-                crate::engine::CommitLevel::Memory => "no".into(),
+                CommitLevel::Local => "always".into(),
+                CommitLevel::Memory => "no".into(),
             },
         ),
         ("save", String::new()),
@@ -939,5 +957,12 @@ impl Command {
         } else {
             args >= (-arity) as usize
         }
+    }
+}
+
+pub(super) fn level_name(level: CommitLevel) -> &'static str {
+    match level {
+        CommitLevel::Memory => "memory",
+        CommitLevel::Local => "local",
     }
 }

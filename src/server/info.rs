@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::Shared;
-use crate::engine::{CommitLevel, EngineError, ShardStats};
+use crate::engine::{EngineError, ShardStats};
 
 /// Renders the sections asked for (`None`, `all`, `everything`, `default`:
 /// all of them).
@@ -50,10 +50,7 @@ pub(super) async fn render(
         );
     }
     if want("persistence") {
-        let level = match shared.engine.default_level() {
-            CommitLevel::Memory => "memory",
-            CommitLevel::Local => "local",
-        };
+        let level = super::conn::level_name(shared.engine.default_level());
         let failed = stats.iter().filter(|s| s.failure.is_some()).count();
         let _ = write!(
             out,
