@@ -11,6 +11,6 @@ mod mailbox;
 mod options;
 mod shard;
 
-pub use handle::{BatchAtomicity, BatchOp, Engine, ShardStats, block_on};
+pub use handle::{Answer, BatchAtomicity, BatchOp, Engine, ShardStats, block_on};
 pub use options::{Options, OptionsError};
 pub use shard::{CommitLevel, EngineError, OpenReport, Shard, ShardReceipt, Update};

@@ -267,23 +267,11 @@ impl Conn {
                         })
                     })
                     .collect();
-                later(async move {
-                    let mut deleted = 0;
-                    for answer in answers {
-                        deleted += i64::from(answer.await?.is_some());
-                    }
-                    Ok(Reply::Int(deleted))
-                })
+                later(count_some(answers))
             }
             Command::Exists => {
                 let answers: Vec<_> = args[1..].iter().map(|k| engine.get(k.clone())).collect();
-                later(async move {
-                    let mut found = 0;
-                    for answer in answers {
-                        found += i64::from(answer.await?.is_some());
-                    }
-                    Ok(Reply::Int(found))
-                })
+                later(count_some(answers))
             }
             Command::Mget => {
                 let answers: Vec<_> = args[1..].iter().map(|k| engine.get(k.clone())).collect();
@@ -716,6 +704,18 @@ fn engine_error(e: EngineError) -> Reply {
 /// bytes before decoding, never inside a character).
 fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(&bytes[..bytes.len().min(64)])
+}
+
+/// How many of the answers are `Some`: DEL's deleted keys, EXISTS's
+/// present ones.
+async fn count_some<T>(
+    answers: Vec<crate::engine::Answer<Option<T>>>,
+) -> Result<Reply, EngineError> {
+    let mut n = 0;
+    for answer in answers {
+        n += i64::from(answer.await?.is_some());
+    }
+    Ok(Reply::Int(n))
 }
 
 fn bulk_or_nil(value: Option<Bytes>) -> Reply {
