@@ -406,3 +406,34 @@ fn config_file_limits_and_refusals() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown commit level"));
 }
+
+#[test]
+fn counters_are_atomic_across_connections() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let url = node.url();
+            std::thread::spawn(move || {
+                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                // Pipelined, so increments of one key from many connections
+                // meet in the same group commits.
+                let mut pipe = redis::pipe();
+                for i in 0..200 {
+                    pipe.incr("hits", 1).ignore();
+                    pipe.incr(format!("hits:{}", i % 4), 1).ignore();
+                }
+                let () = pipe.query(&mut c).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut c = node.client();
+    assert_eq!(c.get::<_, i64>("hits").unwrap(), 1600);
+    for k in 0..4 {
+        assert_eq!(c.get::<_, i64>(format!("hits:{k}")).unwrap(), 400);
+    }
+    assert_eq!(node.terminate().code(), Some(0));
+}
