@@ -243,9 +243,13 @@ fn restart_keeps_every_acked_key_even_after_kill_9() {
     for i in 0..300 {
         let _: () = c.set(format!("k{i}"), format!("v{i}")).unwrap();
     }
-    // Acked (durable) then the process dies without a chance to flush.
+    // Acked (durable) then the process dies without a chance to flush. The
+    // node comes back on the same port at once, though the connections of
+    // its previous life linger in TIME_WAIT.
+    let port = node.listen.to_string();
     node.kill9();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = NodeProcess::start(dir.path(), &["--listen", &port]);
+    assert_eq!(node.listen.to_string(), port);
     let mut c = node.client();
     for i in 0..300 {
         let v: Option<String> = c.get(format!("k{i}")).unwrap();

@@ -86,10 +86,9 @@ impl Node {
     /// Opens the data directory and starts serving.
     pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.check()?;
-        // Claim the ports before anything else, without SO_REUSEPORT: if
-        // another process (another node, a Redis) listens there, this fails
-        // instead of silently sharing the port (glommio's listeners set
-        // SO_REUSEPORT). Port 0 gets a free port here.
+        // Claim the ports before anything else: if another process (another
+        // node, a Redis) listens there, this fails instead of silently
+        // sharing the port. Port 0 gets a free port here.
         let listen = claim(&config.listen)?;
         let admin = if config.admin.is_empty() {
             None
@@ -189,15 +188,63 @@ impl Node {
     }
 }
 
-/// Binds `addr` without `SO_REUSEPORT` to make sure nobody else listens
-/// there, and returns the address (with the port chosen for port 0).
+/// Makes sure nobody else listens on `addr` and returns the address (with
+/// the port chosen for port 0).
+///
+/// glommio's listeners set `SO_REUSEPORT`, so a second process binding the
+/// same port would silently share it: a connection to the address tells
+/// whether someone listens. The bind that follows sets `SO_REUSEPORT` too,
+/// like the listeners: a plain bind would fail for as long as the previous
+/// run's connections linger in TIME_WAIT (up to a minute), so a node could
+/// not restart on its own port.
 fn claim(addr: &str) -> Result<SocketAddr, NodeError> {
+    use std::net::ToSocketAddrs;
     let fail = |error| NodeError::Listen {
         addr: addr.to_string(),
         error,
     };
-    let probe = std::net::TcpListener::bind(addr).map_err(fail)?;
-    probe.local_addr().map_err(fail)
+    let resolved = addr
+        .to_socket_addrs()
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| fail(std::io::Error::other("resolves to no address")))?;
+    if resolved.port() != 0 {
+        let mut probe = resolved;
+        if probe.ip().is_unspecified() {
+            probe.set_ip(match probe {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        // A listener of a process that just died can answer for a moment:
+        // io_uring tears a ring down after the process is gone, and the
+        // ring's pending accept keeps the socket open until then. Only a
+        // listener still there after a few seconds is someone else's.
+        let started = Instant::now();
+        while std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(500)).is_ok() {
+            if started.elapsed() > Duration::from_secs(5) {
+                return Err(fail(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process listens there",
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(resolved),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.set_reuse_port(true).map_err(fail)?;
+    socket.bind(&resolved.into()).map_err(fail)?;
+    socket
+        .local_addr()
+        .map_err(fail)?
+        .as_socket()
+        .ok_or_else(|| fail(std::io::Error::other("not an IP address")))
 }
 
 /// Starts accepting clients on this executor.

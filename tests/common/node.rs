@@ -25,13 +25,8 @@ impl NodeProcess {
             .arg("node")
             .arg("--data-dir")
             .arg(dir)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--print-addresses",
-            ])
+            .args(defaults_unless_given(extra))
+            .arg("--print-addresses")
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -114,6 +109,17 @@ impl NodeProcess {
     pub fn get(&self, path: &str) -> (u16, String) {
         self.http(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
     }
+}
+
+/// Free ports for the addresses `extra` does not set.
+fn defaults_unless_given(extra: &[&str]) -> Vec<&'static str> {
+    let mut args = Vec::new();
+    for flag in ["--listen", "--admin"] {
+        if !extra.contains(&flag) {
+            args.extend([flag, "127.0.0.1:0"]);
+        }
+    }
+    args
 }
 
 /// The node's stderr goes to a file in its data directory.
