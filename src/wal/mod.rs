@@ -118,6 +118,12 @@ pub enum WalError {
     Position { lsn: u64, why: &'static str },
     #[error("the log is closed")]
     Closed,
+    /// Records offered by an upstream do not continue this log.
+    #[error("records rejected at lsn {lsn}: {error}")]
+    Rejected {
+        lsn: u64,
+        error: crate::format::FormatError,
+    },
     #[error("invalid options: {0}")]
     Options(String),
 }
@@ -213,6 +219,14 @@ impl<S: Storage + 'static> Wal<S> {
         body: &[u8],
     ) -> Result<Pending, WalError> {
         self.writer.submit(kind, body)
+    }
+
+    /// Stages records encoded elsewhere (a replication upstream) byte for
+    /// byte, after checking that each continues this log (LSN, chain,
+    /// epoch); see `Writer::submit_raw`. The future resolves when the last
+    /// one is durable. Callers wait for space first, as for `submit`.
+    pub fn submit_raw(&self, records: &[u8]) -> Result<Option<Pending>, WalError> {
+        self.writer.submit_raw(records)
     }
 
     /// LSN up to which every record is durable.

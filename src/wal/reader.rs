@@ -24,6 +24,9 @@ pub struct OwnedRecord {
     /// The record's chained checksum.
     pub checksum: u32,
     pub body: Bytes,
+    /// The whole record, header and body, exactly as on disk: what a
+    /// replication upstream forwards (sharing the read buffer, no copy).
+    pub encoded: Bytes,
 }
 
 /// Records read in order, and the position after the last of them.
@@ -94,6 +97,7 @@ pub(super) async fn read<S: Storage>(
                         kind: r.kind(),
                         checksum: r.checksum(),
                         body: bytes.slice(at + RECORD_HEADER_BYTES..at + n),
+                        encoded: bytes.slice(at..at + n),
                     });
                     from = r.next();
                     at += n;

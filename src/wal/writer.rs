@@ -21,8 +21,12 @@ use std::task::{Context, Poll, Waker};
 use glommio::task::JoinHandle;
 use hdrhistogram::Histogram;
 
-use crate::format::{Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, encode_record};
+use crate::format::{
+    Decoded, Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, decode_record,
+    encode_record,
+};
 use crate::io::{IoError, Storage};
+use zerocopy::FromBytes;
 
 use super::segment::{Segments, Tail};
 use super::{WalError, WalOptions};
@@ -171,6 +175,43 @@ impl State {
         self.wake_space_head();
     }
 
+    /// The run a record of `size` bytes goes into: the open one, or a new
+    /// one (in a new segment when this one is full).
+    fn run_for(&mut self, size: u64) -> &mut Run {
+        let capacity = self.options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
+        if self.seg_base.is_none() || self.seg_used + size > capacity {
+            self.seg_base = Some(self.next.lsn);
+            self.seg_used = 0;
+        }
+        let seg_base = self.seg_base.expect("set above");
+        let batch_max = self.options.batch_bytes_max;
+        let open_run = self
+            .runs
+            .back()
+            .is_some_and(|r| r.seg_base == seg_base && r.bytes.len() + size as usize <= batch_max);
+        if !open_run {
+            let bytes = self.free.pop().unwrap_or_default();
+            let start = self.next;
+            self.runs.push_back(Run {
+                seg_base,
+                start,
+                bytes,
+            });
+        }
+        self.seg_used += size;
+        self.staged_bytes += size as usize;
+        self.runs.back_mut().expect("pushed above")
+    }
+
+    /// Records that the bytes up to `next` are staged, and tells the flusher.
+    fn staged(&mut self, next: Expect) {
+        self.next = next;
+        self.waiters.push_back((next.lsn, None));
+        if let Some(waker) = self.flusher.take() {
+            waker.wake();
+        }
+    }
+
     /// Wakes the first appender waiting for space; it wakes the next.
     pub fn wake_space_head(&mut self) {
         if let Some((_, waker)) = self.space.front() {
@@ -270,43 +311,25 @@ impl<S: Storage + 'static> Writer<S> {
                 max,
             });
         }
-        let size = (RECORD_HEADER_BYTES + body.len()) as u64;
-        let capacity = st.options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
-        if st.seg_base.is_none() || st.seg_used + size > capacity {
-            st.seg_base = Some(st.next.lsn);
-            st.seg_used = 0;
-        }
-        let seg_base = st.seg_base.expect("set above");
-        let batch_max = st.options.batch_bytes_max;
-        let open_run = st
-            .runs
-            .back()
-            .is_some_and(|r| r.seg_base == seg_base && r.bytes.len() + size as usize <= batch_max);
-        if !open_run {
-            let bytes = st.free.pop().unwrap_or_default();
-            let start = st.next;
-            st.runs.push_back(Run {
-                seg_base,
-                start,
-                bytes,
+        if st.options.epoch < st.next.epoch {
+            // Records of a later epoch came from an upstream: this log may
+            // not write under an older one (fencing).
+            return Err(WalError::EpochRegressed {
+                epoch: st.options.epoch,
+                last: st.next.epoch,
             });
         }
+        let size = (RECORD_HEADER_BYTES + body.len()) as u64;
         let (lsn, chain, epoch) = (st.next.lsn, st.next.chain, st.options.epoch);
         let durable_lsn = st.durable_lsn;
-        let run = st.runs.back_mut().expect("pushed above");
+        let run = st.run_for(size);
         let checksum = encode_record(&mut run.bytes, kind, epoch, lsn, chain, durable_lsn, body);
         let end_lsn = lsn + size;
-        st.next = Expect {
+        st.staged(Expect {
             lsn: end_lsn,
             chain: checksum,
             epoch,
-        };
-        st.seg_used += size;
-        st.staged_bytes += size as usize;
-        st.waiters.push_back((end_lsn, None));
-        if let Some(waker) = st.flusher.take() {
-            waker.wake();
-        }
+        });
         let receipt = Receipt {
             shard: st.options.log.shard,
             epoch,
@@ -318,6 +341,85 @@ impl<S: Storage + 'static> Writer<S> {
             receipt,
             state: self.state.clone(),
         })
+    }
+
+    /// Stages records encoded elsewhere (by a replication upstream) byte for
+    /// byte: one encode for the primary's disk, the wire and this disk. Every
+    /// record must decode at this log's next position (its LSN, the chain,
+    /// an epoch not below the last) or nothing is staged and the error names
+    /// the first record that does not. Returns the last record's pending
+    /// append (`None` for no bytes).
+    ///
+    /// The records keep the upstream's `durable_gap`: it describes the
+    /// upstream's durability, not this log's, so after a torn write here a
+    /// recovery may read it as damage to acknowledged data and refuse to
+    /// open. A replica settles that with its upstream, which holds the same
+    /// records.
+    pub fn submit_raw(&self, records: &[u8]) -> Result<Option<Pending>, WalError> {
+        let mut st = self.state.borrow_mut();
+        st.check_open()?;
+        let max = st.options.record_body_max();
+        // All or nothing: check every record before staging any.
+        let mut expect = st.next;
+        let mut sizes = Vec::new();
+        let mut at = 0;
+        while at < records.len() {
+            let rejected = |error| WalError::Rejected {
+                lsn: expect.lsn,
+                error,
+            };
+            match decode_record(&records[at..], expect).map_err(rejected)? {
+                Decoded::Record(r) => {
+                    if r.body.len() > max {
+                        return Err(WalError::TooLarge {
+                            len: r.body.len(),
+                            max,
+                        });
+                    }
+                    let size = RECORD_HEADER_BYTES + r.body.len();
+                    expect = Expect {
+                        lsn: expect.lsn + size as u64,
+                        chain: r.checksum(),
+                        epoch: r.epoch(),
+                    };
+                    sizes.push(size);
+                    at += size;
+                }
+                Decoded::Incomplete { .. } => {
+                    return Err(WalError::Rejected {
+                        lsn: expect.lsn,
+                        error: crate::format::FormatError::Overrun { lsn: expect.lsn },
+                    });
+                }
+            }
+        }
+        let mut last = None;
+        let mut at = 0;
+        for size in sizes {
+            let bytes = &records[at..at + size];
+            let header = crate::format::RecordHeader::ref_from_prefix(bytes)
+                .map(|(h, _)| *h)
+                .expect("decoded above");
+            let lsn = st.next.lsn;
+            st.run_for(size as u64).bytes.extend_from_slice(bytes);
+            st.staged(Expect {
+                lsn: lsn + size as u64,
+                chain: header.checksum.get(),
+                epoch: header.epoch.get(),
+            });
+            last = Some(Receipt {
+                shard: st.options.log.shard,
+                epoch: header.epoch.get(),
+                lsn,
+                end_lsn: lsn + size as u64,
+            });
+            at += size;
+        }
+        drop(st);
+        Ok(last.map(|receipt| Pending {
+            receipt,
+            state: self.state.clone(),
+        }))
     }
 
     /// Waits while more than `staged_bytes_max` bytes are staged, or while

@@ -142,6 +142,8 @@ pub async fn read_all_records<S: tidewal::Storage + 'static>(
 pub trait Backend: Clone + 'static {
     type S: tidewal::Storage + Clone + 'static;
     async fn storage(&self) -> Self::S;
+    /// A second storage, independent of the first (another node's disk).
+    async fn other_storage(&self) -> Self::S;
     fn read(&self, name: &str) -> Vec<u8>;
     fn poke(&self, name: &str, offset: usize, bytes: &[u8]);
     fn delete(&self, name: &str);
@@ -170,6 +172,9 @@ impl Backend for Mem {
     async fn storage(&self) -> Self::S {
         self.0.clone()
     }
+    async fn other_storage(&self) -> Self::S {
+        tidewal::FaultStorage::new()
+    }
     fn read(&self, name: &str) -> Vec<u8> {
         self.0.contents(name).expect("file exists")
     }
@@ -197,6 +202,11 @@ impl Backend for Disk {
     type S = tidewal::DmaStorage;
     async fn storage(&self) -> Self::S {
         tidewal::DmaStorage::open(self.0.path(), tidewal::DirectIo::Require)
+            .await
+            .expect("O_DIRECT storage on the target dir")
+    }
+    async fn other_storage(&self) -> Self::S {
+        tidewal::DmaStorage::open(&self.0.path().join("other"), tidewal::DirectIo::Require)
             .await
             .expect("O_DIRECT storage on the target dir")
     }
