@@ -28,10 +28,11 @@ use serde::{Deserialize, Serialize};
 
 use futures_channel::oneshot;
 
+use crate::format::Expect;
 use crate::format::LogId;
 use crate::io::{DirectIo, DmaStorage, SyncMode};
 use crate::state::Op;
-use crate::wal::{WalOptions, WalStats};
+use crate::wal::{ReadBatch, WalOptions, WalStats};
 
 use super::mailbox;
 use super::{CommitLevel, EngineError, Options, Shard, ShardReceipt, Update};
@@ -78,6 +79,9 @@ pub struct ShardStats {
     pub durable_lsn: u64,
     /// Where the next record goes: the head of the log.
     pub next_lsn: u64,
+    /// The chain value at `next_lsn` (the last record's checksum): two
+    /// shards with equal `(next_lsn, chain)` hold the same log.
+    pub chain: u32,
     /// First LSN still held by the log (retention).
     pub first_lsn: u64,
     pub segments: usize,
@@ -121,6 +125,18 @@ enum Request {
     Snapshot {
         shard: u32,
         reply: Reply<u64>,
+    },
+    Replicate {
+        shard: u32,
+        records: Bytes,
+        level: CommitLevel,
+        reply: Reply<Option<ShardReceipt>>,
+    },
+    ReadLog {
+        shard: u32,
+        from: Expect,
+        max_bytes: usize,
+        reply: Reply<ReadBatch>,
     },
     Stats {
         reply: Reply<Vec<ShardStats>>,
@@ -450,6 +466,35 @@ impl Engine {
             all.sort_by(|a, b| a.0.cmp(&b.0));
             all.truncate(limit);
             Ok(all)
+        })
+    }
+
+    /// Stages and applies records an upstream sent for `shard` (WAL bytes
+    /// as on its disk), after checking that they continue this shard's log;
+    /// resolves once `level` is reached. See [`Shard::replicate`].
+    pub fn replicate_at(
+        &self,
+        shard: u32,
+        records: Bytes,
+        level: CommitLevel,
+    ) -> Answer<Option<ShardReceipt>> {
+        self.answer(shard, |reply| Request::Replicate {
+            shard,
+            records,
+            level,
+            reply,
+        })
+    }
+
+    /// Durable records of `shard` from `from` on, about `max_bytes` of them
+    /// (what a replication upstream sends; each carries its bytes as on
+    /// disk).
+    pub fn read_log(&self, shard: u32, from: Expect, max_bytes: usize) -> Answer<ReadBatch> {
+        self.answer(shard, |reply| Request::ReadLog {
+            shard,
+            from,
+            max_bytes,
+            reply,
         })
     }
 
@@ -818,6 +863,34 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             };
             let _ = reply.send(result);
         }
+        Request::Replicate {
+            shard,
+            records,
+            level,
+            reply,
+        } => {
+            let result = match shard_of(shard) {
+                Ok(s) => s.replicate(&records, level).await,
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
+        Request::ReadLog {
+            shard,
+            from,
+            max_bytes,
+            reply,
+        } => {
+            let result = match shard_of(shard) {
+                Ok(s) => s
+                    .wal()
+                    .read(from, max_bytes)
+                    .await
+                    .map_err(EngineError::from),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
         Request::Close { .. } | Request::Run(_) | Request::Stats { .. } => {
             unreachable!("handled by the executor loop")
         }
@@ -833,6 +906,7 @@ fn shard_stats(id: u32, executor: u32, shard: &Shard<DmaStorage>) -> ShardStats 
         epoch: next.epoch,
         durable_lsn: wal.durable_lsn(),
         next_lsn: next.lsn,
+        chain: next.chain,
         first_lsn: wal.first_position().lsn,
         segments: wal.segment_count(),
         keys: shard.len(),

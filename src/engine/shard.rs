@@ -317,6 +317,50 @@ impl<S: Storage + Clone + 'static> Shard<S, KvState> {
         finish(pending, level).await.map(Some)
     }
 
+    /// Takes records an upstream sent (WAL bytes exactly as on its disk):
+    /// checks that they continue this shard's log and that every data body
+    /// decodes, stages the same bytes in the log and applies them, in one
+    /// synchronous step, then waits for `level`. A batch that fails a check
+    /// changes nothing. `None` for no bytes.
+    pub async fn replicate(
+        &self,
+        records: &[u8],
+        level: CommitLevel,
+    ) -> Result<Option<ShardReceipt>, EngineError> {
+        use zerocopy::FromBytes;
+        self.wal.wait_for_space().await?;
+        // Bodies first: the log must not take a record the state cannot.
+        let mut batches = Vec::new();
+        let mut at = 0;
+        while at < records.len() {
+            let cut = || {
+                EngineError::Wal(WalError::Rejected {
+                    lsn: self.wal.next_lsn() + at as u64,
+                    error: crate::format::FormatError::Overrun {
+                        lsn: self.wal.next_lsn() + at as u64,
+                    },
+                })
+            };
+            let (header, rest) =
+                crate::format::RecordHeader::ref_from_prefix(&records[at..]).map_err(|_| cut())?;
+            let body = rest.get(..header.length.get() as usize).ok_or_else(cut)?;
+            if header.kind == RecordKind::Data as u8 {
+                batches.push((header.lsn.get(), crate::state::decode_batch(body)?));
+            }
+            at += crate::format::RECORD_HEADER_BYTES + body.len();
+        }
+        let Some(pending) = self.wal.submit_raw(records)? else {
+            return Ok(None);
+        };
+        {
+            let mut state = self.state.borrow_mut();
+            for (lsn, ops) in &batches {
+                state.apply_ops(*lsn, ops);
+            }
+        }
+        finish(pending, level).await.map(Some)
+    }
+
     pub async fn put(
         &self,
         key: &[u8],

@@ -189,6 +189,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 "shard": s.shard,
                 "epoch": s.epoch,
                 "head_lsn": s.next_lsn,
+                "chain": s.chain,
                 "durable_lsn": s.durable_lsn,
                 "first_lsn": s.first_lsn,
                 "segments": s.segments,
