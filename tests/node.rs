@@ -441,3 +441,62 @@ fn counters_are_atomic_across_connections() {
     }
     assert_eq!(node.terminate().code(), Some(0));
 }
+
+#[test]
+fn admin_endpoint_reports_what_happened() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &["--shards", "2", "--node-id", "node-a"]);
+    let mut c = node.client();
+    for i in 0..50 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    let (status, body) = node.get("/admin/replication/status");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["node_id"], "node-a");
+    assert_eq!(doc["role"], "primary");
+    assert_eq!(doc["primary"], node.listen.to_string());
+    assert_eq!(doc["replicas"], serde_json::json!([]), "no replicas");
+    assert!(doc["replication"].as_str().unwrap().contains("no replicas"));
+    assert_eq!(doc["commit_policy"]["default_level"], "local");
+    assert_eq!(doc["epoch"], 1);
+    let shards = doc["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2);
+    let keys: u64 = shards.iter().map(|s| s["keys"].as_u64().unwrap()).sum();
+    assert_eq!(keys, 50);
+    for s in shards {
+        // Every write was acknowledged at `local`: all of it is durable.
+        assert_eq!(s["durable_lsn"], s["head_lsn"]);
+        assert!(s["head_lsn"].as_u64().unwrap() > 0);
+        assert!(s["chain"].is_u64());
+    }
+    assert_eq!(doc["alerts"], serde_json::json!([]));
+
+    let (status, metrics) = node.get("/metrics");
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    assert_eq!(value("tidewal_wal_commits_total"), 50.0, "{metrics}");
+    assert_eq!(value("tidewal_keys{"), 50.0);
+    assert!(value("tidewal_wal_syncs_total") >= 1.0);
+    assert!(value("tidewal_wal_record_bytes_total") > 50.0 * 32.0);
+    assert_eq!(
+        value("tidewal_wal_batch_records_count"),
+        value("tidewal_wal_syncs_total")
+    );
+    assert_eq!(
+        value("tidewal_wal_sync_duration_seconds_count"),
+        value("tidewal_wal_syncs_total")
+    );
+    assert!(metrics.contains("tidewal_wal_sync_duration_seconds_bucket{le=\"0.001\"}"));
+    assert_eq!(value("tidewal_connections "), 1.0);
+    assert!(metrics.trim_end().ends_with("# EOF"));
+    let (status, body) = node.get("/readyz");
+    assert_eq!((status, body.trim()), (200, "ready"));
+    assert_eq!(node.terminate().code(), Some(0));
+}
