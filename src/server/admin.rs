@@ -204,18 +204,75 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
             alerts.push(json!({"kind": "wal_failed", "shard": s.shard, "message": f}));
         }
     }
+    let head: Vec<u64> = stats.iter().map(|s| s.durable_lsn).collect();
+    let mut replicas = Vec::new();
+    if let Ok(mut downstreams) = shared.downstreams.lock() {
+        for d in downstreams.values_mut() {
+            let lag: u64 = head
+                .iter()
+                .zip(&d.flushed)
+                .map(|(h, f)| h.saturating_sub(*f))
+                .sum();
+            // Lag in time: how long it has been behind (0 when caught up,
+            // also when nothing is written).
+            match (lag, d.behind_since) {
+                (0, _) => d.behind_since = None,
+                (_, None) => d.behind_since = Some(std::time::Instant::now()),
+                _ => {}
+            }
+            let caught_up_sends = head.iter().zip(&d.sent).all(|(h, s)| s >= h);
+            let state = match (&d.refused, d.connected, caught_up_sends) {
+                (Some(_), _, _) => "diverged",
+                (None, false, _) => "disconnected",
+                (None, true, true) => "streaming",
+                (None, true, false) => "catching_up",
+            };
+            replicas.push(json!({
+                "host": d.host,
+                "node_id": d.node_id,
+                "status": state,
+                "lag_bytes": lag,
+                "lag_seconds": d.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                "sent_lsn": d.sent,
+                "flushed_lsn": d.flushed,
+                "last_ack_seconds_ago": d.last_ack.map(|t| t.elapsed().as_secs_f64()),
+                "refused": d.refused,
+                "sync_role": "async",
+            }));
+        }
+    }
+    let upstream = if shared.is_replica() {
+        let link = shared
+            .upstream
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default();
+        json!({
+            "host": shared.config.replica_of,
+            "connected": link.connected,
+            "last_error": link.last_error,
+            "last_frame_seconds_ago": link.last_frame.map(|t| t.elapsed().as_secs_f64()),
+        })
+    } else {
+        serde_json::Value::Null
+    };
+    let summary = if replicas.is_empty() {
+        "this node has no replicas attached".to_string()
+    } else {
+        format!("{} replica(s), asynchronous", replicas.len())
+    };
     json!({
         "node_id": shared.node_id,
-        "role": "primary",
-        "primary": shared.listen.to_string(),
-        "upstream": null,
+        "role": if shared.is_replica() { "replica" } else { "primary" },
+        "primary": if shared.is_replica() { shared.config.replica_of.clone() } else { shared.listen.to_string() },
+        "upstream": upstream,
         "epoch": stats.iter().map(|s| s.epoch).max().unwrap_or(0),
         "commit_policy": {
             "default_level": level,
             "timeout_policy": null,
         },
-        "replicas": [],
-        "replication": "this node has no replicas attached",
+        "replicas": replicas,
+        "replication": summary,
         "shards": shards,
         "alerts": alerts,
         "uptime_seconds": shared.started.elapsed().as_secs(),

@@ -37,6 +37,9 @@ pub struct NodeConfig {
     pub shards: u32,
     /// Level every write waits for.
     pub commit_level: CommitLevel,
+    /// `HOST:PORT` of the node to follow as a read-only replica; empty for
+    /// a primary.
+    pub replica_of: String,
     pub limits: Limits,
     /// Engine options; `shard_count` and `commit_level` come from above.
     pub engine: Options,
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
             node_id: String::new(),
             shards: 0,
             commit_level: CommitLevel::Local,
+            replica_of: String::new(),
             limits: Limits::default(),
             engine: Options::default(),
         }

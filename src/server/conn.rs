@@ -45,6 +45,8 @@ enum Slot {
 enum After {
     Continue,
     Close,
+    /// Become the upstream side of a replication stream.
+    Stream,
 }
 
 struct Conn {
@@ -104,14 +106,23 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         writes_pending: false,
         level: shared.engine.default_level(),
     };
-    if let Err(e) = conn.run(&mut stream).await {
-        tracing::debug!(client = id, error = %e, "client connection ended");
+    match conn.run(&mut stream).await {
+        // The client asked for the replication stream: the connection is
+        // the upstream side of it from now on.
+        Ok(Some(rest)) => {
+            super::replication::serve_downstream(stream, shared, rest).await;
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(client = id, error = %e, "client connection ended"),
     }
     let _ = stream.close().await;
 }
 
 impl Conn {
-    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    /// Serves commands; `Some(bytes)` when the client turned the connection
+    /// into a replication stream (with what it sent after the command).
+    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<Option<BytesMut>> {
         let limits = self.shared.config.limits;
         let resp_limits = resp::Limits {
             bulk_bytes_max: limits.bulk_bytes_max,
@@ -162,8 +173,11 @@ impl Conn {
                 stream.write_all(&out).await?;
                 out.clear();
             }
+            if after == After::Stream {
+                return Ok(Some(input));
+            }
             if after == After::Close || self.shared.stopping() {
-                return Ok(());
+                return Ok(None);
             }
             if input.len() > limits.query_buffer_bytes_max {
                 self.shared
@@ -173,7 +187,7 @@ impl Conn {
                 stream
                     .write_all(b"-ERR query buffer limit reached; closing the connection\r\n")
                     .await?;
-                return Ok(());
+                return Ok(None);
             }
             // Read more, looking up now and then whether the node stops.
             let len = input.len();
@@ -183,7 +197,7 @@ impl Conn {
                     Ok(n) => break n,
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                         if self.shared.stopping() {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                     Err(e) => return Err(e),
@@ -191,7 +205,7 @@ impl Conn {
             };
             input.truncate(len + n);
             if n == 0 {
-                return Ok(());
+                return Ok(None);
             }
         }
     }
@@ -240,9 +254,20 @@ impl Conn {
             ))));
             return After::Continue;
         }
+        if command.writes() && self.shared.is_replica() {
+            slots.push(Slot::Ready(Reply::Error(format!(
+                "READONLY You can't write against a read only replica (the primary is {})",
+                self.shared.config.replica_of
+            ))));
+            return After::Continue;
+        }
         let engine = &self.shared.engine;
         let level = self.level;
         let slot = match command {
+            Command::Stream => {
+                slots.push(Slot::Ready(Reply::Simple("STREAM".into())));
+                return After::Stream;
+            }
             Command::Ping => Slot::Ready(match args.get(1) {
                 Some(message) => Reply::Bulk(message.clone()),
                 None => Reply::Simple("PONG".into()),
@@ -851,11 +876,14 @@ enum Command {
     Client,
     Select,
     Hello,
+    /// `TIDEWAL.STREAM`: a replica asks for the WAL stream.
+    Stream,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 24] = [
+    const ALL: [(&'static [u8], Command); 25] = [
+        (super::replication::STREAM_COMMAND, Command::Stream),
         (b"PING", Command::Ping),
         (b"ECHO", Command::Echo),
         (b"QUIT", Command::Quit),
@@ -950,6 +978,7 @@ impl Command {
             Command::Client => -2,
             Command::Select => 2,
             Command::Hello => -1,
+            Command::Stream => 1,
             Command::Unknown => -1,
         };
         if arity >= 0 {

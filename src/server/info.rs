@@ -44,7 +44,17 @@ pub(super) async fn render(
     if want("replication") {
         let _ = write!(
             out,
-            "# Replication\r\nrole:master\r\nconnected_slaves:0\r\nmaster_repl_offset:{}\r\nepoch:{}\r\n\r\n",
+            "# Replication\r\nrole:{}\r\nconnected_slaves:{}\r\nmaster_repl_offset:{}\r\nepoch:{}\r\n\r\n",
+            if shared.is_replica() {
+                "slave"
+            } else {
+                "master"
+            },
+            shared
+                .downstreams
+                .lock()
+                .map(|d| d.values().filter(|d| d.connected).count())
+                .unwrap_or(0),
             stats.iter().map(|s| s.next_lsn).sum::<u64>(),
             stats.iter().map(|s| s.epoch).max().unwrap_or(0),
         );

@@ -19,6 +19,7 @@ mod config;
 mod conn;
 pub mod glob;
 mod info;
+mod replication;
 pub mod resp;
 
 use std::net::SocketAddr;
@@ -57,11 +58,20 @@ pub(crate) struct Shared {
     next_client_id: AtomicU64,
     last_trim_ms: AtomicU64,
     cursors: std::sync::Mutex<conn::Cursors>,
+    /// Replicas streaming from this node, by node id.
+    downstreams: std::sync::Mutex<std::collections::BTreeMap<String, replication::Downstream>>,
+    /// This node's link to the node it follows, when a replica.
+    upstream: std::sync::Mutex<replication::Upstream>,
 }
 
 impl Shared {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node follows another (and refuses writes).
+    fn is_replica(&self) -> bool {
+        !self.config.replica_of.is_empty()
     }
 }
 
@@ -112,6 +122,8 @@ impl Node {
             next_client_id: AtomicU64::new(1),
             last_trim_ms: AtomicU64::new(0),
             cursors: Default::default(),
+            downstreams: Default::default(),
+            upstream: Default::default(),
         });
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
@@ -123,7 +135,11 @@ impl Node {
                 && core == 0
                 && let Some(admin) = admin
             {
-                result = admin_on(admin, shared);
+                result = admin_on(admin, shared.clone());
+            }
+            if result.is_ok() && core == 0 && shared.is_replica() {
+                let upstream = shared.config.replica_of.clone();
+                glommio::spawn_local(replication::follow(shared, upstream)).detach();
             }
             let _ = bound_tx.lock().map(|tx| tx.send(result));
         })?;

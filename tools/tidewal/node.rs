@@ -33,6 +33,10 @@ pub struct NodeArgs {
     /// (durable on this disk) or `memory`.
     #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
     commit_level: Option<CommitLevel>,
+    /// Follow the node at HOST:PORT as a read-only replica (asynchronous
+    /// WAL streaming; writes get -READONLY naming it).
+    #[arg(long, value_name = "HOST:PORT")]
+    replica_of: Option<String>,
     /// Executors (cores) to run on (default: every allowed core).
     #[arg(long, value_name = "N")]
     executors: Option<u32>,
@@ -77,6 +81,9 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.commit_level {
         config.commit_level = v;
+    }
+    if let Some(v) = &args.replica_of {
+        config.replica_of = v.clone();
     }
     if let Some(v) = args.executors {
         config.engine.executor_count = v;
