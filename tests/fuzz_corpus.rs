@@ -165,6 +165,7 @@ fn regenerate_frame_and_resp_seeds() {
     };
     let hello = Hello {
         cluster_id: *b"tidewal-fuzz\0\0\0\0",
+        shard_count: 4,
         lsn: 8192,
         chain: 0x1234_5678,
         history: vec![(1, 0), (3, 4096)],

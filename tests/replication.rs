@@ -170,3 +170,28 @@ fn a_diverged_replica_is_refused_and_keeps_its_data() {
     let p = status(&primary);
     assert_eq!(p["replicas"][0]["status"], "diverged", "{p}");
 }
+
+#[test]
+fn a_replica_with_another_shard_count_is_refused() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "2"]);
+    let upstream = primary.listen.to_string();
+    let replica = NodeProcess::start(rdir.path(), &["--shards", "3", "--replica-of", &upstream]);
+    let started = Instant::now();
+    loop {
+        let s = status(&replica);
+        let error = s["upstream"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if error.contains("refused") {
+            assert!(error.contains("shard counts differ"), "{error}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not refused: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

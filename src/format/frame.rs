@@ -196,6 +196,9 @@ pub fn decode_frame(input: &[u8], payload_max: usize) -> Result<Option<FrameRef<
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub cluster_id: [u8; 16],
+    /// The downstream's shard count: keys map to shards by it, so both ends
+    /// must have the same.
+    pub shard_count: u32,
     /// The end of the downstream's log: the next LSN it expects.
     pub lsn: u64,
     /// The chain value at `lsn` (the last record's checksum).
@@ -215,6 +218,7 @@ pub const NODE_ID_MAX: usize = 255;
 #[repr(C)]
 struct HelloFixed {
     cluster_id: [u8; 16],
+    shard_count: U32,
     lsn: U64,
     chain: U32,
     history_len: U16,
@@ -227,6 +231,7 @@ impl Hello {
         let id = &self.node_id.as_bytes()[..self.node_id.len().min(NODE_ID_MAX)];
         let fixed = HelloFixed {
             cluster_id: self.cluster_id,
+            shard_count: self.shard_count.into(),
             lsn: self.lsn.into(),
             chain: self.chain.into(),
             history_len: (history.len() as u16).into(),
@@ -279,6 +284,7 @@ impl Hello {
             .to_string();
         Ok(Hello {
             cluster_id: fixed.cluster_id,
+            shard_count: fixed.shard_count.get(),
             lsn: fixed.lsn.get(),
             chain: fixed.chain.get(),
             history,
@@ -360,6 +366,7 @@ mod tests {
 
         let hello = Hello {
             cluster_id: [9; 16],
+            shard_count: 4,
             lsn: 12345,
             chain: 0xdead_beef,
             history: vec![(1, 0), (2, 4000), (5, 9000)],
@@ -410,6 +417,7 @@ mod tests {
         assert!(Hello::decode(&[0u8; 10]).is_err());
         let mut bad = Hello {
             cluster_id: [0; 16],
+            shard_count: 1,
             lsn: 0,
             chain: 0,
             history: vec![(2, 0), (1, 10)],

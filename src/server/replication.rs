@@ -121,20 +121,46 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let result = async {
         let shard_count = shared.engine.shard_count();
-        // One Hello per shard, first.
+        // One Hello per shard, first, within a few seconds: a downstream
+        // with another shard count sends too many or too few.
         let mut hellos: BTreeMap<u32, Hello> = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
         while hellos.len() < shard_count as usize {
-            let Some((kind, shard, _, _, payload)) =
-                next_frame(&mut reader, &mut input, &shared).await?
-            else {
-                return Ok(());
+            let next = glommio::timer::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                async { Ok(next_frame(&mut reader, &mut input, &shared).await) },
+            )
+            .await;
+            let problem = match next {
+                Err(_) => Some(format!(
+                    "expected {shard_count} Hello frames (one per shard), got {}: do the shard counts differ?",
+                    hellos.len()
+                )),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Some((kind, shard, _, _, payload)))) => {
+                    let hello = match kind {
+                        FrameKind::Hello => Some(Hello::decode(&payload).map_err(io_err)?),
+                        _ => None,
+                    };
+                    match hello {
+                        Some(h) if h.shard_count == shard_count && shard < shard_count => {
+                            hellos.insert(shard, h);
+                            None
+                        }
+                        Some(h) => Some(format!(
+                            "the downstream has {} shards and this node {shard_count}: keys would land in other shards; the shard counts differ",
+                            h.shard_count
+                        )),
+                        None => Some(format!("expected a Hello frame, got {kind:?}")),
+                    }
+                }
             };
-            if kind != FrameKind::Hello || shard >= shard_count {
-                return Err(io_err(format!(
-                    "expected a Hello for one of {shard_count} shards, got {kind:?} for shard {shard}"
-                )));
+            if let Some(why) = problem {
+                refused(&shared, "", &host, &why);
+                writer.write_all(&frame(FrameKind::Refuse, 0, 0, 0, why.as_bytes())).await?;
+                return Err(io_err(why));
             }
-            hellos.insert(shard, Hello::decode(&payload).map_err(io_err)?);
         }
         let node_id = hellos.values().next().map(|h| h.node_id.clone()).unwrap_or_default();
         let stats = shared.engine.stats().await.map_err(io_err)?;
@@ -359,6 +385,7 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str) -> Result<(), String>
     for s in &stats {
         let hello = Hello {
             cluster_id: [0; 16],
+            shard_count: stats.len() as u32,
             lsn: s.next_lsn,
             chain: s.chain,
             history: vec![(s.epoch, 0)],
