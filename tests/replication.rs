@@ -104,8 +104,18 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     let info: String = redis::cmd("INFO").arg("replication").query(&mut r).unwrap();
     assert!(info.contains("role:slave"), "{info}");
 
+    // WAIT, as in Redis: the replica has this connection's writes.
+    let _: () = c.set("waited", 1).unwrap();
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut c).unwrap();
+    assert_eq!(acked, 1);
+
     // Killed, behind, restarted: it catches up from where its log ends.
     replica.kill9();
+    let _: () = c.set("unreplicated", 1).unwrap();
+    let started = Instant::now();
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(200).query(&mut c).unwrap();
+    assert_eq!(acked, 0, "no replica has the last write");
+    assert!(started.elapsed() >= Duration::from_millis(200));
     for i in 400..700 {
         let _: () = c.set(format!("k{i}"), format!("v{i}")).unwrap();
     }
@@ -126,7 +136,9 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     let mut r = replica.client();
     assert_eq!(r.get::<_, String>("k699").unwrap(), "v699");
     let size: i64 = redis::cmd("DBSIZE").query(&mut r).unwrap();
-    assert_eq!(size, 700);
+    assert_eq!(size, 702);
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut c).unwrap();
+    assert_eq!(acked, 1, "the restarted replica has it now");
     assert_eq!(replica.terminate().code(), Some(0));
     assert_eq!(primary.terminate().code(), Some(0));
 }

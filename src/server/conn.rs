@@ -8,7 +8,7 @@
 //! the order they were sent (the engine's requests are sent eagerly, and the
 //! WAL serves staging space first come first served).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use glommio::net::TcpStream;
 use super::Shared;
 use super::glob;
 use super::resp::{self, Reply};
-use crate::engine::{BatchAtomicity, BatchOp, CommitLevel, EngineError, Update};
+use crate::engine::{BatchAtomicity, BatchOp, CommitLevel, EngineError, ShardReceipt, Update};
 
 /// How often an idle connection looks whether the node is stopping.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -57,6 +57,50 @@ struct Conn {
     writes_pending: bool,
     /// What this connection's writes wait for (`CLIENT COMMIT-LEVEL`).
     level: CommitLevel,
+    /// Per shard, the LSN of this connection's last acknowledged write:
+    /// what `WAIT` waits for replicas to have.
+    written: Written,
+}
+
+type Written = std::rc::Rc<std::cell::RefCell<BTreeMap<u32, u64>>>;
+
+/// Answers that carry receipts of writes.
+trait Receipts {
+    fn note(&self, written: &mut BTreeMap<u32, u64>);
+}
+
+impl Receipts for ShardReceipt {
+    fn note(&self, written: &mut BTreeMap<u32, u64>) {
+        let lsn = written.entry(self.shard).or_insert(self.lsn);
+        *lsn = (*lsn).max(self.lsn);
+    }
+}
+
+impl Receipts for Option<ShardReceipt> {
+    fn note(&self, written: &mut BTreeMap<u32, u64>) {
+        if let Some(r) = self {
+            r.note(written);
+        }
+    }
+}
+
+impl Receipts for Vec<ShardReceipt> {
+    fn note(&self, written: &mut BTreeMap<u32, u64>) {
+        self.iter().for_each(|r| r.note(written));
+    }
+}
+
+/// Notes where a write landed once it is acknowledged.
+fn noted<T: Receipts + 'static>(
+    written: &Written,
+    answer: crate::engine::Answer<T>,
+) -> impl Future<Output = Result<T, EngineError>> + 'static {
+    let written = written.clone();
+    async move {
+        let receipts = answer.await?;
+        receipts.note(&mut written.borrow_mut());
+        Ok(receipts)
+    }
 }
 
 /// SCAN cursors of the whole node: number → the last key returned. Any
@@ -105,6 +149,7 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         name: None,
         writes_pending: false,
         level: shared.engine.default_level(),
+        written: Written::default(),
     };
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
@@ -286,10 +331,13 @@ impl Conn {
                 let answers: Vec<_> = args[1..]
                     .iter()
                     .map(|key| {
-                        engine.update_at(key.clone(), level, |current| match current {
-                            Some(_) => Update::Delete,
-                            None => Update::Keep,
-                        })
+                        noted(
+                            &self.written,
+                            engine.update_at(key.clone(), level, |current| match current {
+                                Some(_) => Update::Delete,
+                                None => Update::Keep,
+                            }),
+                        )
                     })
                     .collect();
                 later(count_some(answers))
@@ -316,7 +364,10 @@ impl Conn {
                         .chunks(2)
                         .map(|kv| BatchOp::Put(kv[0].clone(), kv[1].clone()))
                         .collect();
-                    let answer = engine.batch_at(ops, BatchAtomicity::PerShard, level);
+                    let answer = noted(
+                        &self.written,
+                        engine.batch_at(ops, BatchAtomicity::PerShard, level),
+                    );
                     later(async move { answer.await.map(|_| Reply::Ok) })
                 }
             }
@@ -450,16 +501,19 @@ impl Conn {
         }
         let (key, value) = (args[1].clone(), args[2].clone());
         if !nx && !xx {
-            let answer = engine.put_at(key, value, level);
+            let answer = noted(&self.written, engine.put_at(key, value, level));
             return later(async move { answer.await.map(|_| Reply::Ok) });
         }
-        let answer = engine.update_at(key, level, move |current| {
-            if current.is_some() == xx {
-                Update::Put(value)
-            } else {
-                Update::Keep
-            }
-        });
+        let answer = noted(
+            &self.written,
+            engine.update_at(key, level, move |current| {
+                if current.is_some() == xx {
+                    Update::Put(value)
+                } else {
+                    Update::Keep
+                }
+            }),
+        );
         later(async move {
             Ok(match answer.await? {
                 Some(_) => Reply::Ok,
@@ -472,24 +526,27 @@ impl Conn {
     fn incr(&self, key: Bytes, delta: i64) -> Slot {
         let engine = &self.shared.engine;
         let (tx, rx) = futures_channel::oneshot::channel::<Result<i64, &'static str>>();
-        let answer = engine.update_at(key, self.level, move |current| {
-            let old = match current {
-                None => Some(0),
-                Some(v) => parse_i64(v),
-            };
-            let result = match old {
-                None => Err("value is not an integer or out of range"),
-                Some(old) => old
-                    .checked_add(delta)
-                    .ok_or("increment or decrement would overflow"),
-            };
-            let update = match result {
-                Ok(new) => Update::Put(Bytes::from(new.to_string())),
-                Err(_) => Update::Keep,
-            };
-            let _ = tx.send(result);
-            update
-        });
+        let answer = noted(
+            &self.written,
+            engine.update_at(key, self.level, move |current| {
+                let old = match current {
+                    None => Some(0),
+                    Some(v) => parse_i64(v),
+                };
+                let result = match old {
+                    None => Err("value is not an integer or out of range"),
+                    Some(old) => old
+                        .checked_add(delta)
+                        .ok_or("increment or decrement would overflow"),
+                };
+                let update = match result {
+                    Ok(new) => Update::Put(Bytes::from(new.to_string())),
+                    Err(_) => Update::Keep,
+                };
+                let _ = tx.send(result);
+                update
+            }),
+        );
         later(async move {
             answer.await?;
             Ok(match rx.await {
@@ -594,9 +651,10 @@ impl Conn {
         })
     }
 
-    /// `WAIT numreplicas timeout`: this node has no replicas yet, so it
-    /// answers 0 at once when none are asked for, or after the timeout (0 =
-    /// forever, as in Redis).
+    /// `WAIT numreplicas timeout`, as in Redis: waits until `numreplicas`
+    /// replicas have made durable every write this connection had
+    /// acknowledged (or the timeout in milliseconds passes; 0 waits for
+    /// ever), and answers how many have.
     fn wait(&self, args: &[Bytes]) -> Slot {
         let (Some(replicas), Some(timeout)) = (parse_i64(&args[1]), parse_i64(&args[2])) else {
             return Slot::Ready(Reply::err("value is not an integer or out of range"));
@@ -604,25 +662,19 @@ impl Conn {
         if timeout < 0 {
             return Slot::Ready(Reply::err("timeout is negative"));
         }
-        if replicas <= 0 {
-            return Slot::Ready(Reply::Int(0));
-        }
         let shared = self.shared.clone();
+        let written = self.written.borrow().clone();
         later(async move {
             let started = std::time::Instant::now();
             let limit = Duration::from_millis(timeout as u64);
-            while timeout == 0 || started.elapsed() < limit {
-                if shared.stopping() {
-                    break;
+            loop {
+                let acked = super::replication::replicas_having(&shared, &written);
+                let out_of_time = timeout > 0 && started.elapsed() >= limit;
+                if acked as i64 >= replicas || out_of_time || shared.stopping() {
+                    return Ok(Reply::Int(acked as i64));
                 }
-                let left = if timeout == 0 {
-                    STOP_POLL
-                } else {
-                    limit.saturating_sub(started.elapsed())
-                };
-                glommio::timer::sleep(left.min(STOP_POLL)).await;
+                glommio::timer::sleep(Duration::from_millis(1)).await;
             }
-            Ok(Reply::Int(0))
         })
     }
 
@@ -734,7 +786,7 @@ fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 /// How many of the answers are `Some`: DEL's deleted keys, EXISTS's
 /// present ones.
 async fn count_some<T>(
-    answers: Vec<crate::engine::Answer<Option<T>>>,
+    answers: Vec<impl Future<Output = Result<Option<T>, EngineError>>>,
 ) -> Result<Reply, EngineError> {
     let mut n = 0;
     for answer in answers {

@@ -489,3 +489,20 @@ fn refused(shared: &Shared, key: &str, host: &str, why: &str) {
         entry.refused = Some(why.to_string());
     }
 }
+
+/// How many connected replicas have made durable every record at or below
+/// `written` (shard → LSN of a record).
+pub(super) fn replicas_having(shared: &Shared, written: &BTreeMap<u32, u64>) -> usize {
+    let Ok(downstreams) = shared.downstreams.lock() else {
+        return 0;
+    };
+    downstreams
+        .values()
+        .filter(|d| d.connected && d.refused.is_none())
+        .filter(|d| {
+            written
+                .iter()
+                .all(|(shard, lsn)| d.flushed.get(*shard as usize).is_some_and(|f| f > lsn))
+        })
+        .count()
+}
