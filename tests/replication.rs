@@ -103,6 +103,12 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     assert_eq!(rs["upstream"]["connected"], true);
     let info: String = redis::cmd("INFO").arg("replication").query(&mut r).unwrap();
     assert!(info.contains("role:slave"), "{info}");
+    let role: (String, String, i64, String, i64) = redis::cmd("ROLE").query(&mut r).unwrap();
+    assert_eq!((role.0.as_str(), role.3.as_str()), ("slave", "connected"));
+    assert_eq!(role.2, primary.listen.port() as i64);
+    let role: (String, i64, Vec<Vec<String>>) = redis::cmd("ROLE").query(&mut c).unwrap();
+    assert_eq!(role.0, "master");
+    assert_eq!(role.2.len(), 1, "one replica listed");
 
     // WAIT, as in Redis: the replica has this connection's writes.
     let _: () = c.set("waited", 1).unwrap();

@@ -416,12 +416,10 @@ impl Conn {
                 let shared = self.shared.clone();
                 later(async move {
                     let stats = shared.engine.stats().await?;
+                    // Redis's offset is one number: the sum of the shards'
+                    // LSNs plays its part.
                     let offset: u64 = stats.iter().map(|s| s.next_lsn).sum();
-                    Ok(Reply::Array(vec![
-                        Reply::bulk("master"),
-                        Reply::Int(offset as i64),
-                        Reply::Array(Vec::new()),
-                    ]))
+                    Ok(super::replication::role(&shared, offset))
                 })
             }
             Command::Wait => self.wait(&args),

@@ -506,3 +506,43 @@ pub(super) fn replicas_having(shared: &Shared, written: &BTreeMap<u32, u64>) -> 
         })
         .count()
 }
+
+/// The `ROLE` reply, in Redis's shape: a primary lists its replicas
+/// `[host, port, acked offset]`; a replica names its primary and link state.
+pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
+    use crate::server::resp::Reply;
+    if shared.is_replica() {
+        let upstream = &shared.config.replica_of;
+        let (host, port) = upstream.rsplit_once(':').unwrap_or((upstream, "0"));
+        let connected = shared.upstream.lock().map(|u| u.connected).unwrap_or(false);
+        return Reply::Array(vec![
+            Reply::bulk("slave"),
+            Reply::Bulk(Bytes::copy_from_slice(host.as_bytes())),
+            Reply::Int(port.parse().unwrap_or(0)),
+            Reply::bulk(if connected { "connected" } else { "connect" }),
+            Reply::Int(offset as i64),
+        ]);
+    }
+    let replicas = shared
+        .downstreams
+        .lock()
+        .map(|d| {
+            d.values()
+                .filter(|d| d.connected)
+                .map(|d| {
+                    let (host, port) = d.host.rsplit_once(':').unwrap_or((&d.host, "0"));
+                    Reply::Array(vec![
+                        Reply::Bulk(Bytes::copy_from_slice(host.as_bytes())),
+                        Reply::Bulk(Bytes::copy_from_slice(port.as_bytes())),
+                        Reply::Bulk(Bytes::from(d.flushed.iter().sum::<u64>().to_string())),
+                    ])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Reply::Array(vec![
+        Reply::bulk("master"),
+        Reply::Int(offset as i64),
+        Reply::Array(replicas),
+    ])
+}
