@@ -50,6 +50,21 @@ fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {
     }
 }
 
+/// The 4-shard replica `replica-1` of `upstream`, over `dir`.
+fn start_replica(dir: &std::path::Path, upstream: &str) -> NodeProcess {
+    NodeProcess::start(
+        dir,
+        &[
+            "--shards",
+            "4",
+            "--replica-of",
+            upstream,
+            "--node-id",
+            "replica-1",
+        ],
+    )
+}
+
 #[test]
 fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     let (pdir, rdir) = (disk_dir(), disk_dir());
@@ -59,17 +74,7 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     for i in 0..300 {
         let _: () = c.set(format!("k{i}"), format!("v{i}")).unwrap();
     }
-    let replica = NodeProcess::start(
-        rdir.path(),
-        &[
-            "--shards",
-            "4",
-            "--replica-of",
-            &upstream,
-            "--node-id",
-            "replica-1",
-        ],
-    );
+    let replica = start_replica(rdir.path(), &upstream);
     wait_converged(&primary, &replica);
     let mut r = replica.client();
     assert_eq!(r.get::<_, String>("k299").unwrap(), "v299");
@@ -127,17 +132,7 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     }
     let s = status(&primary);
     assert_eq!(s["replicas"][0]["status"], "disconnected");
-    let replica = NodeProcess::start(
-        rdir.path(),
-        &[
-            "--shards",
-            "4",
-            "--replica-of",
-            &upstream,
-            "--node-id",
-            "replica-1",
-        ],
-    );
+    let replica = start_replica(rdir.path(), &upstream);
     wait_converged(&primary, &replica);
     let mut r = replica.client();
     assert_eq!(r.get::<_, String>("k699").unwrap(), "v699");

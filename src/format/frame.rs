@@ -114,6 +114,20 @@ pub fn encode_frame(
     start_lsn: u64,
     payload: &[u8],
 ) {
+    out.extend_from_slice(frame_header(kind, shard, epoch, start_lsn, payload).as_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The header of a frame carrying `payload`, for a sender that writes the
+/// payload from where it already is rather than copying it behind the
+/// header.
+pub fn frame_header(
+    kind: FrameKind,
+    shard: u32,
+    epoch: u64,
+    start_lsn: u64,
+    payload: &[u8],
+) -> FrameHeader {
     let mut header = FrameHeader {
         magic: FRAME_MAGIC.into(),
         kind: kind as u8,
@@ -127,8 +141,7 @@ pub fn encode_frame(
         header_crc: 0.into(),
     };
     header.header_crc = masked_crc(&header.as_bytes()[..FRAME_HEADER_BYTES - 4]).into();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(payload);
+    header
 }
 
 /// One decoded frame: its header and its payload bytes.

@@ -369,6 +369,11 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         "Admin HTTP requests",
         counter(load(&c.http_requests)),
     );
+    registry.register(
+        "http_errors",
+        "Admin HTTP requests answered 4xx/5xx, refused or timed out",
+        counter(load(&c.http_errors)),
+    );
 
     let per_shard = |f: &dyn Fn(&ShardStats) -> u64| {
         let family = Family::<ShardLabel, Counter>::default();

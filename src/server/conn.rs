@@ -269,8 +269,7 @@ impl Conn {
             .limits
             .reply_buffer_bytes_max
             .min(1 << 20);
-        let name = args[0].to_ascii_uppercase();
-        let command = Command::of(&name);
+        let command = Command::of(&args[0]);
         if command.reads() && self.writes_pending {
             // Read after write: the writes before it land first.
             drain(slots, out, stream, flush_at).await?;
@@ -960,10 +959,11 @@ impl Command {
         (b"HELLO", Command::Hello),
     ];
 
-    fn of(upper: &[u8]) -> Command {
+    /// The command named `name`, in any case (no allocation per command).
+    fn of(name: &[u8]) -> Command {
         Self::ALL
             .iter()
-            .find(|(name, _)| *name == upper)
+            .find(|(known, _)| known.eq_ignore_ascii_case(name))
             .map_or(Command::Unknown, |(_, c)| *c)
     }
 
@@ -991,18 +991,7 @@ impl Command {
 
     /// Whether it reads state (and so must see this client's earlier writes).
     fn reads(self) -> bool {
-        !matches!(
-            self,
-            Command::Set
-                | Command::Del
-                | Command::Mset
-                | Command::Incr
-                | Command::Decr
-                | Command::IncrBy
-                | Command::DecrBy
-                | Command::Ping
-                | Command::Echo
-        )
+        !self.writes() && !matches!(self, Command::Ping | Command::Echo)
     }
 
     /// Redis's arity: exact `n`, or at least `n` when negative.
