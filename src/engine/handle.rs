@@ -132,10 +132,17 @@ enum Request {
         level: CommitLevel,
         reply: Reply<Option<ShardReceipt>>,
     },
+    BeginEpoch {
+        shard: u32,
+        epoch: u64,
+        reply: Reply<ShardReceipt>,
+    },
     ReadLog {
         shard: u32,
         from: Expect,
         max_bytes: usize,
+        /// How long to wait for a record when none is durable past `from`.
+        wait: std::time::Duration,
         reply: Reply<ReadBatch>,
     },
     Stats {
@@ -486,14 +493,50 @@ impl Engine {
         })
     }
 
+    /// Starts a new epoch on every shard, one above the highest any shard
+    /// has seen, and makes it durable: what a replica promoted to primary
+    /// does, so that records of the primary it replaces are refused from
+    /// then on. Returns the new epoch.
+    pub async fn begin_epoch(&self) -> Result<u64, EngineError> {
+        let stats = self.stats().await?;
+        let epoch = stats.iter().map(|s| s.epoch).max().unwrap_or(0) + 1;
+        let waits: Vec<_> = (0..self.inner.shard_count)
+            .map(|shard| {
+                self.answer(shard, |reply| Request::BeginEpoch {
+                    shard,
+                    epoch,
+                    reply,
+                })
+            })
+            .collect();
+        for wait in waits {
+            wait.await?;
+        }
+        Ok(epoch)
+    }
+
     /// Durable records of `shard` from `from` on, about `max_bytes` of them
     /// (what a replication upstream sends; each carries its bytes as on
     /// disk).
     pub fn read_log(&self, shard: u32, from: Expect, max_bytes: usize) -> Answer<ReadBatch> {
+        self.read_log_wait(shard, from, max_bytes, std::time::Duration::ZERO)
+    }
+
+    /// [`Engine::read_log`], but when nothing is durable past `from` it
+    /// waits, up to `wait`, for a record to become durable: a replication
+    /// sender learns of a commit as soon as it is made, without polling.
+    pub fn read_log_wait(
+        &self,
+        shard: u32,
+        from: Expect,
+        max_bytes: usize,
+        wait: std::time::Duration,
+    ) -> Answer<ReadBatch> {
         self.answer(shard, |reply| Request::ReadLog {
             shard,
             from,
             max_bytes,
+            wait,
             reply,
         })
     }
@@ -875,18 +918,38 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             };
             let _ = reply.send(result);
         }
+        Request::BeginEpoch {
+            shard,
+            epoch,
+            reply,
+        } => {
+            let result = match shard_of(shard) {
+                Ok(s) => s.begin_epoch(epoch).await,
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
         Request::ReadLog {
             shard,
             from,
             max_bytes,
+            wait,
             reply,
         } => {
             let result = match shard_of(shard) {
-                Ok(s) => s
-                    .wal()
-                    .read(from, max_bytes)
-                    .await
-                    .map_err(EngineError::from),
+                Ok(s) => {
+                    if !wait.is_zero() && s.wal().durable_lsn() <= from.lsn {
+                        let _ = glommio::timer::timeout(wait, async {
+                            s.wal().durable_past(from.lsn).await;
+                            Ok(())
+                        })
+                        .await;
+                    }
+                    s.wal()
+                        .read(from, max_bytes)
+                        .await
+                        .map_err(EngineError::from)
+                }
                 Err(e) => Err(e),
             };
             let _ = reply.send(result);

@@ -242,6 +242,15 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         finish(pending, level).await
     }
 
+    /// Starts `epoch` on this shard: later records carry it, and an empty
+    /// record of it is made durable now so that it survives a restart.
+    pub async fn begin_epoch(&self, epoch: u64) -> Result<ShardReceipt, EngineError> {
+        self.wal.wait_for_space().await?;
+        self.wal.begin_epoch(epoch)?;
+        let pending = self.wal.submit(RecordKind::Noop, &[])?;
+        finish(pending, CommitLevel::Local).await
+    }
+
     /// Runs `f` on the state as it is now (staged writes included).
     pub fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
         f(&self.state.borrow())

@@ -181,7 +181,7 @@ async fn route(shared: &Arc<Shared>, method: &str, path: &str) -> Response {
 /// The status document: the spec's shape (`primary`, `replicas`) and the
 /// node's own figures.
 pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value {
-    let level = super::conn::level_name(shared.engine.default_level());
+    let level = shared.config.commit_level.to_string();
     let shards: Vec<_> = stats
         .iter()
         .map(|s| {
@@ -205,6 +205,9 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
         }
     }
     let head: Vec<u64> = stats.iter().map(|s| s.durable_lsn).collect();
+    let first: Vec<u64> = stats.iter().map(|s| s.first_lsn).collect();
+    let free_bytes = free_bytes(&shared.config.data_dir);
+    let thresholds = shared.config.lag_alert;
     let mut replicas = Vec::new();
     if let Ok(mut downstreams) = shared.downstreams.lock() {
         for d in downstreams.values_mut() {
@@ -213,13 +216,19 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 .zip(&d.flushed)
                 .map(|(h, f)| h.saturating_sub(*f))
                 .sum();
-            // Lag in time: how long it has been behind (0 when caught up,
-            // also when nothing is written).
+            // Lag in time: how long the oldest write it does not have yet
+            // has waited for it (0 when caught up, also when idle).
             match (lag, d.behind_since) {
                 (0, _) => d.behind_since = None,
                 (_, None) => d.behind_since = Some(std::time::Instant::now()),
                 _ => {}
             }
+            let lag_seconds = if lag == 0 {
+                0.0
+            } else {
+                d.unacked_seconds()
+                    .max(d.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()))
+            };
             let caught_up_sends = head.iter().zip(&d.sent).all(|(h, s)| s >= h);
             let state = match (&d.refused, d.connected, caught_up_sends) {
                 (Some(_), _, _) => "diverged",
@@ -227,17 +236,43 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 (None, true, true) => "streaming",
                 (None, true, false) => "catching_up",
             };
+            // How much further it may fall behind before the records it
+            // needs are gone: this node releases no WAL on its own (no
+            // automatic snapshots yet), so what bounds it is the free
+            // space of the data directory's filesystem.
+            let headroom = free_bytes;
+            let released = d.flushed.iter().zip(&first).any(|(f, first)| f < first);
+            let alerting = thresholds.update(&mut d.alert, lag, lag_seconds);
+            if alerting {
+                alerts.push(json!({
+                    "kind": "replica_lag",
+                    "replica": d.node_id,
+                    "lag_bytes": lag,
+                    "lag_seconds": lag_seconds,
+                    "message": format!(
+                        "replica {} is {} bytes and {:.1} s behind (thresholds {} bytes, {} s)",
+                        d.node_id, lag, lag_seconds, thresholds.bytes, thresholds.seconds
+                    ),
+                }));
+            }
+            if let Some(why) = &d.refused {
+                alerts.push(json!({"kind": "replica_refused", "replica": d.node_id, "message": why}));
+            }
             replicas.push(json!({
                 "host": d.host,
                 "node_id": d.node_id,
-                "status": state,
+                "status": if released && d.refused.is_none() { "resyncing" } else { state },
+                "epoch": d.epoch,
                 "lag_bytes": lag,
-                "lag_seconds": d.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                "lag_seconds": lag_seconds,
                 "sent_lsn": d.sent,
+                "written_lsn": d.written,
                 "flushed_lsn": d.flushed,
+                "applied_lsn": d.applied,
+                "retention_headroom_bytes": headroom,
                 "last_ack_seconds_ago": d.last_ack.map(|t| t.elapsed().as_secs_f64()),
                 "refused": d.refused,
-                "sync_role": "async",
+                "sync_role": sync_role(shared),
             }));
         }
     }
@@ -247,11 +282,23 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
             .lock()
             .map(|u| u.clone())
             .unwrap_or_default();
+        let lag: u64 = link
+            .head
+            .iter()
+            .zip(&link.applied)
+            .map(|(h, a)| h.saturating_sub(*a))
+            .sum();
         json!({
-            "host": shared.config.replica_of,
+            "host": shared.replica_of(),
             "connected": link.connected,
             "last_error": link.last_error,
             "last_frame_seconds_ago": link.last_frame.map(|t| t.elapsed().as_secs_f64()),
+            "head_lsn": link.head,
+            "applied_lsn": link.applied,
+            "epoch": link.epoch,
+            "lag_bytes": lag,
+            "lag_seconds": if lag == 0 { 0.0 } else { link.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()) },
+            "clock_skew_ms": link.clock_skew_micros as f64 / 1000.0,
         })
     } else {
         serde_json::Value::Null
@@ -259,17 +306,36 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
     let summary = if replicas.is_empty() {
         "this node has no replicas attached".to_string()
     } else {
-        format!("{} replica(s), asynchronous", replicas.len())
+        format!("{} replica(s), {}", replicas.len(), sync_role(shared))
     };
+    let degraded = shared
+        .degraded
+        .lock()
+        .map(|d| (d.since.map(|t| t.elapsed().as_secs_f64()), d.writes, d.failed))
+        .unwrap_or_default();
+    if let Some(since) = degraded.0 {
+        alerts.push(json!({
+            "kind": "commits_degraded",
+            "message": format!(
+                "for {since:.1} s, writes asking for {} are acknowledged at local: not enough replicas are in sync",
+                shared.config.commit_level
+            ),
+        }));
+    }
     json!({
         "node_id": shared.node_id,
         "role": if shared.is_replica() { "replica" } else { "primary" },
-        "primary": if shared.is_replica() { shared.config.replica_of.clone() } else { shared.listen.to_string() },
+        "primary": if shared.is_replica() { shared.replica_of() } else { shared.listen.to_string() },
         "upstream": upstream,
         "epoch": stats.iter().map(|s| s.epoch).max().unwrap_or(0),
         "commit_policy": {
             "default_level": level,
-            "timeout_policy": null,
+            "timeout_ms": shared.config.commit_timeout_ms,
+            "timeout_policy": shared.config.commit_policy.to_string(),
+            "degraded": degraded.0.is_some(),
+            "degraded_seconds": degraded.0,
+            "writes_degraded": degraded.1,
+            "writes_failed_level": degraded.2,
         },
         "replicas": replicas,
         "replication": summary,
@@ -277,6 +343,29 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
         "alerts": alerts,
         "uptime_seconds": shared.started.elapsed().as_secs(),
     })
+}
+
+/// Free bytes of the filesystem holding `dir` (0 when unknown).
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed struct to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// How writes of the node's default level treat its replicas.
+fn sync_role(shared: &Shared) -> &'static str {
+    if shared.config.commit_level.needs_replicas() {
+        "sync"
+    } else {
+        "async"
+    }
 }
 
 /// A histogram read off an hdrhistogram at fixed bucket bounds.

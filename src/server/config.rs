@@ -7,7 +7,9 @@
 //! admin = "127.0.0.1:9121"
 //! node_id = "node-a"
 //! shards = 8
-//! commit_level = "local"
+//! commit_level = "replicated(1)"
+//! commit_timeout_ms = 5000
+//! commit_policy = "fail"
 //!
 //! [limits]
 //! connections_max = 10000
@@ -20,7 +22,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{CommitLevel, Options};
+use super::commit::{Commit, TimeoutPolicy};
+use crate::engine::Options;
 
 /// Everything a node is started with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,12 +38,21 @@ pub struct NodeConfig {
     pub node_id: String,
     /// Shards, fixed when the data directory is created; 0 = one per core.
     pub shards: u32,
-    /// Level every write waits for.
-    pub commit_level: CommitLevel,
+    /// Level every write waits for, unless its connection chose another
+    /// (`memory`, `local`, `replicated(k)`, `all`, `applied(k)`).
+    pub commit_level: Commit,
+    /// How long a write waits for the replicas its level needs.
+    pub commit_timeout_ms: u64,
+    /// What a write gets when they do not answer in time: `fail` (an
+    /// error naming the level reached) or `degrade` (success at the level
+    /// reached, reported as degraded).
+    pub commit_policy: TimeoutPolicy,
     /// `HOST:PORT` of the node to follow as a read-only replica; empty for
     /// a primary.
     pub replica_of: String,
     pub limits: Limits,
+    /// When a replica's lag raises an alert on the status page.
+    pub lag_alert: LagAlert,
     /// Engine options; `shard_count` and `commit_level` come from above.
     pub engine: Options,
 }
@@ -86,11 +98,52 @@ impl Default for NodeConfig {
             admin: "127.0.0.1:9121".into(),
             node_id: String::new(),
             shards: 0,
-            commit_level: CommitLevel::Local,
+            commit_level: Commit::Local,
+            commit_timeout_ms: 5_000,
+            commit_policy: TimeoutPolicy::Fail,
             replica_of: String::new(),
             limits: Limits::default(),
+            lag_alert: LagAlert::default(),
             engine: Options::default(),
         }
+    }
+}
+
+/// Lag thresholds for the status page's alerts. An alert is raised when a
+/// replica is more than `bytes` or `seconds` behind, and cleared only once
+/// it is back under `clear_ratio` of both (hysteresis, so a replica that
+/// hovers at a threshold does not flap).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LagAlert {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub clear_ratio: f64,
+}
+
+impl Default for LagAlert {
+    fn default() -> Self {
+        Self {
+            bytes: 64 << 20,
+            seconds: 10.0,
+            clear_ratio: 0.5,
+        }
+    }
+}
+
+impl LagAlert {
+    /// Updates an alert's state `on` from the lag now; returns it.
+    pub fn update(&self, on: &mut bool, lag_bytes: u64, lag_seconds: f64) -> bool {
+        if *on {
+            let clear = lag_bytes as f64 <= self.bytes as f64 * self.clear_ratio
+                && lag_seconds <= self.seconds * self.clear_ratio;
+            if clear {
+                *on = false;
+            }
+        } else if lag_bytes > self.bytes || lag_seconds > self.seconds {
+            *on = true;
+        }
+        *on
     }
 }
 
@@ -141,6 +194,9 @@ impl NodeConfig {
         if l.connections_max == 0 || l.args_max == 0 || l.bulk_bytes_max == 0 {
             return bad("limits must be above 0".into());
         }
+        if self.commit_timeout_ms == 0 {
+            return bad("commit_timeout_ms must be above 0".into());
+        }
         if l.query_buffer_bytes_max < l.bulk_bytes_max + 1024 {
             return bad(format!(
                 "limits.query_buffer_bytes_max ({}) must hold the longest bulk string ({}) and its framing",
@@ -156,7 +212,7 @@ impl NodeConfig {
     pub fn engine_options(&self) -> Options {
         let mut options = self.engine.clone();
         options.shard_count = self.shards;
-        options.commit_level = self.commit_level;
+        options.commit_level = self.commit_level.engine_level();
         options
     }
 }
@@ -172,7 +228,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.shards, 4);
-        assert_eq!(config.commit_level, CommitLevel::Memory);
+        assert_eq!(config.commit_level, Commit::Memory);
+        let config = NodeConfig::from_toml(
+            "commit_level = \"replicated(2)\"\ncommit_policy = \"degrade\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.commit_level, Commit::Replicated(2));
+        assert_eq!(config.commit_policy, TimeoutPolicy::Degrade);
+        let err = NodeConfig::from_toml("commit_level = \"replicated(0)\"").unwrap_err();
+        assert!(err.to_string().contains("replicated(k)"), "{err}");
         assert_eq!(config.limits.connections_max, 5);
         config.check().unwrap();
         let err = NodeConfig::from_toml("listne = \"x\"").unwrap_err();
@@ -182,5 +246,21 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn lag_alerts_have_hysteresis() {
+        let alert = LagAlert {
+            bytes: 100,
+            seconds: 10.0,
+            clear_ratio: 0.5,
+        };
+        let mut on = false;
+        assert!(!alert.update(&mut on, 100, 10.0), "at the threshold: not yet");
+        assert!(alert.update(&mut on, 101, 0.0));
+        assert!(alert.update(&mut on, 60, 0.0), "above the clear level: stays");
+        assert!(alert.update(&mut on, 10, 6.0), "seconds above the clear level: stays");
+        assert!(!alert.update(&mut on, 50, 5.0), "both under: cleared");
+        assert!(alert.update(&mut on, 0, 11.0));
     }
 }

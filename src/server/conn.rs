@@ -20,9 +20,10 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::Shared;
+use super::commit::{self, Commit, Shortfall};
 use super::glob;
 use super::resp::{self, Reply};
-use crate::engine::{BatchAtomicity, BatchOp, CommitLevel, EngineError, ShardReceipt, Update};
+use crate::engine::{BatchAtomicity, BatchOp, EngineError, ShardReceipt, Update};
 
 /// How often an idle connection looks whether the node is stopping.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -56,23 +57,48 @@ struct Conn {
     /// A write of this pipeline has been started and not yet answered.
     writes_pending: bool,
     /// What this connection's writes wait for (`CLIENT COMMIT-LEVEL`).
-    level: CommitLevel,
+    level: Commit,
     /// Per shard, the LSN of this connection's last acknowledged write:
-    /// what `WAIT` waits for replicas to have.
+    /// what `WAIT` waits for replicas to have, and the session token.
     written: Written,
+    /// The level the last acknowledged write asked for and reached.
+    last: std::rc::Rc<std::cell::Cell<Option<(Commit, Commit)>>>,
+    /// The highest epoch of this connection's acknowledged writes.
+    epoch: std::rc::Rc<std::cell::Cell<u64>>,
+    /// Reads wait until this node has applied these writes
+    /// (`CLIENT READ-AFTER`), up to the duration.
+    read_after: Option<(Token, Duration)>,
 }
 
 type Written = std::rc::Rc<std::cell::RefCell<BTreeMap<u32, u64>>>;
 
+/// Why a write was not acknowledged.
+enum Failure {
+    Engine(EngineError),
+    /// Durable here, but its replicas did not answer in time (`fail`).
+    Short(Shortfall),
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        Failure::Engine(e)
+    }
+}
+
 /// Answers that carry receipts of writes.
 trait Receipts {
     fn note(&self, written: &mut BTreeMap<u32, u64>);
+    fn epoch(&self) -> u64;
 }
 
 impl Receipts for ShardReceipt {
     fn note(&self, written: &mut BTreeMap<u32, u64>) {
         let lsn = written.entry(self.shard).or_insert(self.lsn);
         *lsn = (*lsn).max(self.lsn);
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
@@ -82,24 +108,48 @@ impl Receipts for Option<ShardReceipt> {
             r.note(written);
         }
     }
+
+    fn epoch(&self) -> u64 {
+        self.map_or(0, |r| r.epoch)
+    }
 }
 
 impl Receipts for Vec<ShardReceipt> {
     fn note(&self, written: &mut BTreeMap<u32, u64>) {
         self.iter().for_each(|r| r.note(written));
     }
+
+    fn epoch(&self) -> u64 {
+        self.iter().map(|r| r.epoch).max().unwrap_or(0)
+    }
 }
 
-/// Notes where a write landed once it is acknowledged.
-fn noted<T: Receipts + 'static>(
-    written: &Written,
-    answer: crate::engine::Answer<T>,
-) -> impl Future<Output = Result<T, EngineError>> + 'static {
-    let written = written.clone();
-    async move {
-        let receipts = answer.await?;
-        receipts.note(&mut written.borrow_mut());
-        Ok(receipts)
+/// A session token: the epoch and, per shard, the LSN of the last write a
+/// client saw acknowledged. Text form `EPOCH/SHARD:LSN,SHARD:LSN...`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Token {
+    pub epoch: u64,
+    pub lsns: BTreeMap<u32, u64>,
+}
+
+impl Token {
+    fn parse(text: &[u8]) -> Option<Token> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (epoch, rest) = text.split_once('/')?;
+        let mut lsns = BTreeMap::new();
+        for part in rest.split(',').filter(|p| !p.is_empty()) {
+            let (shard, lsn) = part.split_once(':')?;
+            lsns.insert(shard.parse().ok()?, lsn.parse().ok()?);
+        }
+        Some(Token {
+            epoch: epoch.parse().ok()?,
+            lsns,
+        })
+    }
+
+    fn render(&self) -> String {
+        let lsns: Vec<String> = self.lsns.iter().map(|(s, l)| format!("{s}:{l}")).collect();
+        format!("{}/{}", self.epoch, lsns.join(","))
     }
 }
 
@@ -148,8 +198,11 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         id,
         name: None,
         writes_pending: false,
-        level: shared.engine.default_level(),
+        level: shared.config.commit_level,
         written: Written::default(),
+        last: Default::default(),
+        epoch: Default::default(),
+        read_after: None,
     };
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
@@ -165,6 +218,41 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 impl Conn {
+    /// Once the engine acknowledged a write: waits for the replicas its
+    /// level needs, then notes where it landed (for `WAIT`, `CLIENT
+    /// RECEIPT` and the session token) and the level it reached.
+    fn noted<T: Receipts + 'static>(
+        &self,
+        answer: crate::engine::Answer<T>,
+    ) -> impl Future<Output = Result<T, Failure>> + 'static {
+        let (written, last, epoch, shared, asked) = (
+            self.written.clone(),
+            self.last.clone(),
+            self.epoch.clone(),
+            self.shared.clone(),
+            self.level,
+        );
+        async move {
+            let receipts = answer.await?;
+            let mut mine = BTreeMap::new();
+            receipts.note(&mut mine);
+            let reached = if mine.is_empty() {
+                Ok(asked)
+            } else {
+                commit::settle(&shared, &mine, asked).await
+            };
+            receipts.note(&mut written.borrow_mut());
+            last.set(Some((asked, reached.as_ref().map_or(Commit::Local, |l| *l))));
+            if receipts.epoch() > 0 {
+                epoch.set(epoch.get().max(receipts.epoch()));
+            }
+            match reached {
+                Ok(_) => Ok(receipts),
+                Err(short) => Err(Failure::Short(short)),
+            }
+        }
+    }
+
     /// Serves commands; `Some(bytes)` when the client turned the connection
     /// into a replication stream (with what it sent after the command).
     async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<Option<BytesMut>> {
@@ -275,6 +363,13 @@ impl Conn {
             drain(slots, out, stream, flush_at).await?;
             self.writes_pending = false;
         }
+        if command.reads_keys()
+            && let Some((token, wait)) = self.read_after.clone()
+            && let Err(why) = applied_past(&self.shared, &token, wait).await
+        {
+            slots.push(Slot::Ready(Reply::Error(why)));
+            return Ok(After::Continue);
+        }
         let after = self.run_command(command, args, slots);
         if command.writes() {
             self.writes_pending = true;
@@ -301,7 +396,7 @@ impl Conn {
         if command.writes() && self.shared.is_replica() {
             slots.push(Slot::Ready(Reply::Error(format!(
                 "READONLY You can't write against a read only replica (the primary is {})",
-                self.shared.config.replica_of
+                self.shared.replica_of()
             ))));
             return After::Continue;
         }
@@ -323,16 +418,15 @@ impl Conn {
             }
             Command::Get => {
                 let answer = engine.get(args[1].clone());
-                later(async move { answer.await.map(bulk_or_nil) })
+                later(async move { Ok(bulk_or_nil(answer.await?)) })
             }
             Command::Set => self.set(args),
             Command::Del => {
                 let answers: Vec<_> = args[1..]
                     .iter()
                     .map(|key| {
-                        noted(
-                            &self.written,
-                            engine.update_at(key.clone(), level, |current| match current {
+                        self.noted(
+                            engine.update_at(key.clone(), level.engine_level(), |current| match current {
                                 Some(_) => Update::Delete,
                                 None => Update::Keep,
                             }),
@@ -363,9 +457,8 @@ impl Conn {
                         .chunks(2)
                         .map(|kv| BatchOp::Put(kv[0].clone(), kv[1].clone()))
                         .collect();
-                    let answer = noted(
-                        &self.written,
-                        engine.batch_at(ops, BatchAtomicity::PerShard, level),
+                    let answer = self.noted(
+                        engine.batch_at(ops, BatchAtomicity::PerShard, level.engine_level()),
                     );
                     later(async move { answer.await.map(|_| Reply::Ok) })
                 }
@@ -422,6 +515,7 @@ impl Conn {
                 })
             }
             Command::Wait => self.wait(&args),
+            Command::Replicaof => self.replicaof(&args),
             Command::Config => config_command(&self.shared, &args),
             Command::Introspect => Slot::Ready(match args.get(1).map(|a| a.to_ascii_uppercase()) {
                 Some(sub) if sub == b"COUNT" => Reply::Int(Command::ALL.len() as i64),
@@ -498,12 +592,11 @@ impl Conn {
         }
         let (key, value) = (args[1].clone(), args[2].clone());
         if !nx && !xx {
-            let answer = noted(&self.written, engine.put_at(key, value, level));
+            let answer = self.noted(engine.put_at(key, value, level.engine_level()));
             return later(async move { answer.await.map(|_| Reply::Ok) });
         }
-        let answer = noted(
-            &self.written,
-            engine.update_at(key, level, move |current| {
+        let answer = self.noted(
+            engine.update_at(key, level.engine_level(), move |current| {
                 if current.is_some() == xx {
                     Update::Put(value)
                 } else {
@@ -523,9 +616,8 @@ impl Conn {
     fn incr(&self, key: Bytes, delta: i64) -> Slot {
         let engine = &self.shared.engine;
         let (tx, rx) = futures_channel::oneshot::channel::<Result<i64, &'static str>>();
-        let answer = noted(
-            &self.written,
-            engine.update_at(key, self.level, move |current| {
+        let answer = self.noted(
+            engine.update_at(key, self.level.engine_level(), move |current| {
                 let old = match current {
                     None => Some(0),
                     Some(v) => parse_i64(v),
@@ -662,17 +754,54 @@ impl Conn {
         let shared = self.shared.clone();
         let written = self.written.borrow().clone();
         later(async move {
-            let started = std::time::Instant::now();
-            let limit = Duration::from_millis(timeout as u64);
-            loop {
-                let acked = super::replication::replicas_having(&shared, &written);
-                let out_of_time = timeout > 0 && started.elapsed() >= limit;
-                if acked as i64 >= replicas || out_of_time || shared.stopping() {
-                    return Ok(Reply::Int(acked as i64));
-                }
-                glommio::timer::sleep(Duration::from_millis(1)).await;
+            if replicas > 0 && !written.is_empty() {
+                let want = Commit::Replicated(u32::try_from(replicas).unwrap_or(u32::MAX));
+                let limit = (timeout > 0).then(|| Duration::from_millis(timeout as u64));
+                let _ = commit::replicas_reached(&shared, &written, want, limit).await;
             }
+            Ok(Reply::Int(commit::replicas_having(&shared, &written) as i64))
         })
+    }
+
+    /// `REPLICAOF host port` follows another node from now on (this node's
+    /// log must continue the upstream's, or it is refused and kept as it
+    /// is); `REPLICAOF NO ONE` makes a replica a primary: it stops
+    /// following, starts a new epoch (so records of the old primary are
+    /// refused from then on) and takes writes.
+    fn replicaof(&self, args: &[Bytes]) -> Slot {
+        let shared = self.shared.clone();
+        let no_one = args[1].eq_ignore_ascii_case(b"NO") && args[2].eq_ignore_ascii_case(b"ONE");
+        if no_one {
+            return later(async move {
+                if !shared.is_replica() {
+                    return Ok(Reply::Ok);
+                }
+                shared.set_upstream("");
+                let epoch = shared.engine.begin_epoch().await?;
+                tracing::warn!(epoch, "promoted to primary by REPLICAOF NO ONE");
+                Ok(Reply::Ok)
+            });
+        }
+        let host = String::from_utf8_lossy(&args[1]).to_string();
+        let Some(port) = parse_i64(&args[2]).filter(|p| (1..=65535).contains(p)) else {
+            return Slot::Ready(Reply::err("Invalid master port"));
+        };
+        let upstream = format!("{host}:{port}");
+        let own = resolve(&upstream).is_some_and(|a| {
+            a == shared.listen
+                || (a.port() == shared.listen.port()
+                    && (a.ip().is_loopback() || shared.listen.ip().is_unspecified()))
+        });
+        if own {
+            return Slot::Ready(Reply::err("a node cannot replicate from itself"));
+        }
+        if shared.replica_of() == upstream {
+            return Slot::Ready(Reply::Simple("OK Already connected to specified master".into()));
+        }
+        let generation = shared.set_upstream(&upstream);
+        tracing::warn!(%upstream, "following a new upstream (REPLICAOF)");
+        glommio::spawn_local(super::replication::follow(shared, upstream, generation)).detach();
+        Slot::Ready(Reply::Ok)
     }
 
     fn client(&mut self, args: &[Bytes]) -> Slot {
@@ -690,21 +819,60 @@ impl Conn {
             b"ID" => Reply::Int(self.id as i64),
             // Client libraries announce themselves; nothing to do with it.
             b"SETINFO" => Reply::Ok,
-            b"COMMIT-LEVEL" if args.len() == 2 => Reply::bulk(level_name(self.level)),
-            b"COMMIT-LEVEL" if args.len() == 3 => match args[2].to_ascii_lowercase().as_slice() {
-                b"local" => {
-                    self.level = CommitLevel::Local;
-                    Reply::Ok
+            b"COMMIT-LEVEL" if args.len() == 2 => Reply::bulk(self.level.to_string()),
+            b"COMMIT-LEVEL" if args.len() == 3 => {
+                match String::from_utf8_lossy(&args[2]).parse::<Commit>() {
+                    Ok(level) if level.needs_replicas() && self.shared.is_replica() => {
+                        Reply::err(format!(
+                            "commit level {level} is for a primary; this node is a replica"
+                        ))
+                    }
+                    Ok(level) => {
+                        self.level = level;
+                        Reply::Ok
+                    }
+                    Err(e) => Reply::err(e),
                 }
-                b"memory" => {
-                    self.level = CommitLevel::Memory;
-                    Reply::Ok
-                }
-                _ => Reply::err(format!(
-                    "unknown commit level '{}': this build has 'local' and 'memory'",
-                    shown(&args[2])
-                )),
+            }
+            // The last acknowledged write: the level asked, the level
+            // reached, and the session token of this connection's writes.
+            b"RECEIPT" if args.len() == 2 => match self.last.get() {
+                None => Reply::Nil,
+                Some((asked, reached)) => Reply::Array(vec![
+                    Reply::bulk(asked.to_string()),
+                    Reply::bulk(reached.to_string()),
+                    Reply::bulk(
+                        Token {
+                            epoch: self.epoch.get(),
+                            lsns: self.written.borrow().clone(),
+                        }
+                        .render(),
+                    ),
+                ]),
             },
+            // Reads from now on wait until this node applied the writes of
+            // the token (read your writes on a replica).
+            b"READ-AFTER" if args.len() == 3 || args.len() == 4 => {
+                let wait = match args.get(3).map(|t| parse_i64(t)) {
+                    None => Some(1000),
+                    Some(Some(ms)) if ms >= 0 => Some(ms),
+                    Some(_) => None,
+                };
+                match (Token::parse(&args[2]), wait) {
+                    (_, None) => Reply::err("timeout is not a non-negative integer"),
+                    (None, _) => Reply::err(
+                        "invalid session token: expected EPOCH/SHARD:LSN,... as CLIENT RECEIPT gives",
+                    ),
+                    (Some(token), Some(ms)) => {
+                        self.read_after = if token.lsns.is_empty() {
+                            None
+                        } else {
+                            Some((token, Duration::from_millis(ms as u64)))
+                        };
+                        Reply::Ok
+                    }
+                }
+            }
             _ => Reply::err(format!("CLIENT {} is not supported", shown(&sub))),
         })
     }
@@ -748,11 +916,12 @@ async fn drain(
     Ok(())
 }
 
-fn later(f: impl Future<Output = Result<Reply, EngineError>> + 'static) -> Slot {
+fn later(f: impl Future<Output = Result<Reply, Failure>> + 'static) -> Slot {
     Slot::Later(Box::pin(async move {
         match f.await {
             Ok(reply) => reply,
-            Err(e) => engine_error(e),
+            Err(Failure::Engine(e)) => engine_error(e),
+            Err(Failure::Short(short)) => Reply::Error(short.to_string()),
         }
     }))
 }
@@ -780,14 +949,63 @@ fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(&bytes[..bytes.len().min(64)])
 }
 
+/// Waits, up to `wait`, until this node has applied every write of
+/// `token` (read your writes on a replica); `Err` with a `-TRYAGAIN` text
+/// when it has not in time.
+async fn applied_past(shared: &Shared, token: &Token, wait: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let stats = shared.engine.stats().await.map_err(|e| format!("ERR {e}"))?;
+        let epoch = stats.iter().map(|s| s.epoch).max().unwrap_or(0);
+        let missing = token.lsns.iter().find(|(shard, lsn)| {
+            stats
+                .get(**shard as usize)
+                .is_none_or(|s| s.next_lsn <= **lsn)
+        });
+        let missing = match missing {
+            Some((shard, lsn)) => Some(format!(
+                "shard {shard} has applied up to {}, the session wrote at {lsn}",
+                stats.get(*shard as usize).map_or(0, |s| s.next_lsn)
+            )),
+            None if epoch < token.epoch => Some(format!(
+                "this node is in epoch {epoch}, the session wrote in epoch {}",
+                token.epoch
+            )),
+            None => None,
+        };
+        let Some(why) = missing else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || shared.stopping() {
+            return Err(format!(
+                "TRYAGAIN this node has not applied the session's writes within {} ms: {why}",
+                wait.as_millis()
+            ));
+        }
+        // Woken when the replica acks a batch (it has applied it), or soon.
+        let _ = glommio::timer::timeout(left.min(Duration::from_millis(20)), async {
+            super::commit::next_ack(shared).await;
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// The first address `addr` resolves to.
+fn resolve(addr: &str) -> Option<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs().ok()?.next()
+}
+
 /// How many of the answers are `Some`: DEL's deleted keys, EXISTS's
 /// present ones.
-async fn count_some<T>(
-    answers: Vec<impl Future<Output = Result<Option<T>, EngineError>>>,
-) -> Result<Reply, EngineError> {
+async fn count_some<T, E: Into<Failure>>(
+    answers: Vec<impl Future<Output = Result<Option<T>, E>>>,
+) -> Result<Reply, Failure> {
     let mut n = 0;
     for answer in answers {
-        n += i64::from(answer.await?.is_some());
+        n += i64::from(answer.await.map_err(Into::into)?.is_some());
     }
     Ok(Reply::Int(n))
 }
@@ -864,14 +1082,14 @@ fn config_command(shared: &Shared, args: &[Bytes]) -> Slot {
             shown(&sub)
         )));
     }
-    let level = shared.engine.default_level();
+    let level = shared.config.commit_level;
     let params: [(&str, String); 6] = [
         ("appendonly", "yes".into()),
         (
             "appendfsync",
             match level {
-                CommitLevel::Local => "always".into(),
-                CommitLevel::Memory => "no".into(),
+                Commit::Memory => "no".into(),
+                _ => "always".into(),
             },
         ),
         ("save", String::new()),
@@ -925,13 +1143,15 @@ enum Command {
     Client,
     Select,
     Hello,
+    /// `REPLICAOF host port`, `REPLICAOF NO ONE` (and `SLAVEOF`).
+    Replicaof,
     /// `TIDEWAL.STREAM`: a replica asks for the WAL stream.
     Stream,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 25] = [
+    const ALL: [(&'static [u8], Command); 27] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (b"PING", Command::Ping),
         (b"ECHO", Command::Echo),
@@ -957,6 +1177,8 @@ impl Command {
         (b"CLIENT", Command::Client),
         (b"SELECT", Command::Select),
         (b"HELLO", Command::Hello),
+        (b"REPLICAOF", Command::Replicaof),
+        (b"SLAVEOF", Command::Replicaof),
     ];
 
     /// The command named `name`, in any case (no allocation per command).
@@ -989,6 +1211,19 @@ impl Command {
         )
     }
 
+    /// Whether it reads keys (and so waits for a `CLIENT READ-AFTER` token).
+    fn reads_keys(self) -> bool {
+        matches!(
+            self,
+            Command::Get
+                | Command::Exists
+                | Command::Mget
+                | Command::Scan
+                | Command::Keys
+                | Command::DbSize
+        )
+    }
+
     /// Whether it reads state (and so must see this client's earlier writes).
     fn reads(self) -> bool {
         !self.writes() && !matches!(self, Command::Ping | Command::Echo)
@@ -1017,6 +1252,7 @@ impl Command {
             Command::Client => -2,
             Command::Select => 2,
             Command::Hello => -1,
+            Command::Replicaof => 3,
             Command::Stream => 1,
             Command::Unknown => -1,
         };
@@ -1028,9 +1264,3 @@ impl Command {
     }
 }
 
-pub(super) fn level_name(level: CommitLevel) -> &'static str {
-    match level {
-        CommitLevel::Memory => "memory",
-        CommitLevel::Local => "local",
-    }
-}

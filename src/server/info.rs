@@ -60,7 +60,7 @@ pub(super) async fn render(
         );
     }
     if want("persistence") {
-        let level = super::conn::level_name(shared.engine.default_level());
+        let level = shared.config.commit_level.to_string();
         let failed = stats.iter().filter(|s| s.failure.is_some()).count();
         let _ = write!(
             out,

@@ -15,6 +15,7 @@
 //! mailboxes. The admin endpoint runs on the first executor.
 
 mod admin;
+mod commit;
 mod config;
 mod conn;
 pub mod glob;
@@ -27,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-pub use config::{ConfigError, Limits, NodeConfig};
+pub use commit::{BadLevel, Commit, TimeoutPolicy};
+pub use config::{ConfigError, LagAlert, Limits, NodeConfig};
 
 use crate::engine::{Engine, EngineError};
 
@@ -62,6 +64,18 @@ pub(crate) struct Shared {
     downstreams: std::sync::Mutex<std::collections::BTreeMap<String, replication::Downstream>>,
     /// This node's link to the node it follows, when a replica.
     upstream: std::sync::Mutex<replication::Upstream>,
+    /// The node this one follows (`HOST:PORT`), empty for a primary; set
+    /// at start and by `REPLICAOF`.
+    replica_of: std::sync::Mutex<String>,
+    /// Whether `replica_of` is set (read on every write).
+    replica: AtomicBool,
+    /// Bumped whenever `replica_of` changes: a follower task of an older
+    /// generation stops.
+    follow_generation: AtomicU64,
+    /// Wakes writes waiting for replicas when acknowledgements arrive.
+    ack_signal: commit::AckSignal,
+    /// Whether commits are degraded (`degrade` policy), and counts.
+    degraded: std::sync::Mutex<commit::Degraded>,
 }
 
 impl Shared {
@@ -71,7 +85,25 @@ impl Shared {
 
     /// Whether this node follows another (and refuses writes).
     fn is_replica(&self) -> bool {
-        !self.config.replica_of.is_empty()
+        self.replica.load(Ordering::Acquire)
+    }
+
+    /// The node this one follows, `HOST:PORT`; empty for a primary.
+    fn replica_of(&self) -> String {
+        self.replica_of.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Follows `upstream` from now on (empty: becomes a primary), and
+    /// returns the generation a follower task for it runs under.
+    fn set_upstream(&self, upstream: &str) -> u64 {
+        if let Ok(mut r) = self.replica_of.lock() {
+            *r = upstream.to_string();
+        }
+        if let Ok(mut u) = self.upstream.lock() {
+            *u = replication::Upstream::default();
+        }
+        self.replica.store(!upstream.is_empty(), Ordering::Release);
+        self.follow_generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 }
 
@@ -124,7 +156,13 @@ impl Node {
             cursors: Default::default(),
             downstreams: Default::default(),
             upstream: Default::default(),
+            replica_of: std::sync::Mutex::new(String::new()),
+            replica: AtomicBool::new(false),
+            follow_generation: AtomicU64::new(0),
+            ack_signal: Default::default(),
+            degraded: Default::default(),
         });
+        let generation = shared.set_upstream(&shared.config.replica_of);
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
         let for_executors = shared.clone();
@@ -138,8 +176,8 @@ impl Node {
                 result = admin_on(admin, shared.clone());
             }
             if result.is_ok() && core == 0 && shared.is_replica() {
-                let upstream = shared.config.replica_of.clone();
-                glommio::spawn_local(replication::follow(shared, upstream)).detach();
+                let upstream = shared.replica_of();
+                glommio::spawn_local(replication::follow(shared, upstream, generation)).detach();
             }
             let _ = bound_tx.lock().map(|tx| tx.send(result));
         })?;

@@ -17,8 +17,11 @@
 //! by the primary's own commit level. Commit levels that wait for replicas,
 //! snapshot re-sync, heartbeats and cascading status come next (issue 5).
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -29,7 +32,7 @@ use zerocopy::IntoBytes;
 use super::Shared;
 use crate::engine::CommitLevel;
 use crate::format::{
-    Ack, Expect, FrameKind, Hello, decode_fixed, decode_frame, encode_frame, frame_header,
+    Ack, Expect, FrameKind, Heartbeat, Hello, decode_fixed, decode_frame, encode_frame, frame_header,
 };
 
 /// Largest frame payload either side accepts.
@@ -40,20 +43,44 @@ const BATCH_BYTES: usize = 256 << 10;
 pub(super) const STREAM_COMMAND: &[u8] = b"TIDEWAL.STREAM";
 
 /// What the upstream knows of one downstream, for the status page.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct Downstream {
     pub host: String,
     pub node_id: String,
     pub connected: bool,
-    /// Per shard: next LSN to send, and LSN below which the downstream
-    /// reported its log durable.
+    /// The highest epoch the downstream has said it is in.
+    pub epoch: u64,
+    /// Per shard: next LSN to send, and the LSNs below which the downstream
+    /// reported its log written (staged), durable, and applied.
     pub sent: Vec<u64>,
+    pub written: Vec<u64>,
     pub flushed: Vec<u64>,
+    pub applied: Vec<u64>,
+    /// Per shard: the end LSN of each batch sent and not yet acknowledged
+    /// durable, and when it was sent (what `lag_seconds` is measured from).
+    pub unacked: Vec<VecDeque<(u64, Instant)>>,
     pub last_ack: Option<Instant>,
     /// Since when the downstream has been behind (`None`: caught up).
     pub behind_since: Option<Instant>,
     pub refused: Option<String>,
+    /// Whether its lag alert is raised (see `LagAlert`).
+    pub alert: bool,
 }
+
+impl Downstream {
+    /// Seconds since the oldest batch the downstream has not yet made
+    /// durable was sent (0 when it has everything it was sent).
+    pub fn unacked_seconds(&self) -> f64 {
+        self.unacked
+            .iter()
+            .filter_map(|q| q.front())
+            .map(|(_, t)| t.elapsed().as_secs_f64())
+            .fold(0.0, f64::max)
+    }
+}
+
+/// Batches remembered per shard for `lag_seconds`; older ones are merged.
+const UNACKED_MAX: usize = 4096;
 
 /// What a downstream knows of its link to the upstream.
 #[derive(Debug, Clone, Default)]
@@ -61,7 +88,22 @@ pub(super) struct Upstream {
     pub connected: bool,
     pub last_error: Option<String>,
     pub last_frame: Option<Instant>,
+    /// Per shard: the upstream's durable LSN as last heard (heartbeats and
+    /// records), and this node's applied LSN.
+    pub head: Vec<u64>,
+    pub applied: Vec<u64>,
+    /// Per shard: the highest epoch seen from the upstream; a frame of a
+    /// lower one is refused.
+    pub epoch: Vec<u64>,
+    /// Since when this node has been behind the upstream's last heard head.
+    pub behind_since: Option<Instant>,
+    /// The upstream's clock minus this node's at the last heartbeat, in
+    /// microseconds (for the status page; lag is not measured across clocks).
+    pub clock_skew_micros: i64,
 }
+
+/// How often the upstream tells each downstream its head and clock.
+const HEARTBEAT: Duration = Duration::from_millis(500);
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -167,9 +209,17 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let node_id = hellos.values().next().map(|h| h.node_id.clone()).unwrap_or_default();
         let stats = shared.engine.stats().await.map_err(io_err)?;
         let mut pos = Vec::new();
+        let mut epoch = 0;
         for (shard, hello) in &hellos {
             let s = &stats[*shard as usize];
-            let problem = if hello.lsn > s.durable_lsn {
+            let theirs = hello.history.last().map_or(0, |(e, _)| *e);
+            epoch = epoch.max(theirs);
+            let problem = if theirs > s.epoch {
+                Some(format!(
+                    "shard {shard}: the downstream is in epoch {theirs}, this node in {}: this node is behind a failover (fenced) and may not serve it",
+                    s.epoch
+                ))
+            } else if hello.lsn > s.durable_lsn {
                 Some(format!(
                     "shard {shard}: the downstream's log ends at {} past this node's {}: it holds writes this node never had (diverged, or another cluster)",
                     hello.lsn, s.durable_lsn
@@ -190,119 +240,98 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             pos.push(Expect {
                 lsn: hello.lsn,
                 chain: hello.chain,
-                epoch: hello.history.last().map_or(0, |(e, _)| *e),
+                epoch: theirs,
             });
         }
+        let at: Vec<u64> = pos.iter().map(|p| p.lsn).collect();
         let status = Downstream {
             host: host.clone(),
             node_id: node_id.clone(),
             connected: true,
-            sent: pos.iter().map(|p| p.lsn).collect(),
-            flushed: pos.iter().map(|p| p.lsn).collect(),
-            last_ack: None,
-            behind_since: None,
-            refused: None,
+            epoch,
+            sent: at.clone(),
+            written: at.clone(),
+            flushed: at.clone(),
+            applied: at,
+            unacked: vec![VecDeque::new(); pos.len()],
+            ..Downstream::default()
         };
         let key = if node_id.is_empty() { host.clone() } else { node_id.clone() };
         if let Ok(mut d) = shared.downstreams.lock() {
             d.insert(key.clone(), status);
         }
         tracing::info!(downstream = %key, "replica attached");
-        // Acks come back on a task of their own.
-        let ack_done = std::rc::Rc::new(std::cell::Cell::new(false));
-        let acks = {
-            let (shared, key, done) = (shared.clone(), key.clone(), ack_done.clone());
-            let _done = DoneOnDrop(done);
+        // Acks come back on a task of their own; each shard's records are
+        // read by a task of their own (waiting for new ones as they become
+        // durable); this task writes what they produce, in order.
+        let done = Rc::new(Cell::new(false));
+        let _acks = {
+            let (shared, key, done) = (shared.clone(), key.clone(), done.clone());
+            let _done = DoneOnDrop(done.clone());
             glommio::spawn_local(async move {
                 let _done = _done;
-                while let Ok(Some((kind, shard, _, _, payload))) =
-                    next_frame(&mut reader, &mut input, &shared).await
-                {
-                    match kind {
-                        FrameKind::Ack => {
-                            let Ok(ack) = decode_fixed::<Ack>(kind, &payload) else {
-                                return;
-                            };
-                            if let Ok(mut d) = shared.downstreams.lock()
-                                && let Some(d) = d.get_mut(&key)
-                                && let Some(f) = d.flushed.get_mut(shard as usize)
-                            {
-                                *f = ack.flushed.get().max(*f);
-                                d.last_ack = Some(Instant::now());
-                            }
-                        }
-                        FrameKind::Refuse => {
-                            let why = String::from_utf8_lossy(&payload).to_string();
-                            tracing::warn!(downstream = %key, %why, "replica refused the stream");
-                            if let Ok(mut d) = shared.downstreams.lock()
-                                && let Some(d) = d.get_mut(&key)
-                            {
-                                d.refused = Some(why);
-                            }
-                            return;
-                        }
-                        _ => return,
-                    }
-                }
+                read_acks(&shared, &key, &mut reader, &mut input).await
             })
         };
-        let mut acks = Some(acks);
-        let mut idle = Duration::from_millis(1);
-        loop {
-            if shared.stopping() || ack_done.get() {
+        let (tx, rx) = glommio::channels::local_channel::new_bounded::<Out>(2 * pos.len() + 2);
+        let tx = Rc::new(tx);
+        let mut readers = Vec::new();
+        for (shard, from) in pos.iter().enumerate() {
+            readers.push(glommio::spawn_local(read_shard(
+                shared.clone(),
+                shard as u32,
+                *from,
+                tx.clone(),
+                done.clone(),
+            )));
+        }
+        readers.push(glommio::spawn_local(heartbeats(shared.clone(), tx, done.clone())));
+        let mut next = rx.recv().await;
+        while let Some(out) = next {
+            if shared.stopping() || done.get() {
                 break;
             }
-            let mut sent_any = false;
-            for shard in 0..shard_count {
-                let i = shard as usize;
-                let batch = shared
-                    .engine
-                    .read_log(shard, pos[i], BATCH_BYTES)
-                    .await;
-                let batch = match batch {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let why = format!(
-                            "shard {shard}: the downstream's log does not continue here at lsn {} (diverged): {e}",
-                            pos[i].lsn
-                        );
-                        refused(&shared, &key, &host, &why);
-                        writer.write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes())).await?;
-                        return Err(io_err(why));
+            match out {
+                Out::Records { shard, epoch, start, next, bytes } => {
+                    let header = frame_header(FrameKind::Records, shard, epoch, start, &bytes);
+                    writer.write_all(header.as_bytes()).await?;
+                    writer.write_all(&bytes).await?;
+                    if let Ok(mut d) = shared.downstreams.lock()
+                        && let Some(d) = d.get_mut(&key)
+                    {
+                        let i = shard as usize;
+                        d.sent[i] = next.lsn;
+                        let q = &mut d.unacked[i];
+                        if q.len() >= UNACKED_MAX {
+                            // Merge the two newest: the oldest send time,
+                            // which lag is measured from, stays.
+                            q.pop_back();
+                        }
+                        q.push_back((next.lsn, Instant::now()));
                     }
-                };
-                let Some(last) = batch.records.last() else {
-                    continue;
-                };
-                let mut payload = Vec::new();
-                for r in &batch.records {
-                    payload.extend_from_slice(&r.encoded);
                 }
-                // The header, then the records where they already are: one
-                // copy of the bytes (gathering them), not two.
-                let header =
-                    frame_header(FrameKind::Records, shard, last.epoch, pos[i].lsn, &payload);
-                writer.write_all(header.as_bytes()).await?;
-                writer.write_all(&payload).await?;
-                pos[i] = batch.next;
-                sent_any = true;
-                if let Ok(mut d) = shared.downstreams.lock()
-                    && let Some(d) = d.get_mut(&key)
-                {
-                    d.sent[i] = pos[i].lsn;
+                Out::Beat { shard, epoch, beat } => {
+                    writer
+                        .write_all(&frame(FrameKind::Heartbeat, shard, epoch, 0, beat.as_bytes()))
+                        .await?;
+                }
+                Out::Failed { shard, why } => {
+                    refused(&shared, &key, &host, &why);
+                    writer.write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes())).await?;
+                    writer.flush().await?;
+                    return Err(io_err(why));
                 }
             }
-            writer.flush().await?;
-            // Nothing new: look again soon, less often the longer it stays
-            // quiet (1 ms up to 20 ms), so an idle primary costs little.
-            if sent_any {
-                idle = Duration::from_millis(1);
-            } else {
-                glommio::timer::sleep(idle).await;
-                idle = (idle * 2).min(Duration::from_millis(20));
-            }
+            // Flush only when nothing more is ready: frames that are ready
+            // together go out in one write.
+            next = match futures_lite::future::poll_once(rx.recv()).await {
+                Some(next) => next,
+                None => {
+                    writer.flush().await?;
+                    rx.recv().await
+                }
+            };
         }
-        drop(acks.take());
         Ok::<(), std::io::Error>(())
     }
     .await;
@@ -314,17 +343,173 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             d.connected = false;
         }
     }
+    shared.ack_signal.notify();
     let _ = writer.close().await;
+}
+
+/// What the per-shard readers hand the task writing the stream.
+enum Out {
+    Records {
+        shard: u32,
+        epoch: u64,
+        start: u64,
+        next: Expect,
+        bytes: Bytes,
+    },
+    Beat {
+        shard: u32,
+        epoch: u64,
+        beat: Heartbeat,
+    },
+    /// The downstream's position does not continue this log.
+    Failed { shard: u32, why: String },
+}
+
+/// Reads `shard`'s durable records from `pos` on, as they become durable,
+/// until `done`.
+async fn read_shard(
+    shared: Arc<Shared>,
+    shard: u32,
+    mut pos: Expect,
+    tx: Rc<glommio::channels::local_channel::LocalSender<Out>>,
+    done: Rc<Cell<bool>>,
+) {
+    while !done.get() && !shared.stopping() {
+        let read = shared
+            .engine
+            .read_log_wait(shard, pos, BATCH_BYTES, Duration::from_millis(100))
+            .await;
+        let out = match read {
+            Err(e) => Out::Failed {
+                shard,
+                why: format!(
+                    "shard {shard}: the downstream's log does not continue here at lsn {} (diverged): {e}",
+                    pos.lsn
+                ),
+            },
+            Ok(batch) => {
+                let Some(last) = batch.records.last() else {
+                    continue;
+                };
+                let out = Out::Records {
+                    shard,
+                    epoch: last.epoch,
+                    start: pos.lsn,
+                    next: batch.next,
+                    bytes: batch.encoded,
+                };
+                pos = batch.next;
+                out
+            }
+        };
+        let failed = matches!(out, Out::Failed { .. });
+        if tx.send(out).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Every [`HEARTBEAT`]: each shard's head, durable LSN and this node's
+/// clock, so downstreams know how far behind they are even when idle.
+async fn heartbeats(
+    shared: Arc<Shared>,
+    tx: Rc<glommio::channels::local_channel::LocalSender<Out>>,
+    done: Rc<Cell<bool>>,
+) {
+    while !done.get() && !shared.stopping() {
+        let Ok(stats) = shared.engine.stats().await else {
+            return;
+        };
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        for s in stats {
+            let beat = Heartbeat {
+                head_lsn: s.next_lsn.into(),
+                durable_lsn: s.durable_lsn.into(),
+                unix_micros: micros.into(),
+            };
+            let out = Out::Beat {
+                shard: s.shard,
+                epoch: s.epoch,
+                beat,
+            };
+            if tx.send(out).await.is_err() {
+                return;
+            }
+        }
+        glommio::timer::sleep(HEARTBEAT).await;
+    }
+}
+
+/// Reads a downstream's acks until it leaves: records what it has
+/// written, made durable and applied, and wakes writes waiting for it.
+async fn read_acks(
+    shared: &Shared,
+    key: &str,
+    reader: &mut (impl futures_lite::AsyncRead + Unpin),
+    input: &mut BytesMut,
+) {
+    while let Ok(Some((kind, shard, epoch, _, payload))) = next_frame(reader, input, shared).await {
+        match kind {
+            FrameKind::Ack => {
+                let Ok(ack) = decode_fixed::<Ack>(kind, &payload) else {
+                    return;
+                };
+                let Ok(mut all) = shared.downstreams.lock() else {
+                    return;
+                };
+                let Some(d) = all.get_mut(key) else {
+                    return;
+                };
+                if epoch < d.epoch {
+                    tracing::warn!(downstream = %key, epoch, seen = d.epoch,
+                        "an ack from an older epoch; dropping the stream");
+                    return;
+                }
+                d.epoch = epoch;
+                let i = shard as usize;
+                if i >= d.flushed.len() {
+                    return;
+                }
+                d.written[i] = d.written[i].max(ack.written.get());
+                d.flushed[i] = d.flushed[i].max(ack.flushed.get());
+                d.applied[i] = d.applied[i].max(ack.applied.get());
+                let flushed = d.flushed[i];
+                while d.unacked[i].front().is_some_and(|(end, _)| *end <= flushed) {
+                    d.unacked[i].pop_front();
+                }
+                d.last_ack = Some(Instant::now());
+                drop(all);
+                shared.ack_signal.notify();
+                super::commit::maybe_recover(shared);
+            }
+            FrameKind::Refuse => {
+                let why = String::from_utf8_lossy(&payload).to_string();
+                tracing::warn!(downstream = %key, %why, "replica refused the stream");
+                if let Ok(mut d) = shared.downstreams.lock()
+                    && let Some(d) = d.get_mut(key)
+                {
+                    d.refused = Some(why);
+                }
+                return;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// The downstream side: follows `upstream` until the node stops,
 /// reconnecting after a broken link; stops for good when refused.
-pub(super) async fn follow(shared: Arc<Shared>, upstream: String) {
-    loop {
-        if shared.stopping() {
+pub(super) async fn follow(shared: Arc<Shared>, upstream: String, generation: u64) {
+    let current = |shared: &Shared| {
+        !shared.stopping() && shared.follow_generation.load(Ordering::Acquire) == generation
+    };
+    while current(&shared) {
+        let result = follow_once(&shared, &upstream, generation).await;
+        if !current(&shared) {
             return;
         }
-        let result = follow_once(&shared, &upstream).await;
         let refused = matches!(&result, Err(e) if e.starts_with("refused"));
         if let Ok(mut u) = shared.upstream.lock() {
             u.connected = false;
@@ -336,12 +521,12 @@ pub(super) async fn follow(shared: Arc<Shared>, upstream: String) {
             tracing::warn!(%upstream, error = %e, "replication link down");
         }
         if refused {
-            // A refusal (divergence, a released position) does not mend by
-            // retrying: an operator decides.
+            // A refusal (divergence, a released position, a stale
+            // upstream) does not mend by retrying: an operator decides.
             return;
         }
         for _ in 0..5 {
-            if shared.stopping() {
+            if !current(&shared) {
                 return;
             }
             glommio::timer::sleep(Duration::from_millis(100)).await;
@@ -349,7 +534,7 @@ pub(super) async fn follow(shared: Arc<Shared>, upstream: String) {
     }
 }
 
-async fn follow_once(shared: &Arc<Shared>, upstream: &str) -> Result<(), String> {
+async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> Result<(), String> {
     let mut stream = TcpStream::connect(upstream)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -414,14 +599,28 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str) -> Result<(), String>
     if let Ok(mut u) = shared.upstream.lock() {
         u.connected = true;
         u.last_error = None;
+        u.applied = stats.iter().map(|s| s.next_lsn).collect();
+        u.head = u.applied.clone();
+        u.epoch = stats.iter().map(|s| s.epoch).collect();
     }
     tracing::info!(%upstream, "following upstream");
+    let (mut reader, writer) = futures_lite::io::split(stream);
+    // Records are handed to the engine as they arrive (in order, so they
+    // share the replica's group commits); a task of its own waits for each
+    // to become durable and acks it, in order.
+    let (tx, rx) = glommio::channels::local_channel::new_bounded::<Applying>(256);
+    let failure: Rc<RefCell<Option<String>>> = Rc::default();
+    let _acks = glommio::spawn_local(send_acks(shared.clone(), writer, rx, failure.clone()));
+    let mut seen: Vec<u64> = stats.iter().map(|s| s.epoch).collect();
     loop {
-        let Some((kind, shard, _epoch, start, payload)) =
-            next_frame(&mut stream, &mut input, shared)
-                .await
-                .map_err(e)?
-        else {
+        if let Some(why) = failure.borrow_mut().take() {
+            return Err(why);
+        }
+        if shared.follow_generation.load(Ordering::Acquire) != generation {
+            return Ok(());
+        }
+        let next = next_frame(&mut reader, &mut input, shared).await.map_err(e)?;
+        let Some((kind, shard, epoch, start, payload)) = next else {
             return if shared.stopping() {
                 Ok(())
             } else {
@@ -431,31 +630,57 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str) -> Result<(), String>
         if let Ok(mut u) = shared.upstream.lock() {
             u.last_frame = Some(Instant::now());
         }
+        let i = shard as usize;
+        if matches!(kind, FrameKind::Records | FrameKind::Heartbeat) {
+            if i >= seen.len() {
+                return Err(format!("refused: a frame for shard {shard}, which this node does not have"));
+            }
+            if epoch < seen[i] {
+                // An upstream from before a failover: never take its word.
+                let why = format!(
+                    "shard {shard}: a frame of epoch {epoch} after epoch {} was seen: the upstream is stale (fenced)",
+                    seen[i]
+                );
+                let _ = tx.send(Applying::Refuse(shard, why.clone())).await;
+                return Err(format!("refused: {why}"));
+            }
+            seen[i] = epoch;
+        }
         match kind {
             FrameKind::Records => {
                 let end = start + payload.len() as u64;
-                if let Err(x) = shared
-                    .engine
-                    .replicate_at(shard, payload, CommitLevel::Local)
-                    .await
+                let answer = shared.engine.replicate_at(shard, payload, CommitLevel::Local);
+                if let Ok(mut u) = shared.upstream.lock()
+                    && let Some(h) = u.head.get_mut(i)
                 {
-                    let why = format!(
-                        "shard {shard}: records at lsn {start} do not continue this log: {x}"
-                    );
-                    let _ = stream
-                        .write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes()))
-                        .await;
-                    return Err(format!("refused: {why}"));
+                    *h = (*h).max(end);
                 }
-                let ack = Ack {
-                    written: end.into(),
-                    flushed: end.into(),
-                    applied: end.into(),
+                let applying = Applying::Records {
+                    shard,
+                    epoch,
+                    start,
+                    end,
+                    answer,
                 };
-                stream
-                    .write_all(&frame(FrameKind::Ack, shard, 0, 0, ack.as_bytes()))
-                    .await
-                    .map_err(e)?;
+                if tx.send(applying).await.is_err() {
+                    return Err(failure
+                        .borrow_mut()
+                        .take()
+                        .unwrap_or_else(|| "the ack task ended".into()));
+                }
+            }
+            FrameKind::Heartbeat => {
+                let beat = decode_fixed::<Heartbeat>(kind, &payload).map_err(|x| x.to_string())?;
+                let now_micros = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64);
+                if let Ok(mut u) = shared.upstream.lock() {
+                    if let Some(h) = u.head.get_mut(i) {
+                        *h = (*h).max(beat.durable_lsn.get());
+                    }
+                    u.clock_skew_micros = beat.unix_micros.get() as i64 - now_micros;
+                    note_behind(&mut u);
+                }
             }
             FrameKind::Refuse => {
                 return Err(format!(
@@ -465,6 +690,98 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str) -> Result<(), String>
             }
             other => return Err(format!("unexpected {other:?} frame from upstream")),
         }
+    }
+}
+
+/// Starts or ends the "behind" clock of a replica's link.
+fn note_behind(u: &mut Upstream) {
+    let behind = u.head.iter().zip(&u.applied).any(|(h, a)| h > a);
+    match (behind, u.behind_since) {
+        (false, _) => u.behind_since = None,
+        (true, None) => u.behind_since = Some(Instant::now()),
+        (true, Some(_)) => {}
+    }
+}
+
+/// What the frame reader hands the ack task of a replica.
+enum Applying {
+    Records {
+        shard: u32,
+        epoch: u64,
+        start: u64,
+        end: u64,
+        answer: crate::engine::Answer<Option<crate::engine::ShardReceipt>>,
+    },
+    /// Tell the upstream why the stream is refused.
+    Refuse(u32, String),
+}
+
+/// Acks each batch of records once it is durable here, in order. A batch
+/// that does not continue this log is refused: the reason goes into
+/// `failure` and to the upstream, and nothing after it is acked.
+async fn send_acks(
+    shared: Arc<Shared>,
+    mut writer: impl futures_lite::AsyncWrite + Unpin,
+    rx: glommio::channels::local_channel::LocalReceiver<Applying>,
+    failure: Rc<RefCell<Option<String>>>,
+) {
+    let mut next = rx.recv().await;
+    while let Some(applying) = next {
+        let (shard, epoch, start, end, answer) = match applying {
+            Applying::Records {
+                shard,
+                epoch,
+                start,
+                end,
+                answer,
+            } => (shard, epoch, start, end, answer),
+            Applying::Refuse(shard, why) => {
+                let _ = writer
+                    .write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes()))
+                    .await;
+                let _ = writer.flush().await;
+                return;
+            }
+        };
+        if let Err(x) = answer.await {
+            let why = format!("shard {shard}: records at lsn {start} do not continue this log: {x}");
+            let _ = writer
+                .write_all(&frame(FrameKind::Refuse, shard, epoch, 0, why.as_bytes()))
+                .await;
+            let _ = writer.flush().await;
+            *failure.borrow_mut() = Some(format!("refused: {why}"));
+            return;
+        }
+        if let Ok(mut u) = shared.upstream.lock() {
+            if let Some(a) = u.applied.get_mut(shard as usize) {
+                *a = (*a).max(end);
+            }
+            note_behind(&mut u);
+        }
+        shared.ack_signal.notify();
+        let ack = Ack {
+            written: end.into(),
+            flushed: end.into(),
+            applied: end.into(),
+        };
+        if writer
+            .write_all(&frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes()))
+            .await
+            .is_err()
+        {
+            *failure.borrow_mut() = Some("upstream closed".into());
+            return;
+        }
+        next = match futures_lite::future::poll_once(rx.recv()).await {
+            Some(next) => next,
+            None => {
+                if writer.flush().await.is_err() {
+                    *failure.borrow_mut() = Some("upstream closed".into());
+                    return;
+                }
+                rx.recv().await
+            }
+        };
     }
 }
 
@@ -484,32 +801,10 @@ fn refused(shared: &Shared, key: &str, host: &str, why: &str) {
         let entry = d.entry(key.to_string()).or_insert_with(|| Downstream {
             host: host.to_string(),
             node_id: key.to_string(),
-            connected: false,
-            sent: Vec::new(),
-            flushed: Vec::new(),
-            last_ack: None,
-            behind_since: None,
-            refused: None,
+            ..Downstream::default()
         });
         entry.refused = Some(why.to_string());
     }
-}
-
-/// How many connected replicas have made durable every record at or below
-/// `written` (shard → LSN of a record).
-pub(super) fn replicas_having(shared: &Shared, written: &BTreeMap<u32, u64>) -> usize {
-    let Ok(downstreams) = shared.downstreams.lock() else {
-        return 0;
-    };
-    downstreams
-        .values()
-        .filter(|d| d.connected && d.refused.is_none())
-        .filter(|d| {
-            written
-                .iter()
-                .all(|(shard, lsn)| d.flushed.get(*shard as usize).is_some_and(|f| f > lsn))
-        })
-        .count()
 }
 
 /// The `ROLE` reply, in Redis's shape: a primary lists its replicas
@@ -517,8 +812,8 @@ pub(super) fn replicas_having(shared: &Shared, written: &BTreeMap<u32, u64>) -> 
 pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
     use crate::server::resp::Reply;
     if shared.is_replica() {
-        let upstream = &shared.config.replica_of;
-        let (host, port) = upstream.rsplit_once(':').unwrap_or((upstream, "0"));
+        let upstream = shared.replica_of();
+        let (host, port) = upstream.rsplit_once(':').unwrap_or((&upstream, "0"));
         let connected = shared.upstream.lock().map(|u| u.connected).unwrap_or(false);
         return Reply::Array(vec![
             Reply::bulk("slave"),

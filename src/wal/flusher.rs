@@ -127,9 +127,10 @@ impl<S: Storage + 'static> Writer<S> {
                 self.state.borrow_mut().fail(error);
                 break;
             }
+            let mut st = self.state.borrow_mut();
+            st.keep_recent(run.start, &run.bytes);
             let mut bytes = run.bytes;
             bytes.clear();
-            let mut st = self.state.borrow_mut();
             if st.free.len() < 4 {
                 st.free.push(bytes);
             }

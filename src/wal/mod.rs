@@ -203,6 +203,14 @@ impl<S: Storage + 'static> Wal<S> {
         self.writer.submit(kind, body)?.await
     }
 
+    /// Records staged from now on carry `epoch`, which must be above every
+    /// epoch in the log (a node promoted to primary fences off the records
+    /// of the one it replaced). It lasts for the log's life; a record of
+    /// the new epoch must be appended for it to survive a restart.
+    pub fn begin_epoch(&self, epoch: u64) -> Result<(), WalError> {
+        self.writer.begin_epoch(epoch)
+    }
+
     /// Waits while the staging area is full (back-pressure); a caller that
     /// then calls [`Wal::submit`] without an await in between stages without
     /// overrunning it.
@@ -267,7 +275,19 @@ impl<S: Storage + 'static> Wal<S> {
         from: crate::format::Expect,
         max_bytes: usize,
     ) -> Result<ReadBatch, WalError> {
+        // Recent batches are still in memory: a replica that keeps up is
+        // served from there, without a disk read.
+        if let Some(batch) = self.writer.read_recent(from, max_bytes) {
+            return Ok(batch);
+        }
         reader::read(&self.segments, from, self.durable_lsn(), max_bytes).await
+    }
+
+    /// Resolves once the durable LSN passes `lsn` (or the log fails or
+    /// closes): what a replication sender waits on when it has sent
+    /// everything.
+    pub fn durable_past(&self, lsn: u64) -> impl std::future::Future<Output = ()> + 'static {
+        self.writer.durable_past(lsn)
     }
 
     /// Deletes the segments whose records all lie below `lsn` (never the one

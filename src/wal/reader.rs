@@ -33,6 +33,9 @@ pub struct OwnedRecord {
 #[derive(Debug, Clone)]
 pub struct ReadBatch {
     pub records: Vec<OwnedRecord>,
+    /// Every record of the batch, contiguous, exactly as on disk (one
+    /// shared buffer: what a replication upstream sends, uncopied).
+    pub encoded: Bytes,
     pub next: Expect,
 }
 
@@ -49,6 +52,7 @@ pub(super) async fn read<S: Storage>(
     if from.lsn >= durable_lsn {
         return Ok(ReadBatch {
             records,
+            encoded: Bytes::new(),
             next: from,
         });
     }
@@ -87,6 +91,11 @@ pub(super) async fn read<S: Storage>(
             });
         }
         let mut at = 0;
+        let batch = |records, at: usize, next| ReadBatch {
+            records,
+            encoded: bytes.slice(..at),
+            next,
+        };
         while at < bytes.len() {
             match decode_record(&bytes[at..], from) {
                 Ok(Decoded::Record(r)) => {
@@ -115,12 +124,7 @@ pub(super) async fn read<S: Storage>(
                     want = needed as u64;
                     break;
                 }
-                Ok(Decoded::Incomplete { .. }) => {
-                    return Ok(ReadBatch {
-                        records,
-                        next: from,
-                    });
-                }
+                Ok(Decoded::Incomplete { .. }) => return Ok(batch(records, at, from)),
                 Err(error) => {
                     return Err(WalError::BadRecord {
                         segment: segment_file_name(base),
@@ -131,10 +135,7 @@ pub(super) async fn read<S: Storage>(
             }
         }
         if !records.is_empty() || from.lsn >= end {
-            return Ok(ReadBatch {
-                records,
-                next: from,
-            });
+            return Ok(batch(records, at, from));
         }
     }
 }

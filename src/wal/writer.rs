@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use bytes::Bytes;
 use glommio::task::JoinHandle;
 use hdrhistogram::Histogram;
 
@@ -26,6 +27,8 @@ use crate::format::{
     encode_record,
 };
 use crate::io::{IoError, Storage};
+
+use super::reader::{OwnedRecord, ReadBatch};
 use zerocopy::FromBytes;
 
 use super::segment::{Segments, Tail};
@@ -146,7 +149,17 @@ pub(super) struct State {
     pub space: VecDeque<(u64, Waker)>,
     next_ticket: u64,
     pub free: Vec<Vec<u8>>,
+    /// The batches written most recently, newest last, as shared bytes
+    /// (one copy per batch): what replication sends while it keeps up,
+    /// without reading the disk and without a copy per replica.
+    recent: VecDeque<(Expect, Bytes)>,
+    recent_bytes: usize,
+    /// Tasks waiting for the durable LSN to move (replication senders).
+    watchers: Vec<Waker>,
 }
+
+/// Bytes of recent batches kept in memory for replication.
+const RECENT_BYTES_MAX: usize = 8 << 20;
 
 impl State {
     fn check_open(&self) -> Result<(), WalError> {
@@ -167,6 +180,7 @@ impl State {
         for waker in self.waiters.drain(..).filter_map(|(_, w)| w) {
             waker.wake();
         }
+        self.wake_watchers();
         self.runs.clear();
         self.staged_bytes = 0;
         if let Some(waker) = self.flusher.take() {
@@ -242,6 +256,65 @@ impl State {
             }
         }
         self.stats.batch_records.saturating_record(batch);
+        self.wake_watchers();
+    }
+
+    fn wake_watchers(&mut self) {
+        for waker in self.watchers.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Keeps a written batch (records starting at `start`) for readers.
+    pub fn keep_recent(&mut self, start: Expect, bytes: &[u8]) {
+        self.recent_bytes += bytes.len();
+        self.recent
+            .push_back((start, Bytes::copy_from_slice(bytes)));
+        while self.recent_bytes > RECENT_BYTES_MAX {
+            match self.recent.pop_front() {
+                Some((_, old)) => self.recent_bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Durable records from `from`, about `max_bytes`, out of the recent
+    /// batches: `None` when `from` is not among them (read the disk).
+    fn read_recent(&self, from: Expect, max_bytes: usize) -> Option<ReadBatch> {
+        let (start, bytes) = self
+            .recent
+            .iter()
+            .rev()
+            .find(|(start, b)| start.lsn <= from.lsn && from.lsn < start.lsn + b.len() as u64)?;
+        let first = (from.lsn - start.lsn) as usize;
+        let mut at = first;
+        let mut next = from;
+        let mut records = Vec::new();
+        let mut taken = 0;
+        while at < bytes.len() && next.lsn < self.durable_lsn && (taken < max_bytes || records.is_empty()) {
+            // Bytes this process encoded and wrote: a record that does not
+            // decode means the caller's position is not on this history.
+            let Ok(Decoded::Record(r)) = decode_record(&bytes[at..], next) else {
+                return None;
+            };
+            let n = r.encoded_len();
+            records.push(OwnedRecord {
+                lsn: r.lsn(),
+                epoch: r.epoch(),
+                kind: r.kind(),
+                checksum: r.checksum(),
+                body: bytes.slice(at + RECORD_HEADER_BYTES..at + n),
+                encoded: bytes.slice(at..at + n),
+            });
+            next = r.next();
+            at += n;
+            taken += n;
+        }
+        Some(ReadBatch {
+            records,
+            encoded: bytes.slice(first..at),
+            next,
+        })
     }
 
     /// Records how long one sync took.
@@ -288,6 +361,9 @@ impl<S: Storage + 'static> Writer<S> {
             space: VecDeque::new(),
             next_ticket: 0,
             free: Vec::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            watchers: Vec::new(),
             stats: WalStats::default(),
             options: options.clone(),
         }));
@@ -435,6 +511,48 @@ impl<S: Storage + 'static> Writer<S> {
 
     pub fn durable_lsn(&self) -> u64 {
         self.state.borrow().durable_lsn
+    }
+
+    /// Records staged from now on carry `epoch`; see [`super::Wal::begin_epoch`].
+    pub fn begin_epoch(&self, epoch: u64) -> Result<(), WalError> {
+        let mut st = self.state.borrow_mut();
+        st.check_open()?;
+        if epoch <= st.next.epoch {
+            return Err(WalError::EpochRegressed {
+                epoch,
+                last: st.next.epoch,
+            });
+        }
+        st.options.epoch = epoch;
+        Ok(())
+    }
+
+    /// Durable records from `from` out of the batches kept in memory, or
+    /// `None` when they are not there.
+    pub fn read_recent(&self, from: Expect, max_bytes: usize) -> Option<ReadBatch> {
+        let st = self.state.borrow();
+        if from.lsn >= st.durable_lsn {
+            return Some(ReadBatch {
+                records: Vec::new(),
+                encoded: Bytes::new(),
+                next: from,
+            });
+        }
+        st.read_recent(from, max_bytes)
+    }
+
+    /// Resolves once the durable LSN passes `lsn`, or the log fails or
+    /// closes.
+    pub fn durable_past(&self, lsn: u64) -> impl Future<Output = ()> + 'static {
+        let state = self.state.clone();
+        std::future::poll_fn(move |cx| {
+            let mut st = state.borrow_mut();
+            if st.durable_lsn > lsn || st.failed.is_some() || st.closed {
+                return Poll::Ready(());
+            }
+            st.watchers.push(cx.waker().clone());
+            Poll::Pending
+        })
     }
 
     pub fn next_position(&self) -> Expect {

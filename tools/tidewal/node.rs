@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tidewal::engine::CommitLevel;
-use tidewal::server::{Node, NodeConfig};
+use tidewal::server::{Commit, Node, NodeConfig, TimeoutPolicy};
 
 /// Flags override the config file, which overrides the defaults.
 #[derive(Args, Debug)]
@@ -29,10 +28,19 @@ pub struct NodeArgs {
     /// core).
     #[arg(long, value_name = "N")]
     shards: Option<u32>,
-    /// Level every write waits for before it is acknowledged: `local`
-    /// (durable on this disk) or `memory`.
-    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
-    commit_level: Option<CommitLevel>,
+    /// Level every write waits for before it is acknowledged: `memory`,
+    /// `local` (durable on this disk), `replicated(k)` (and on k replicas),
+    /// `all` (and on every replica), `applied(k)`.
+    #[arg(long, value_name = "LEVEL")]
+    commit_level: Option<Commit>,
+    /// Milliseconds a write waits for the replicas its level needs.
+    #[arg(long, value_name = "MS")]
+    commit_timeout_ms: Option<u64>,
+    /// What a write gets when its replicas do not answer in time: `fail`
+    /// (an error naming the level reached) or `degrade` (success at the
+    /// level reached, reported as degraded).
+    #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
+    commit_policy: Option<TimeoutPolicy>,
     /// Follow the node at HOST:PORT as a read-only replica (asynchronous
     /// WAL streaming; writes get -READONLY naming it).
     #[arg(long, value_name = "HOST:PORT")]
@@ -49,12 +57,12 @@ pub struct NodeArgs {
     print_addresses: bool,
 }
 
-fn parse_level(s: &str) -> Result<CommitLevel, String> {
+fn parse_policy(s: &str) -> Result<TimeoutPolicy, String> {
     match s {
-        "local" => Ok(CommitLevel::Local),
-        "memory" => Ok(CommitLevel::Memory),
+        "fail" => Ok(TimeoutPolicy::Fail),
+        "degrade" => Ok(TimeoutPolicy::Degrade),
         other => Err(format!(
-            "unknown commit level {other:?}: this build has `local` and `memory`"
+            "unknown commit policy {other:?}: `fail` or `degrade`"
         )),
     }
 }
@@ -81,6 +89,12 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.commit_level {
         config.commit_level = v;
+    }
+    if let Some(v) = args.commit_timeout_ms {
+        config.commit_timeout_ms = v;
+    }
+    if let Some(v) = args.commit_policy {
+        config.commit_policy = v;
     }
     if let Some(v) = &args.replica_of {
         config.replica_of = v.clone();
