@@ -208,3 +208,373 @@ fn a_replica_with_another_shard_count_is_refused() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits until `check` holds for the node's status, or fails with it.
+fn wait_status(node: &NodeProcess, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let s = status(node);
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: not reached: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `CLIENT RECEIPT`: (level asked, level reached, session token).
+fn receipt(c: &mut redis::Connection) -> (String, String, String) {
+    redis::cmd("CLIENT").arg("RECEIPT").query(c).unwrap()
+}
+
+#[test]
+fn replicated_1_waits_for_a_replica_and_fails_when_every_replica_is_cut_off() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(
+        pdir.path(),
+        &[
+            "--shards",
+            "2",
+            "--commit-level",
+            "replicated(1)",
+            "--commit-timeout-ms",
+            "300",
+        ],
+    );
+    let proxy = common::proxy::Proxy::start(primary.listen);
+    let replica = NodeProcess::start(
+        rdir.path(),
+        &["--shards", "2", "--replica-of", &proxy.addr.to_string()],
+    );
+    let mut c = primary.client();
+    wait_status(&primary, "replica attached", |s| {
+        s["replicas"][0]["status"] == "streaming"
+    });
+    for i in 0..50 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    let (asked, reached, token) = receipt(&mut c);
+    assert_eq!(
+        (asked.as_str(), reached.as_str()),
+        ("replicated(1)", "replicated(1)")
+    );
+    // Acknowledged at replicated(1): the replica has it, without waiting.
+    let mut r = replica.client();
+    let _: () = redis::cmd("CLIENT")
+        .arg("READ-AFTER")
+        .arg(&token)
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(r.get::<_, i64>("k49").unwrap(), 49);
+    let s = status(&primary);
+    assert_eq!(s["commit_policy"]["default_level"], "replicated(1)");
+    assert_eq!(s["commit_policy"]["timeout_policy"], "fail");
+    assert_eq!(s["replicas"][0]["sync_role"], "sync");
+
+    // Every replica cut off: the write is never acknowledged as replicated;
+    // it times out with the policy's answer, naming the level reached.
+    proxy.cut();
+    let started = Instant::now();
+    let err = c.set::<_, _, ()>("cut", 1).unwrap_err().to_string();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(err.contains("TIMEOUT"), "{err}");
+    assert!(err.contains("replicated(1) not reached"), "{err}");
+    assert!(err.contains("level reached: local"), "{err}");
+    let (_, reached, _) = receipt(&mut c);
+    assert_eq!(reached, "local", "the receipt tells the truth");
+    let s = status(&primary);
+    assert!(s["commit_policy"]["writes_failed_level"].as_u64().unwrap() >= 1);
+    // WAIT agrees: no replica has it.
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(100).query(&mut c).unwrap();
+    assert_eq!(acked, 0);
+
+    // Healed: the replica catches up and writes reach replicated(1) again.
+    proxy.heal();
+    wait_converged(&primary, &replica);
+    let _: () = c.set("healed", 1).unwrap();
+    let (_, reached, _) = receipt(&mut c);
+    assert_eq!(reached, "replicated(1)");
+    assert_eq!(
+        r.get::<_, i64>("cut").unwrap(),
+        1,
+        "the timed-out write was not undone"
+    );
+}
+
+#[test]
+fn the_degrade_policy_answers_at_local_says_so_and_recovers() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(
+        pdir.path(),
+        &[
+            "--shards",
+            "2",
+            "--commit-level",
+            "all",
+            "--commit-timeout-ms",
+            "200",
+            "--commit-policy",
+            "degrade",
+        ],
+    );
+    let replica = start_replica_n(rdir.path(), &primary.listen.to_string(), 2);
+    wait_status(&primary, "replica attached", |s| {
+        s["replicas"][0]["status"] == "streaming"
+    });
+    let mut c = primary.client();
+    let _: () = c.set("a", 1).unwrap();
+    assert_eq!(receipt(&mut c).1, "all");
+    replica.kill9();
+    let _: () = c.set("b", 2).unwrap();
+    assert_eq!(
+        receipt(&mut c).1,
+        "local",
+        "degraded, and the receipt says so"
+    );
+    let s = status(&primary);
+    assert_eq!(s["commit_policy"]["degraded"], true, "{s}");
+    assert!(
+        s["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "commits_degraded"),
+        "{s}"
+    );
+    // While degraded, writes do not wait for the timeout again.
+    let started = Instant::now();
+    let _: () = c.set("c", 3).unwrap();
+    assert!(started.elapsed() < Duration::from_millis(200));
+    // The replica comes back and catches up: commits wait for it again.
+    let replica = start_replica_n(rdir.path(), &primary.listen.to_string(), 2);
+    wait_converged(&primary, &replica);
+    wait_status(&primary, "degraded cleared", |s| {
+        s["commit_policy"]["degraded"] == false
+    });
+    let _: () = c.set("d", 4).unwrap();
+    assert_eq!(receipt(&mut c).1, "all");
+}
+
+fn start_replica_n(dir: &std::path::Path, upstream: &str, shards: u32) -> NodeProcess {
+    let shards = shards.to_string();
+    NodeProcess::start(
+        dir,
+        &[
+            "--shards",
+            &shards,
+            "--replica-of",
+            upstream,
+            "--node-id",
+            "replica-1",
+        ],
+    )
+}
+
+#[test]
+fn a_corrupted_or_dropped_frame_is_detected_and_the_stream_resumes() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "2"]);
+    let proxy = common::proxy::Proxy::start(primary.listen);
+    let replica = start_replica_n(rdir.path(), &proxy.addr.to_string(), 2);
+    let mut c = primary.client();
+    let value = "x".repeat(200);
+    for round in 0..2 {
+        for i in 0..100 {
+            let _: () = c.set(format!("k{round}-{i}"), &value).unwrap();
+        }
+        wait_converged(&primary, &replica);
+        if round == 0 {
+            proxy.corrupt_next();
+        } else {
+            proxy.drop_next();
+        }
+        // Traffic for the fault to land in (records or heartbeats).
+        for i in 0..100 {
+            let _: () = c.set(format!("f{round}-{i}"), &value).unwrap();
+        }
+        let want = round + 1;
+        let started = Instant::now();
+        while proxy.faults() < want {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no fault injected"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if round == 0 {
+            // A flipped bit is caught by a frame checksum, whatever it hit.
+            let s = wait_status(&replica, "the fault was detected", |s| {
+                s["upstream"]["last_error"].is_string()
+            });
+            let error = s["upstream"]["last_error"].as_str().unwrap().to_string();
+            assert!(
+                error.contains("checksum") || error.contains("not a tidewal frame"),
+                "a typed frame error: {error}"
+            );
+        }
+        // A dropped chunk of whole frames is a gap in the stream (or only a
+        // heartbeat, which is harmless): either way the replica must
+        // not take it for a divergence.
+        // It reconnects and resumes; nothing corrupt was applied: the logs
+        // are identical record for record.
+        wait_converged(&primary, &replica);
+    }
+    let mut r = replica.client();
+    assert_eq!(r.get::<_, String>("f1-99").unwrap(), value);
+    let size: i64 = redis::cmd("DBSIZE").query(&mut r).unwrap();
+    assert_eq!(size, 400);
+}
+
+#[test]
+fn garbage_on_the_replication_stream_is_dropped_and_the_node_stays_healthy() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &["--shards", "1"]);
+    let stream = b"*1\r\n$14\r\nTIDEWAL.STREAM\r\n";
+    let mut inputs: Vec<Vec<u8>> = vec![
+        b"garbage garbage garbage garbage garbage garbage garbage".to_vec(),
+        vec![0u8; 64],
+        vec![0xff; 4096],
+    ];
+    // A well-formed header claiming an oversized payload.
+    let mut oversized = Vec::new();
+    tidewal::format::encode_frame(
+        &mut oversized,
+        tidewal::format::FrameKind::Hello,
+        0,
+        1,
+        0,
+        b"",
+    );
+    oversized[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    inputs.push(oversized);
+    // A truncated frame: the connection just ends.
+    let mut truncated = Vec::new();
+    tidewal::format::encode_frame(
+        &mut truncated,
+        tidewal::format::FrameKind::Hello,
+        0,
+        1,
+        0,
+        &[1; 100],
+    );
+    truncated.truncate(60);
+    inputs.push(truncated);
+    for garbage in inputs {
+        let mut bytes = stream.to_vec();
+        bytes.extend_from_slice(&garbage);
+        let answer = common::node::raw(node.listen, &bytes);
+        assert!(answer.starts_with(b"+STREAM\r\n"), "{answer:?}");
+    }
+    let mut c = node.client();
+    let pong: String = redis::cmd("PING").query(&mut c).unwrap();
+    assert_eq!(pong, "PONG");
+    let _: () = c.set("after", 1).unwrap();
+    assert_eq!(c.get::<_, i64>("after").unwrap(), 1);
+    let (code, _) = node.get("/healthz");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn a_frame_from_an_old_epoch_is_refused() {
+    use std::io::{Read, Write};
+    use tidewal::format::{FrameKind, encode_frame};
+    // A fake upstream: answers the stream command, reads the Hellos, then
+    // says it is in epoch 5 and sends records of epoch 1.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).unwrap();
+        s.write_all(b"+STREAM\r\n").unwrap();
+        let mut out = Vec::new();
+        let beat = [0u8; 24];
+        encode_frame(&mut out, FrameKind::Heartbeat, 0, 5, 0, &beat);
+        encode_frame(&mut out, FrameKind::Records, 0, 1, 0, &[0u8; 64]);
+        s.write_all(&out).unwrap();
+        // What the replica says back (its refusal), until it hangs up.
+        let mut back = Vec::new();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.read_to_end(&mut back);
+        back
+    });
+    let rdir = disk_dir();
+    let replica = NodeProcess::start(rdir.path(), &["--shards", "1", "--replica-of", &upstream]);
+    let s = wait_status(&replica, "refused", |s| {
+        s["upstream"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused"))
+    });
+    let error = s["upstream"]["last_error"].as_str().unwrap();
+    assert!(error.contains("epoch 1 after epoch 5"), "{error}");
+    assert!(error.contains("stale"), "{error}");
+    let back = fake.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&back).contains("stale"),
+        "the upstream is told why"
+    );
+    // Nothing was applied.
+    assert_eq!(positions(&replica)[0].0, 0);
+}
+
+#[test]
+fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
+    let (pdir, adir, bdir) = (disk_dir(), disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "2"]);
+    let a = NodeProcess::start(adir.path(), &["--shards", "2", "--node-id", "a"]);
+    let b = NodeProcess::start(bdir.path(), &["--shards", "2", "--node-id", "b"]);
+    let mut c = primary.client();
+    for i in 0..200 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    // a follows the primary; b follows a (cascading).
+    let mut ac = a.client();
+    let ok: String = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(primary.listen.port())
+        .query(&mut ac)
+        .unwrap();
+    assert_eq!(ok, "OK");
+    let mut bc = b.client();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(a.listen.port())
+        .query(&mut bc)
+        .unwrap();
+    for i in 200..300 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    wait_converged(&primary, &a);
+    wait_converged(&primary, &b);
+    assert_eq!(bc.get::<_, i64>("k299").unwrap(), 299);
+    assert!(bc.set::<_, _, ()>("x", 1).is_err(), "read-only");
+    let sa = status(&a);
+    assert_eq!(sa["role"], "replica");
+    assert_eq!(sa["replicas"][0]["node_id"], "b", "b appears under a");
+    let err = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(b.listen.port())
+        .query::<()>(&mut bc)
+        .unwrap_err();
+    assert!(err.to_string().contains("itself"), "{err}");
+
+    // The primary goes away; a is promoted: a new epoch, writable, and b
+    // follows it on.
+    assert_eq!(primary.terminate().code(), Some(0));
+    let before = status(&a)["epoch"].as_u64().unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut ac)
+        .unwrap();
+    let sa = status(&a);
+    assert_eq!(sa["role"], "primary");
+    assert_eq!(sa["epoch"].as_u64().unwrap(), before + 1);
+    let _: () = ac.set("after-promotion", 1).unwrap();
+    wait_converged(&a, &b);
+    assert_eq!(bc.get::<_, i64>("after-promotion").unwrap(), 1);
+    assert_eq!(status(&b)["epoch"].as_u64().unwrap(), before + 1);
+}

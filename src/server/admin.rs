@@ -256,7 +256,8 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 }));
             }
             if let Some(why) = &d.refused {
-                alerts.push(json!({"kind": "replica_refused", "replica": d.node_id, "message": why}));
+                alerts
+                    .push(json!({"kind": "replica_refused", "replica": d.node_id, "message": why}));
             }
             replicas.push(json!({
                 "host": d.host,
@@ -311,7 +312,13 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
     let degraded = shared
         .degraded
         .lock()
-        .map(|d| (d.since.map(|t| t.elapsed().as_secs_f64()), d.writes, d.failed))
+        .map(|d| {
+            (
+                d.since.map(|t| t.elapsed().as_secs_f64()),
+                d.writes,
+                d.failed,
+            )
+        })
         .unwrap_or_default();
     if let Some(since) = degraded.0 {
         alerts.push(json!({

@@ -360,7 +360,11 @@ pub(super) async fn settle(
                     d.failed += 1;
                 }
             }
-            if degrade { Ok(Commit::Local) } else { Err(short) }
+            if degrade {
+                Ok(Commit::Local)
+            } else {
+                Err(short)
+            }
         }
     }
 }
@@ -380,7 +384,7 @@ pub(super) fn maybe_recover(shared: &Shared) {
         .map(|ds| {
             ds.values()
                 .filter(|x| x.connected && x.refused.is_none())
-                .filter(|x| x.flushed == x.sent && x.behind_since.is_none())
+                .filter(|x| x.flushed == x.sent)
                 .count()
         })
         .unwrap_or(0);

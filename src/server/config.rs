@@ -256,10 +256,19 @@ mod tests {
             clear_ratio: 0.5,
         };
         let mut on = false;
-        assert!(!alert.update(&mut on, 100, 10.0), "at the threshold: not yet");
+        assert!(
+            !alert.update(&mut on, 100, 10.0),
+            "at the threshold: not yet"
+        );
         assert!(alert.update(&mut on, 101, 0.0));
-        assert!(alert.update(&mut on, 60, 0.0), "above the clear level: stays");
-        assert!(alert.update(&mut on, 10, 6.0), "seconds above the clear level: stays");
+        assert!(
+            alert.update(&mut on, 60, 0.0),
+            "above the clear level: stays"
+        );
+        assert!(
+            alert.update(&mut on, 10, 6.0),
+            "seconds above the clear level: stays"
+        );
         assert!(!alert.update(&mut on, 50, 5.0), "both under: cleared");
         assert!(alert.update(&mut on, 0, 11.0));
     }

@@ -242,7 +242,10 @@ impl Conn {
                 commit::settle(&shared, &mine, asked).await
             };
             receipts.note(&mut written.borrow_mut());
-            last.set(Some((asked, reached.as_ref().map_or(Commit::Local, |l| *l))));
+            last.set(Some((
+                asked,
+                reached.as_ref().map_or(Commit::Local, |l| *l),
+            )));
             if receipts.epoch() > 0 {
                 epoch.set(epoch.get().max(receipts.epoch()));
             }
@@ -426,9 +429,11 @@ impl Conn {
                     .iter()
                     .map(|key| {
                         self.noted(
-                            engine.update_at(key.clone(), level.engine_level(), |current| match current {
-                                Some(_) => Update::Delete,
-                                None => Update::Keep,
+                            engine.update_at(key.clone(), level.engine_level(), |current| {
+                                match current {
+                                    Some(_) => Update::Delete,
+                                    None => Update::Keep,
+                                }
                             }),
                         )
                     })
@@ -457,9 +462,11 @@ impl Conn {
                         .chunks(2)
                         .map(|kv| BatchOp::Put(kv[0].clone(), kv[1].clone()))
                         .collect();
-                    let answer = self.noted(
-                        engine.batch_at(ops, BatchAtomicity::PerShard, level.engine_level()),
-                    );
+                    let answer = self.noted(engine.batch_at(
+                        ops,
+                        BatchAtomicity::PerShard,
+                        level.engine_level(),
+                    ));
                     later(async move { answer.await.map(|_| Reply::Ok) })
                 }
             }
@@ -595,15 +602,13 @@ impl Conn {
             let answer = self.noted(engine.put_at(key, value, level.engine_level()));
             return later(async move { answer.await.map(|_| Reply::Ok) });
         }
-        let answer = self.noted(
-            engine.update_at(key, level.engine_level(), move |current| {
-                if current.is_some() == xx {
-                    Update::Put(value)
-                } else {
-                    Update::Keep
-                }
-            }),
-        );
+        let answer = self.noted(engine.update_at(key, level.engine_level(), move |current| {
+            if current.is_some() == xx {
+                Update::Put(value)
+            } else {
+                Update::Keep
+            }
+        }));
         later(async move {
             Ok(match answer.await? {
                 Some(_) => Reply::Ok,
@@ -796,7 +801,9 @@ impl Conn {
             return Slot::Ready(Reply::err("a node cannot replicate from itself"));
         }
         if shared.replica_of() == upstream {
-            return Slot::Ready(Reply::Simple("OK Already connected to specified master".into()));
+            return Slot::Ready(Reply::Simple(
+                "OK Already connected to specified master".into(),
+            ));
         }
         let generation = shared.set_upstream(&upstream);
         tracing::warn!(%upstream, "following a new upstream (REPLICAOF)");
@@ -822,11 +829,9 @@ impl Conn {
             b"COMMIT-LEVEL" if args.len() == 2 => Reply::bulk(self.level.to_string()),
             b"COMMIT-LEVEL" if args.len() == 3 => {
                 match String::from_utf8_lossy(&args[2]).parse::<Commit>() {
-                    Ok(level) if level.needs_replicas() && self.shared.is_replica() => {
-                        Reply::err(format!(
-                            "commit level {level} is for a primary; this node is a replica"
-                        ))
-                    }
+                    Ok(level) if level.needs_replicas() && self.shared.is_replica() => Reply::err(
+                        format!("commit level {level} is for a primary; this node is a replica"),
+                    ),
                     Ok(level) => {
                         self.level = level;
                         Reply::Ok
@@ -955,7 +960,11 @@ fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 async fn applied_past(shared: &Shared, token: &Token, wait: Duration) -> Result<(), String> {
     let deadline = std::time::Instant::now() + wait;
     loop {
-        let stats = shared.engine.stats().await.map_err(|e| format!("ERR {e}"))?;
+        let stats = shared
+            .engine
+            .stats()
+            .await
+            .map_err(|e| format!("ERR {e}"))?;
         let epoch = stats.iter().map(|s| s.epoch).max().unwrap_or(0);
         let missing = token.lsns.iter().find(|(shard, lsn)| {
             stats
@@ -1263,4 +1272,3 @@ impl Command {
         }
     }
 }
-

@@ -90,7 +90,10 @@ impl Shared {
 
     /// The node this one follows, `HOST:PORT`; empty for a primary.
     fn replica_of(&self) -> String {
-        self.replica_of.lock().map(|r| r.clone()).unwrap_or_default()
+        self.replica_of
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// Follows `upstream` from now on (empty: becomes a primary), and

@@ -32,7 +32,8 @@ use zerocopy::IntoBytes;
 use super::Shared;
 use crate::engine::CommitLevel;
 use crate::format::{
-    Ack, Expect, FrameKind, Heartbeat, Hello, decode_fixed, decode_frame, encode_frame, frame_header,
+    Ack, Expect, FrameKind, Heartbeat, Hello, decode_fixed, decode_frame, encode_frame,
+    frame_header,
 };
 
 /// Largest frame payload either side accepts.
@@ -270,7 +271,15 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             let _done = DoneOnDrop(done.clone());
             glommio::spawn_local(async move {
                 let _done = _done;
-                read_acks(&shared, &key, &mut reader, &mut input).await
+                read_acks(&shared, &key, &mut reader, &mut input).await;
+                // The downstream hung up (or broke the protocol): it is
+                // disconnected now, whatever the sending side is doing.
+                if let Ok(mut d) = shared.downstreams.lock()
+                    && let Some(d) = d.get_mut(&key)
+                {
+                    d.connected = false;
+                }
+                shared.ack_signal.notify();
             })
         };
         let (tx, rx) = glommio::channels::local_channel::new_bounded::<Out>(2 * pos.len() + 2);
@@ -576,6 +585,17 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
             String::from_utf8_lossy(&line).trim()
         ));
     }
+    // Records a previous link handed the engine may still be on their way
+    // into the log: an empty batch per shard queues behind them (staging is
+    // first come, first served), so the position read next is where the
+    // log really ends.
+    for shard in 0..shared.engine.shard_count() {
+        shared
+            .engine
+            .replicate_at(shard, Bytes::new(), CommitLevel::Memory)
+            .await
+            .map_err(|x| x.to_string())?;
+    }
     let stats = shared.engine.stats().await.map_err(|x| x.to_string())?;
     let mut hellos = Vec::new();
     for s in &stats {
@@ -610,8 +630,11 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     // to become durable and acks it, in order.
     let (tx, rx) = glommio::channels::local_channel::new_bounded::<Applying>(256);
     let failure: Rc<RefCell<Option<String>>> = Rc::default();
-    let _acks = glommio::spawn_local(send_acks(shared.clone(), writer, rx, failure.clone()));
+    let acks = glommio::spawn_local(send_acks(shared.clone(), writer, rx, failure.clone()));
     let mut seen: Vec<u64> = stats.iter().map(|s| s.epoch).collect();
+    // Where each shard's next records must start: a frame that starts
+    // elsewhere means frames were lost on the way (not a divergence).
+    let mut expect: Vec<u64> = stats.iter().map(|s| s.next_lsn).collect();
     loop {
         if let Some(why) = failure.borrow_mut().take() {
             return Err(why);
@@ -619,7 +642,9 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
         if shared.follow_generation.load(Ordering::Acquire) != generation {
             return Ok(());
         }
-        let next = next_frame(&mut reader, &mut input, shared).await.map_err(e)?;
+        let next = next_frame(&mut reader, &mut input, shared)
+            .await
+            .map_err(e)?;
         let Some((kind, shard, epoch, start, payload)) = next else {
             return if shared.stopping() {
                 Ok(())
@@ -633,7 +658,9 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
         let i = shard as usize;
         if matches!(kind, FrameKind::Records | FrameKind::Heartbeat) {
             if i >= seen.len() {
-                return Err(format!("refused: a frame for shard {shard}, which this node does not have"));
+                return Err(format!(
+                    "refused: a frame for shard {shard}, which this node does not have"
+                ));
             }
             if epoch < seen[i] {
                 // An upstream from before a failover: never take its word.
@@ -641,15 +668,27 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                     "shard {shard}: a frame of epoch {epoch} after epoch {} was seen: the upstream is stale (fenced)",
                     seen[i]
                 );
+                // The ack task tells the upstream, after what it has queued.
                 let _ = tx.send(Applying::Refuse(shard, why.clone())).await;
+                drop(tx);
+                acks.await;
                 return Err(format!("refused: {why}"));
             }
             seen[i] = epoch;
         }
         match kind {
             FrameKind::Records => {
+                if start != expect[i] {
+                    return Err(format!(
+                        "shard {shard}: records start at lsn {start}, expected {}: frames were lost on the way",
+                        expect[i]
+                    ));
+                }
                 let end = start + payload.len() as u64;
-                let answer = shared.engine.replicate_at(shard, payload, CommitLevel::Local);
+                expect[i] = end;
+                let answer = shared
+                    .engine
+                    .replicate_at(shard, payload, CommitLevel::Local);
                 if let Ok(mut u) = shared.upstream.lock()
                     && let Some(h) = u.head.get_mut(i)
                 {
@@ -744,7 +783,8 @@ async fn send_acks(
             }
         };
         if let Err(x) = answer.await {
-            let why = format!("shard {shard}: records at lsn {start} do not continue this log: {x}");
+            let why =
+                format!("shard {shard}: records at lsn {start} do not continue this log: {x}");
             let _ = writer
                 .write_all(&frame(FrameKind::Refuse, shard, epoch, 0, why.as_bytes()))
                 .await;

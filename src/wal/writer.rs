@@ -281,17 +281,19 @@ impl State {
     /// Durable records from `from`, about `max_bytes`, out of the recent
     /// batches: `None` when `from` is not among them (read the disk).
     fn read_recent(&self, from: Expect, max_bytes: usize) -> Option<ReadBatch> {
-        let (start, bytes) = self
-            .recent
-            .iter()
-            .rev()
-            .find(|(start, b)| start.lsn <= from.lsn && from.lsn < start.lsn + b.len() as u64)?;
+        let (start, bytes) =
+            self.recent.iter().rev().find(|(start, b)| {
+                start.lsn <= from.lsn && from.lsn < start.lsn + b.len() as u64
+            })?;
         let first = (from.lsn - start.lsn) as usize;
         let mut at = first;
         let mut next = from;
         let mut records = Vec::new();
         let mut taken = 0;
-        while at < bytes.len() && next.lsn < self.durable_lsn && (taken < max_bytes || records.is_empty()) {
+        while at < bytes.len()
+            && next.lsn < self.durable_lsn
+            && (taken < max_bytes || records.is_empty())
+        {
             // Bytes this process encoded and wrote: a record that does not
             // decode means the caller's position is not on this history.
             let Ok(Decoded::Record(r)) = decode_record(&bytes[at..], next) else {

@@ -25,6 +25,7 @@ macro_rules! both_backends {
 }
 
 pub mod node;
+pub mod proxy;
 
 use std::future::Future;
 use std::path::PathBuf;
