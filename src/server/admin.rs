@@ -216,13 +216,9 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 .zip(&d.flushed)
                 .map(|(h, f)| h.saturating_sub(*f))
                 .sum();
-            // Lag in time: how long the oldest write it does not have yet
-            // has waited for it (0 when caught up, also when idle).
-            match (lag, d.behind_since) {
-                (0, _) => d.behind_since = None,
-                (_, None) => d.behind_since = Some(std::time::Instant::now()),
-                _ => {}
-            }
+            // Lag in time: how long the oldest batch it has not made
+            // durable was sent ago, or, while it catches up, how long it
+            // has been catching up (0 when caught up, also when idle).
             let lag_seconds = if lag == 0 {
                 0.0
             } else {
@@ -230,7 +226,11 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                     .max(d.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()))
             };
             let caught_up_sends = head.iter().zip(&d.sent).all(|(h, s)| s >= h);
-            let state = match (&d.refused, d.connected, caught_up_sends) {
+            let state = match (
+                &d.refused,
+                d.connected,
+                caught_up_sends && d.behind_since.is_none(),
+            ) {
                 (Some(_), _, _) => "diverged",
                 (None, false, _) => "disconnected",
                 (None, true, true) => "streaming",

@@ -61,7 +61,8 @@ pub(super) struct Downstream {
     /// durable, and when it was sent (what `lag_seconds` is measured from).
     pub unacked: Vec<VecDeque<(u64, Instant)>>,
     pub last_ack: Option<Instant>,
-    /// Since when the downstream has been behind (`None`: caught up).
+    /// Since when the sender has had more to read for it than one batch
+    /// (catching up); `None` once a batch reached the head.
     pub behind_since: Option<Instant>,
     pub refused: Option<String>,
     /// Whether its lag alert is raised (see `LagAlert`).
@@ -301,7 +302,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 break;
             }
             match out {
-                Out::Records { shard, epoch, start, next, bytes } => {
+                Out::Records { shard, epoch, start, next, bytes, more } => {
                     let header = frame_header(FrameKind::Records, shard, epoch, start, &bytes);
                     writer.write_all(header.as_bytes()).await?;
                     writer.write_all(&bytes).await?;
@@ -317,6 +318,13 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                             q.pop_back();
                         }
                         q.push_back((next.lsn, Instant::now()));
+                        // A full batch: there is more to read, it is
+                        // catching up; less: it has reached the head.
+                        match (more, d.behind_since) {
+                            (true, None) => d.behind_since = Some(Instant::now()),
+                            (false, _) => d.behind_since = None,
+                            _ => {}
+                        }
                     }
                 }
                 Out::Beat { shard, epoch, beat } => {
@@ -364,6 +372,8 @@ enum Out {
         start: u64,
         next: Expect,
         bytes: Bytes,
+        /// The batch was full: more records wait to be read.
+        more: bool,
     },
     Beat {
         shard: u32,
@@ -405,6 +415,7 @@ async fn read_shard(
                     epoch: last.epoch,
                     start: pos.lsn,
                     next: batch.next,
+                    more: batch.encoded.len() >= BATCH_BYTES,
                     bytes: batch.encoded,
                 };
                 pos = batch.next;

@@ -287,6 +287,22 @@ async fn ceiling_sync_latency(storage: &DmaStorage, duration: Duration) -> anyho
     Ok(hist.value_at_quantile(0.5) as f64 / 1000.0)
 }
 
+/// The sequential O_DIRECT write ceiling of the filesystem holding `dir`,
+/// MB/s (for benchmarks that compare against it outside this one).
+pub fn sequential_ceiling(dir: &Path) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.to_path_buf();
+    let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting the glommio executor (io_uring): {e}"))?;
+    executor.run(async move {
+        let storage = DmaStorage::open(&dir, DirectIo::Require)
+            .await?
+            .with_sync_mode(SyncMode::Fdatasync);
+        ceiling_sequential(&storage).await
+    })
+}
+
 /// MB/s of sequential 1 MiB O_DIRECT overwrites of a written file, one in
 /// flight, with the closing fdatasync counted.
 async fn ceiling_sequential(storage: &DmaStorage) -> anyhow::Result<f64> {

@@ -3,11 +3,18 @@
 //! - `tidewal wal inspect DIR`: list and verify a shard's WAL (like pg_waldump).
 //! - `tidewal wal stress --dir DIR`: append from many tasks and print each ack;
 //!   a soak tool, and what the kill -9 crash test drives.
+//! - `tidewal demo`: the main job: a primary, a replica and a cascaded
+//!   replica on loopback under load; throughput, latency and lag.
 //! - `tidewal node`: the server (Redis protocol, admin HTTP) until SIGTERM.
+//! - `tidewal bench replication`: commits/s and latency per commit level
+//!   with replicas, against Redis with WAIT; lag; catch-up speed.
 //! - `tidewal bench wal`: durable append throughput and latency against the
 //!   disk's own ceiling, measured in the same run.
 
+mod bench_repl;
 mod bench_wal;
+mod cluster;
+mod demo;
 mod inspect;
 mod node;
 mod stress;
@@ -30,6 +37,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A primary, a replica and a cascaded replica on loopback under a mixed
+    /// load at `replicated(1)`: commits/s, latency percentiles, lag, status.
+    Demo(demo::DemoArgs),
     /// Run a node: clients over the Redis protocol (RESP2), an admin HTTP
     /// endpoint; stops cleanly on SIGTERM or SIGINT.
     Node(node::NodeArgs),
@@ -63,6 +73,9 @@ enum BenchCommand {
     /// Durable appends/s and latency at several concurrencies, and MB/s with
     /// large records, beside the disk's own ceiling from the same run.
     Wal(bench_wal::BenchArgs),
+    /// Durable commits/s and latency at each commit level with one and two
+    /// replicas (and Redis with WAIT where installed), lag, catch-up speed.
+    Replication(bench_repl::BenchReplArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,10 +88,14 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Node(args) => node::run(args).map(|()| ExitCode::SUCCESS),
         Command::Wal(WalCommand::Inspect { dir, summary }) => inspect::run(&dir, summary),
         Command::Wal(WalCommand::Stress(args)) => stress::run(args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Wal(args)) => bench_wal::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Replication(args)) => {
+            bench_repl::run(args).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
