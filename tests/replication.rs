@@ -108,6 +108,22 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
     assert_eq!(rs["upstream"]["connected"], true);
     let info: String = redis::cmd("INFO").arg("replication").query(&mut r).unwrap();
     assert!(info.contains("role:slave"), "{info}");
+    assert!(info.contains("master_link_status:up"), "{info}");
+    // The same figures in INFO and /metrics as on the status page.
+    let info: String = redis::cmd("INFO").arg("replication").query(&mut c).unwrap();
+    assert!(info.contains("slave0:id=replica-1,"), "{info}");
+    assert!(info.contains("state=online"), "{info}");
+    assert!(info.contains("lag_bytes=0,"), "{info}");
+    let (code, metrics) = primary.get("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("tidewal_replica_lag_bytes{replica=\"replica-1\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tidewal_replica_connected{replica=\"replica-1\"} 1"),
+        "{metrics}"
+    );
     let role: (String, String, i64, String, i64) = redis::cmd("ROLE").query(&mut r).unwrap();
     assert_eq!((role.0.as_str(), role.3.as_str()), ("slave", "connected"));
     assert_eq!(role.2, primary.listen.port() as i64);

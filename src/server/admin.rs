@@ -419,6 +419,11 @@ impl EncodeMetric for Buckets {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReplicaLabel {
+    replica: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ShardLabel {
     shard: u32,
 }
@@ -470,6 +475,67 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         "Admin HTTP requests answered 4xx/5xx, refused or timed out",
         counter(load(&c.http_errors)),
     );
+
+    // The status page's figures, so that both say the same.
+    let doc = status(shared, stats);
+    let lag_bytes = Family::<ReplicaLabel, Gauge>::default();
+    let lag_seconds = Family::<ReplicaLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let connected = Family::<ReplicaLabel, Gauge>::default();
+    for r in doc["replicas"].as_array().into_iter().flatten() {
+        let label = ReplicaLabel {
+            replica: r["node_id"].as_str().unwrap_or("").to_string(),
+        };
+        lag_bytes
+            .get_or_create(&label)
+            .set(r["lag_bytes"].as_i64().unwrap_or(0));
+        lag_seconds
+            .get_or_create(&label)
+            .set(r["lag_seconds"].as_f64().unwrap_or(0.0));
+        connected
+            .get_or_create(&label)
+            .set(i64::from(r["status"] == "streaming" || r["status"] == "catching_up"));
+    }
+    registry.register_with_unit(
+        "replica_lag",
+        "Bytes of durable log a replica has not yet made durable",
+        Unit::Bytes,
+        lag_bytes,
+    );
+    registry.register_with_unit(
+        "replica_lag",
+        "How long ago the oldest batch a replica has not made durable was sent",
+        Unit::Seconds,
+        lag_seconds,
+    );
+    registry.register(
+        "replica_connected",
+        "1 while a replica streams or catches up",
+        connected,
+    );
+    let policy = &doc["commit_policy"];
+    registry.register(
+        "commits_degraded",
+        "1 while commits are acknowledged below their level (degrade policy)",
+        gauge(i64::from(policy["degraded"] == true)),
+    );
+    registry.register(
+        "writes_degraded",
+        "Writes acknowledged below their commit level (degrade policy)",
+        counter(policy["writes_degraded"].as_u64().unwrap_or(0)),
+    );
+    registry.register(
+        "writes_failed_level",
+        "Writes answered -TIMEOUT: durable here, replicas did not answer in time (fail policy)",
+        counter(policy["writes_failed_level"].as_u64().unwrap_or(0)),
+    );
+    if let Some(lag) = doc["upstream"]["lag_bytes"].as_i64() {
+        registry.register_with_unit(
+            "upstream_lag",
+            "On a replica: bytes of the upstream's durable log not yet applied here",
+            Unit::Bytes,
+            gauge(lag),
+        );
+    }
 
     let per_shard = |f: &dyn Fn(&ShardStats) -> u64| {
         let family = Family::<ShardLabel, Counter>::default();

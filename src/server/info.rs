@@ -42,21 +42,62 @@ pub(super) async fn render(
         );
     }
     if want("replication") {
+        // The status page's figures, in Redis's `slaveN:` shape plus ours.
+        let doc = super::admin::status(shared, &stats);
+        let replicas = doc["replicas"].as_array().cloned().unwrap_or_default();
+        let connected = replicas
+            .iter()
+            .filter(|r| r["status"] == "streaming" || r["status"] == "catching_up")
+            .count();
         let _ = write!(
             out,
-            "# Replication\r\nrole:{}\r\nconnected_slaves:{}\r\nmaster_repl_offset:{}\r\nepoch:{}\r\n\r\n",
-            if shared.is_replica() {
-                "slave"
-            } else {
-                "master"
-            },
-            shared
-                .downstreams
-                .lock()
-                .map(|d| d.values().filter(|d| d.connected).count())
-                .unwrap_or(0),
+            "# Replication\r\nrole:{}\r\nconnected_slaves:{connected}\r\n",
+            if shared.is_replica() { "slave" } else { "master" },
+        );
+        if shared.is_replica() {
+            let up = &doc["upstream"];
+            let (host, port) = shared
+                .replica_of()
+                .rsplit_once(':')
+                .map(|(h, p)| (h.to_string(), p.to_string()))
+                .unwrap_or_default();
+            let _ = write!(
+                out,
+                "master_host:{host}\r\nmaster_port:{port}\r\nmaster_link_status:{}\r\nmaster_last_io_seconds_ago:{}\r\nmaster_lag_bytes:{}\r\nmaster_lag_seconds:{:.3}\r\n",
+                if up["connected"] == true { "up" } else { "down" },
+                up["last_frame_seconds_ago"].as_f64().map_or(-1, |s| s as i64),
+                up["lag_bytes"].as_u64().unwrap_or(0),
+                up["lag_seconds"].as_f64().unwrap_or(0.0),
+            );
+        }
+        for (i, r) in replicas.iter().enumerate() {
+            let host = r["host"].as_str().unwrap_or("");
+            let (ip, port) = host.rsplit_once(':').unwrap_or((host, "0"));
+            let flushed: u64 = r["flushed_lsn"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter_map(|x| x.as_u64()).sum());
+            let _ = write!(
+                out,
+                "slave{i}:id={},ip={ip},port={port},state={},offset={flushed},lag={:.0},lag_bytes={},lag_seconds={:.3}\r\n",
+                r["node_id"].as_str().unwrap_or(""),
+                match r["status"].as_str().unwrap_or("") {
+                    "streaming" => "online",
+                    other => other,
+                },
+                r["last_ack_seconds_ago"].as_f64().unwrap_or(-1.0),
+                r["lag_bytes"].as_u64().unwrap_or(0),
+                r["lag_seconds"].as_f64().unwrap_or(0.0),
+            );
+        }
+        let policy = &doc["commit_policy"];
+        let _ = write!(
+            out,
+            "master_repl_offset:{}\r\nepoch:{}\r\ncommit_level:{}\r\ncommit_policy:{}\r\ncommits_degraded:{}\r\n\r\n",
             stats.iter().map(|s| s.next_lsn).sum::<u64>(),
             stats.iter().map(|s| s.epoch).max().unwrap_or(0),
+            shared.config.commit_level,
+            shared.config.commit_policy,
+            u8::from(policy["degraded"] == true),
         );
     }
     if want("persistence") {

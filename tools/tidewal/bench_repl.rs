@@ -1,7 +1,9 @@
 //! `tidewal bench replication`: durable commits/s and latency of SET at 1,
 //! 8 and 64 clients for the commit levels `local`, `replicated(1)` (with
 //! one and with two replicas) and `all`; Redis with a replica and `SET` +
-//! `WAIT 1 0` (where `redis-server` is installed) in the same run;
+//! `WAIT 1 0` (where `redis-server` is installed) and PostgreSQL with a
+//! synchronous standby driven by pgbench (where it is installed) in the
+//! same run;
 //! replication lag under the load; and catch-up speed of an empty replica
 //! against the disk's sequential write ceiling. Every figure is the median
 //! of `--repeat` runs; runs of the systems alternate, so drift on a shared
@@ -43,6 +45,9 @@ pub struct BenchReplArgs {
     /// Skip Redis even where it is installed.
     #[arg(long)]
     no_redis: bool,
+    /// Skip PostgreSQL even where it is installed.
+    #[arg(long)]
+    no_postgres: bool,
 }
 
 /// One run: commits/s, p50 and p99 in ms, and the replica lag seen.
@@ -234,6 +239,163 @@ impl Drop for RedisPair {
     }
 }
 
+/// A PostgreSQL primary with a synchronous standby
+/// (`synchronous_commit = on`, `synchronous_standby_names = '*'`), driven
+/// by pgbench with an upsert of the same key and value sizes.
+struct PgPair {
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    port: u16,
+    script: std::path::PathBuf,
+}
+
+impl PgPair {
+    fn find() -> Option<std::path::PathBuf> {
+        let from_config = Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .ok()
+            .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        from_config
+            .into_iter()
+            .chain(which("initdb").and_then(|p| p.canonicalize().ok()?.parent().map(Path::to_path_buf)))
+            .find(|b| b.join("initdb").is_file() && b.join("pgbench").is_file())
+            .or_else(|| {
+                which("pgbench")
+                    .filter(|_| which("initdb").is_some())
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+            })
+    }
+
+    /// Runs `args` as the `postgres` user when this process is root
+    /// (PostgreSQL refuses to run as root).
+    fn command(&self, tool: &str) -> Command {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } == 0 {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            c
+        } else {
+            Command::new(self.bin.join(tool))
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command(tool)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {tool}"))?;
+        if !out.status.success() {
+            bail!("{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    fn start(bin: std::path::PathBuf, dir: &Path) -> anyhow::Result<PgPair> {
+        std::fs::create_dir_all(dir)?;
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } == 0 {
+            let status = Command::new("chown").args(["-R", "postgres"]).arg(dir).status()?;
+            if !status.success() {
+                bail!("chown postgres {}", dir.display());
+            }
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let pair = PgPair {
+            bin,
+            dir: dir.to_path_buf(),
+            port,
+            script: dir.join("set.sql"),
+        };
+        let d = |name: &str| dir.join(name).display().to_string();
+        pair.run("initdb", &["-D", &d("primary"), "-A", "trust", "-U", "postgres"])?;
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = on\nsynchronous_commit = on\nsynchronous_standby_names = '*'\nwal_level = replica\nmax_connections = 200\nshared_buffers = 256MB\n",
+            dir.display()
+        );
+        append(&dir.join("primary/postgresql.conf"), &conf)?;
+        append(
+            &dir.join("primary/pg_hba.conf"),
+            "host replication all 127.0.0.1/32 trust\n",
+        )?;
+        pair.run("pg_ctl", &["-D", &d("primary"), "-l", &d("primary.log"), "-w", "start"])?;
+        let p = port.to_string();
+        pair.run(
+            "pg_basebackup",
+            &["-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-D", &d("standby"), "-R", "-X", "stream"],
+        )?;
+        let standby_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        append(&dir.join("standby/postgresql.conf"), &format!("port = {standby_port}\n"))?;
+        pair.run("pg_ctl", &["-D", &d("standby"), "-l", &d("standby.log"), "-w", "start"])?;
+        pair.run(
+            "psql",
+            &["-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-c", "create table kv (k int primary key, v text)"],
+        )?;
+        std::fs::write(
+            &pair.script,
+            "\\set k random(1, 100000)\nINSERT INTO kv VALUES (:k, repeat('v', 100)) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v;\n",
+        )?;
+        let _ = Command::new("chown").arg("postgres").arg(&pair.script).status();
+        let state = pair.run(
+            "psql",
+            &["-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-Atc", "select sync_state from pg_stat_replication"],
+        )?;
+        if state.trim() != "sync" {
+            bail!("the PostgreSQL standby is not synchronous: {state:?}");
+        }
+        Ok(pair)
+    }
+
+    /// pgbench for `seconds` at `clients`: tps and the average latency.
+    fn bench(&self, clients: usize, seconds: f64) -> anyhow::Result<Run> {
+        let (c, j, t) = (
+            clients.to_string(),
+            clients.min(2).to_string(),
+            (seconds.ceil() as u64).max(1).to_string(),
+        );
+        let p = self.port.to_string();
+        let script = self.script.display().to_string();
+        let out = self.run(
+            "pgbench",
+            &[
+                "-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-n", "-M", "prepared", "-c", &c,
+                "-j", &j, "-T", &t, "-f", &script, "postgres",
+            ],
+        )?;
+        let field = |prefix: &str| -> Option<f64> {
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        };
+        let tps = field("tps = ").context("pgbench printed no tps")?;
+        let avg = field("latency average = ").unwrap_or(0.0);
+        Ok(Run {
+            per_s: tps,
+            p50: avg,
+            p99: f64::NAN,
+            lag_max_bytes: 0,
+        })
+    }
+}
+
+impl Drop for PgPair {
+    fn drop(&mut self) {
+        for name in ["standby", "primary"] {
+            let d = self.dir.join(name).display().to_string();
+            let _ = self.run("pg_ctl", &["-D", &d, "-m", "immediate", "stop"]);
+        }
+    }
+}
+
+fn append(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
 /// Lag in bytes of the first replica of `node`.
 fn lag_of(node: &NodeChild) -> u64 {
     node.status()
@@ -298,6 +460,13 @@ pub fn run(args: BenchReplArgs) -> anyhow::Result<()> {
         Some(RedisPair::start(&scratch.path().join("redis"))?)
     };
 
+    let postgres = match (args.no_postgres, PgPair::find()) {
+        (false, Some(bin)) => Some(PgPair::start(bin, &scratch.path().join("postgres"))?),
+        _ => {
+            println!("(PostgreSQL not installed or skipped: no PostgreSQL figures)");
+            None
+        }
+    };
     type Setup = &'static [&'static [u8]];
     let systems: Vec<(&str, SocketAddr, Setup, Option<Setup>, &NodeChild)> = {
         let mut v: Vec<(&str, SocketAddr, Setup, Option<Setup>, &NodeChild)> = vec![
@@ -342,9 +511,14 @@ pub fn run(args: BenchReplArgs) -> anyhow::Result<()> {
         v
     };
     let mut table: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
+    let mut pg_table: Vec<Run> = Vec::new();
     for &clients in &args.clients {
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
+        let mut pg_runs = Vec::new();
         for _ in 0..args.repeat {
+            if let Some(pg) = &postgres {
+                pg_runs.push(pg.bench(clients, args.seconds)?);
+            }
             for (i, (name, addr, setup, then, node)) in systems.iter().enumerate() {
                 let is_redis = name.starts_with("Redis");
                 let lag = || if is_redis { 0 } else { lag_of(node) };
@@ -364,6 +538,9 @@ pub fn run(args: BenchReplArgs) -> anyhow::Result<()> {
         for (i, r) in runs.iter().enumerate() {
             table[i].push(median(r));
         }
+        if !pg_runs.is_empty() {
+            pg_table.push(median(&pg_runs));
+        }
     }
     println!();
     print!("{:<38}", "commits/s (p50 / p99 ms)");
@@ -378,6 +555,13 @@ pub fn run(args: BenchReplArgs) -> anyhow::Result<()> {
                 "{:>28}",
                 format!("{:.0} ({:.2} / {:.2})", r.per_s, r.p50, r.p99)
             );
+        }
+        println!();
+    }
+    if !pg_table.is_empty() {
+        print!("{:<38}", "PostgreSQL sync standby (avg ms)");
+        for r in &pg_table {
+            print!("{:>28}", format!("{:.0} (avg {:.2})", r.per_s, r.p50));
         }
         println!();
     }
@@ -397,6 +581,15 @@ pub fn run(args: BenchReplArgs) -> anyhow::Result<()> {
         "replicated(1)/local, 2 replicas:       {}",
         ratio(2, 0).join("  ")
     );
+    if !pg_table.is_empty() {
+        let r: Vec<String> = table[1]
+            .iter()
+            .zip(&pg_table)
+            .map(|(x, y)| format!("{:.2}", x.per_s / y.per_s))
+            .collect();
+        println!("replicated(1)/PostgreSQL sync standby: {}", r.join("  "));
+    }
+    drop(postgres);
     if redis.is_some() {
         println!(
             "replicated(1)/Redis WAIT 1 0:          {}",
