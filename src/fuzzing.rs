@@ -114,7 +114,10 @@ pub fn frame_decode(data: &[u8]) {
         FrameKind::Heartbeat => {
             let _ = decode_fixed::<Heartbeat>(f.kind, f.payload);
         }
-        FrameKind::Records | FrameKind::Refuse => {}
+        FrameKind::SnapshotEnd => {
+            let _ = decode_fixed::<crate::format::SnapshotEnd>(f.kind, f.payload);
+        }
+        FrameKind::Records | FrameKind::Refuse | FrameKind::Resync | FrameKind::Snapshot => {}
     }
 }
 

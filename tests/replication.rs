@@ -198,6 +198,21 @@ fn a_diverged_replica_is_refused_and_keeps_its_data() {
     assert_eq!(r.get::<_, String>("mine4").unwrap(), "other");
     let p = status(&primary);
     assert_eq!(p["replicas"][0]["status"], "diverged", "{p}");
+
+    // Re-synced on command (REPLICAOF the same primary again): its log is
+    // moved to quarantine, and it converges on the primary's.
+    let ok: String = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(primary.listen.port())
+        .query(&mut r)
+        .unwrap();
+    assert!(ok.contains("re-syncing"), "{ok}");
+    wait_converged(&primary, &replica);
+    let mut r = replica.client();
+    assert_eq!(r.get::<_, String>("k19").unwrap(), "primary");
+    assert_eq!(r.get::<_, Option<String>>("mine4").unwrap(), None);
+    let kept = quarantined(&replica.dir);
+    assert!(kept.iter().any(|f| f.ends_with(".wal")), "{kept:?}");
 }
 
 #[test]
@@ -593,4 +608,132 @@ fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
     wait_converged(&a, &b);
     assert_eq!(bc.get::<_, i64>("after-promotion").unwrap(), 1);
     assert_eq!(status(&b)["epoch"].as_u64().unwrap(), before + 1);
+
+    // The new epoch lives in the log: both restart in it and the promoted
+    // node takes writes again.
+    assert_eq!(a.terminate().code(), Some(0));
+    assert_eq!(b.terminate().code(), Some(0));
+    let a = NodeProcess::start(adir.path(), &["--shards", "2", "--node-id", "a"]);
+    let b = NodeProcess::start(bdir.path(), &["--shards", "2", "--node-id", "b"]);
+    assert_eq!(status(&a)["epoch"].as_u64().unwrap(), before + 1);
+    assert_eq!(status(&b)["epoch"].as_u64().unwrap(), before + 1);
+    let mut ac = a.client();
+    let _: () = ac.set("after-restart", 1).unwrap();
+    assert_eq!(ac.get::<_, i64>("after-promotion").unwrap(), 1);
+}
+
+/// Files of every shard directory's quarantine under a node's data dir.
+fn quarantined(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for shard in std::fs::read_dir(dir).unwrap().flatten() {
+        if !shard.file_name().to_string_lossy().starts_with("shard-") {
+            continue;
+        }
+        for q in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            if q.file_name().to_string_lossy().starts_with("quarantine-") {
+                for f in std::fs::read_dir(q.path()).unwrap().flatten() {
+                    found.push(f.file_name().to_string_lossy().to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_replica_held_back_past_retention_or_wiped_resyncs_from_a_snapshot() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let config = pdir.path().join("primary.toml");
+    std::fs::write(
+        &config,
+        "[retention]\nsnapshot_every_bytes = 262144\ndownstream_bytes_max = 524288\n[engine]\nsegment_bytes = 262144\n",
+    )
+    .unwrap();
+    let data = pdir.path().join("data");
+    let primary = NodeProcess::start(
+        &data,
+        &["--shards", "2", "--config", config.to_str().unwrap()],
+    );
+    let upstream = primary.listen.to_string();
+    let mut c = primary.client();
+    let value = "r".repeat(1000);
+    for i in 0..200 {
+        let _: () = c.set(format!("early{i}"), &value).unwrap();
+    }
+    let replica = start_replica_n(rdir.path(), &upstream, 2);
+    wait_converged(&primary, &replica);
+    // Durable there (its first segment is zero-filled before it is used),
+    // so that it has a log of its own to be held back with.
+    wait_status(&replica, "durable", |s| {
+        s["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["durable_lsn"] == x["head_lsn"])
+    });
+
+    // Held back: killed while the primary writes far past what it keeps
+    // for replicas, snapshots and releases its WAL.
+    replica.kill9();
+    for i in 0..6000 {
+        let _: () = c
+            .set(format!("late{}", i % 3000), format!("{i}{value}"))
+            .unwrap();
+    }
+    let s = wait_status(&primary, "the replica's position released", |s| {
+        s["replicas"][0]["needs_resync"] == true
+    });
+    assert_eq!(s["replicas"][0]["status"], "disconnected");
+    let replica = start_replica_n(rdir.path(), &upstream, 2);
+    wait_converged(&primary, &replica);
+    let rs = status(&replica);
+    assert!(rs["upstream"]["resyncs"].as_u64().unwrap() >= 1, "{rs}");
+    assert!(status(&primary)["replicas"][0]["resyncs"].as_u64().unwrap() >= 1);
+    let mut r = replica.client();
+    assert_eq!(r.get::<_, String>("early0").unwrap(), value);
+    assert_eq!(
+        r.get::<_, String>("late2999").unwrap(),
+        format!("5999{value}")
+    );
+    let size: i64 = redis::cmd("DBSIZE").query(&mut r).unwrap();
+    assert_eq!(size, 3200);
+    let kept = quarantined(rdir.path());
+    assert!(
+        kept.iter().any(|f| f.ends_with(".wal")),
+        "the old log is kept aside: {kept:?} in {:?}",
+        std::fs::read_dir(rdir.path().join("shard-0000"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
+    // It keeps streaming, and restarts on its re-synced log.
+    let _: () = c.set("after-resync", 1).unwrap();
+    wait_converged(&primary, &replica);
+    assert_eq!(replica.terminate().code(), Some(0));
+    let replica = start_replica_n(rdir.path(), &upstream, 2);
+    wait_converged(&primary, &replica);
+
+    // Wiped: an empty data directory joins the same way.
+    replica.kill9();
+    std::fs::remove_dir_all(rdir.path()).unwrap();
+    std::fs::create_dir_all(rdir.path()).unwrap();
+    let replica = start_replica_n(rdir.path(), &upstream, 2);
+    wait_converged(&primary, &replica);
+    let mut r = replica.client();
+    assert_eq!(r.get::<_, i64>("after-resync").unwrap(), 1);
+
+    // On command (admin POST): every shard again from a snapshot.
+    let (code, body) = replica
+        .http(b"POST /admin/replication/resync HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(code, 202, "{body}");
+    let before = 0;
+    wait_status(&replica, "re-synced again", |s| {
+        s["upstream"]["resyncs"].as_u64().unwrap_or(0) > before
+            && s["upstream"]["connected"] == true
+    });
+    wait_converged(&primary, &replica);
+    assert_eq!(r.get::<_, i64>("after-resync").unwrap(), 1);
+    let (code, _) = primary.http(b"POST /admin/replication/resync HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 409, "a primary has nothing to re-sync from");
 }

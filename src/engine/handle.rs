@@ -124,7 +124,16 @@ enum Request {
     },
     Snapshot {
         shard: u32,
+        /// Release no WAL at or above this LSN.
+        hold: u64,
         reply: Reply<u64>,
+    },
+    /// Replace the shard with a snapshot file from an upstream.
+    Install {
+        shard: u32,
+        file: PathBuf,
+        expect: Expect,
+        reply: Reply<Expect>,
     },
     Replicate {
         shard: u32,
@@ -170,6 +179,7 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The data-directory lock; released by `close`.
     lock: Mutex<Option<File>>,
+    dir: PathBuf,
 }
 
 /// A handle to an open engine. Cheap to clone, `Send + Sync`.
@@ -201,6 +211,8 @@ impl Engine {
                 .filter(|s| s % executors == core)
                 .map(|s| {
                     let mut wal = WalOptions::new(log_id(s));
+                    // The shard's epoch is the one its log carries.
+                    wal.epoch = 0;
                     wal.segment_bytes = options.segment_bytes;
                     wal.batch_bytes_max = options.batch_bytes_max;
                     wal.staged_bytes_max = wal.staged_bytes_max.max(options.batch_bytes_max);
@@ -247,6 +259,7 @@ impl Engine {
                 default_level: options.commit_level,
                 threads: Mutex::new(threads),
                 lock: Mutex::new(Some(lock)),
+                dir: dir.clone(),
             }),
         };
         if let Some(e) = failure {
@@ -581,11 +594,43 @@ impl Engine {
         let mut lsns = Vec::new();
         for shard in 0..self.inner.shard_count {
             lsns.push(
-                self.answer(shard, |reply| Request::Snapshot { shard, reply })
-                    .await?,
+                self.answer(shard, |reply| Request::Snapshot {
+                    shard,
+                    hold: u64::MAX,
+                    reply,
+                })
+                .await?,
             );
         }
         Ok(lsns)
+    }
+
+    /// Snapshots one shard and releases its WAL below the older of its two
+    /// kept snapshots, but not at or above `hold` (what replicas still
+    /// need). Returns the snapshot's LSN.
+    pub fn snapshot_shard(&self, shard: u32, hold: u64) -> Answer<u64> {
+        self.answer(shard, |reply| Request::Snapshot { shard, hold, reply })
+    }
+
+    /// The directory holding `shard`'s log and snapshots.
+    pub fn shard_dir(&self, shard: u32) -> PathBuf {
+        self.inner.dir.join(format!("shard-{shard:04}"))
+    }
+
+    /// Replaces `shard` with the snapshot in `file` (a verified copy of an
+    /// upstream's snapshot at position `expect`): the shard's log and
+    /// snapshots are moved aside into `quarantine-<unix ms>/` in its
+    /// directory (kept, never deleted), the snapshot is installed, and the
+    /// shard's log continues from its position. What a replica does when
+    /// its upstream no longer holds the records it needs, or when it is
+    /// re-synced after a divergence. Returns the shard's new position.
+    pub fn install_snapshot(&self, shard: u32, file: PathBuf, expect: Expect) -> Answer<Expect> {
+        self.answer(shard, |reply| Request::Install {
+            shard,
+            file,
+            expect,
+            reply,
+        })
     }
 
     /// Makes everything durable, stops the executors and waits for them.
@@ -754,6 +799,10 @@ async fn run_executor(
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
 ) {
     let mut owned: BTreeMap<u32, Rc<Shard<DmaStorage>>> = BTreeMap::new();
+    let places: BTreeMap<u32, (PathBuf, WalOptions)> = shards
+        .iter()
+        .map(|(id, dir, wal)| (*id, (dir.clone(), wal.clone())))
+        .collect();
     for (id, dir, wal) in shards {
         let opened = match DmaStorage::open(&dir, policy).await {
             Ok(storage) => Shard::open(storage.with_sync_mode(sync_mode), wal).await,
@@ -783,6 +832,28 @@ async fn run_executor(
                 f();
                 continue;
             }
+            Request::Install {
+                shard,
+                file,
+                expect,
+                reply,
+            } => {
+                let place = places.get(&shard).cloned();
+                let result = match place {
+                    Some((dir, wal)) => {
+                        let opened = Opening {
+                            dir,
+                            wal,
+                            policy,
+                            sync_mode,
+                        };
+                        install(&mut owned, shard, &file, expect, opened, &in_flight).await
+                    }
+                    None => Err(EngineError::Closed),
+                };
+                let _ = reply.send(result);
+                continue;
+            }
             Request::Stats { reply } => {
                 let _ = reply.send(Ok(owned
                     .iter()
@@ -804,6 +875,129 @@ async fn run_executor(
     // Every handle is gone without a close: close anyway, so that what was
     // staged at the memory level still reaches the disk.
     let _ = close_all(owned, &in_flight).await;
+}
+
+/// How a shard is opened.
+struct Opening {
+    dir: PathBuf,
+    wal: WalOptions,
+    policy: DirectIo,
+    sync_mode: SyncMode,
+}
+
+/// See [`Engine::install_snapshot`].
+async fn install(
+    owned: &mut BTreeMap<u32, Rc<Shard<DmaStorage>>>,
+    shard: u32,
+    file: &Path,
+    expect: Expect,
+    opening: Opening,
+    in_flight: &std::cell::Cell<usize>,
+) -> Result<Expect, EngineError> {
+    let io = |what: &str, e: std::io::Error| {
+        EngineError::Meta(format!("re-sync of shard {shard}: {what}: {e}"))
+    };
+    while in_flight.get() > 0 {
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let old = owned.remove(&shard).ok_or(EngineError::Closed)?;
+    match Rc::try_unwrap(old) {
+        Ok(old) => {
+            // Its log is moved aside below whatever the close says.
+            if let Err(e) = old.close().await {
+                tracing::warn!(shard, error = %e, "closing the shard before its re-sync");
+            }
+        }
+        Err(old) => {
+            owned.insert(shard, old);
+            return Err(EngineError::Meta(format!(
+                "re-sync of shard {shard}: the shard is still in use"
+            )));
+        }
+    }
+    let dir = &opening.dir;
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let quarantine = dir.join(format!("quarantine-{millis}"));
+    std::fs::create_dir_all(&quarantine).map_err(|e| io("creating the quarantine", e))?;
+    let mut moved = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| io("listing", e))? {
+        let entry = entry.map_err(|e| io("listing", e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let ours = crate::format::parse_segment_file_name(&name).is_some()
+            || name.contains(".snap")
+            || name.ends_with(".torn")
+            || name == super::shard::RESYNC_MARKER;
+        if ours {
+            std::fs::rename(entry.path(), quarantine.join(&name))
+                .map_err(|e| io("moving aside", e))?;
+            moved += 1;
+        }
+    }
+    restamp_snapshot(file, opening.wal.log).map_err(|e| io("reading the snapshot", e))?;
+    let name = crate::format::snapshot_file_name(expect.lsn);
+    std::fs::rename(file, dir.join(&name)).map_err(|e| io("installing the snapshot", e))?;
+    std::fs::File::open(dir.join(&name))
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("syncing the snapshot", e))?;
+    std::fs::File::create(dir.join(super::shard::RESYNC_MARKER))
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("writing the marker", e))?;
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("syncing the directory", e))?;
+    tracing::warn!(shard, moved, quarantine = %quarantine.display(), lsn = expect.lsn,
+        "re-syncing from an upstream snapshot; the old log is kept aside");
+    let storage = DmaStorage::open(dir, opening.policy)
+        .await?
+        .with_sync_mode(opening.sync_mode);
+    let opened = Shard::open(storage, opening.wal).await?;
+    let at = opened.wal().next_position();
+    let ok =
+        opened.open_report().snapshot.is_some() && at.lsn == expect.lsn && at.chain == expect.chain;
+    owned.insert(shard, Rc::new(opened));
+    if !ok {
+        return Err(EngineError::Meta(format!(
+            "re-sync of shard {shard}: the snapshot did not verify or ends at lsn {} chain {}, not {} / {}",
+            at.lsn, at.chain, expect.lsn, expect.chain
+        )));
+    }
+    Ok(at)
+}
+
+/// A snapshot names the log it belongs to (cluster id, shard) in its
+/// header. One sent by an upstream names the upstream's: after checking
+/// that header, rewrite it for this node's log (the blocks carry their own
+/// checksums and no log id).
+fn restamp_snapshot(file: &Path, log: LogId) -> std::io::Result<()> {
+    use crate::format::SnapshotHeader;
+    use std::os::unix::fs::FileExt;
+    use zerocopy::{FromBytes, IntoBytes};
+    let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)?;
+    let mut raw = vec![0u8; size_of::<SnapshotHeader>()];
+    f.read_exact_at(&mut raw, 0)?;
+    let (theirs, _) = SnapshotHeader::read_from_prefix(&raw)
+        .map_err(|_| bad("snapshot shorter than its header".into()))?;
+    let their_log = LogId {
+        cluster_id: theirs.cluster_id,
+        shard: theirs.shard.get(),
+    };
+    let h = SnapshotHeader::decode(&raw, their_log).map_err(|e| bad(e.to_string()))?;
+    let ours = SnapshotHeader::new(
+        log,
+        h.lsn.get(),
+        h.epoch.get(),
+        h.chain.get(),
+        h.entries.get(),
+        h.stream_bytes.get(),
+    );
+    f.write_all_at(ours.as_bytes(), 0)?;
+    f.sync_all()
 }
 
 /// Waits for the requests in flight, then closes every shard.
@@ -886,9 +1080,9 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             });
             let _ = reply.send(result);
         }
-        Request::Snapshot { shard, reply } => {
+        Request::Snapshot { shard, hold, reply } => {
             let result = match shard_of(shard) {
-                Ok(s) => s.snapshot().await.map(|pos| pos.lsn),
+                Ok(s) => s.snapshot_holding(hold).await.map(|pos| pos.lsn),
                 Err(e) => Err(e),
             };
             let _ = reply.send(result);
@@ -954,7 +1148,10 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             };
             let _ = reply.send(result);
         }
-        Request::Close { .. } | Request::Run(_) | Request::Stats { .. } => {
+        Request::Close { .. }
+        | Request::Run(_)
+        | Request::Stats { .. }
+        | Request::Install { .. } => {
             unreachable!("handled by the executor loop")
         }
     }

@@ -35,6 +35,11 @@ use crate::state::{
 };
 use crate::wal::{Wal, WalError, WalOptions};
 
+/// Present in a shard directory between the installation of an
+/// upstream's snapshot and the first durable record of the log that
+/// continues it (see [`Shard::open`]).
+pub const RESYNC_MARKER: &str = "RESYNC";
+
 /// Snapshots kept; the WAL is kept from the oldest of them on.
 const SNAPSHOTS_KEPT: usize = 2;
 
@@ -118,6 +123,9 @@ pub struct Shard<S: Storage + Clone + 'static, M: StateMachine = KvState> {
     scratch: RefCell<Vec<u8>>,
     /// One snapshot at a time: two would write the same file.
     snapshotting: std::cell::Cell<bool>,
+    /// The marker of a re-sync is still on disk and the log has no record:
+    /// removed once the first replicated records are durable.
+    resync_pending: std::cell::Cell<bool>,
 }
 
 impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
@@ -134,7 +142,17 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             // Set aside so that it no longer counts as one of the kept two.
             storage.rename(name, &format!("{name}.bad")).await?;
         }
-        let wal = Wal::open(storage.clone(), options).await?;
+        // A shard just re-synced from an upstream's snapshot has no log yet:
+        // its log starts where that snapshot ends. Only then: anywhere else
+        // a missing log is damage, refused below.
+        let resyncing = storage.list().await?.iter().any(|n| n == RESYNC_MARKER);
+        let origin = snapshot.as_ref().filter(|_| resyncing).map(|s| s.pos);
+        let wal = Wal::open_at(storage.clone(), options, origin).await?;
+        if resyncing && wal.segment_count() > 0 {
+            storage.remove(RESYNC_MARKER).await?;
+            storage.sync_dir().await?;
+        }
+        let resync_pending = resyncing && wal.segment_count() == 0;
         let (mut state, mut pos, name) = match snapshot {
             Some(s) => (s.state, s.pos, Some(s.name)),
             None => (M::default(), wal.first_position(), None),
@@ -175,6 +193,7 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             state: RefCell::new(state),
             scratch: RefCell::new(Vec::new()),
             snapshotting: std::cell::Cell::new(false),
+            resync_pending: std::cell::Cell::new(resync_pending),
         })
     }
 
@@ -190,12 +209,12 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         if self.snapshotting.replace(true) {
             return Err(EngineError::SnapshotInProgress);
         }
-        let result = self.snapshot_now().await;
+        let result = self.snapshot_now_holding(u64::MAX).await;
         self.snapshotting.set(false);
         result
     }
 
-    async fn snapshot_now(&self) -> Result<Expect, EngineError> {
+    async fn snapshot_now_holding(&self, hold: u64) -> Result<Expect, EngineError> {
         let pos = self.wal.next_position();
         let frozen = self.state.borrow().clone();
         // Only durable records may be in a snapshot: a no-op record after
@@ -210,7 +229,7 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         // would be the only base, and a damaged one would leave none.
         if snapshots.len() >= SNAPSHOTS_KEPT {
             let (oldest_kept, _) = &snapshots[SNAPSHOTS_KEPT - 1];
-            self.wal.release_below(*oldest_kept).await?;
+            self.wal.release_below((*oldest_kept).min(hold)).await?;
         }
         Ok(pos)
     }
@@ -249,6 +268,18 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         self.wal.begin_epoch(epoch)?;
         let pending = self.wal.submit(RecordKind::Noop, &[])?;
         finish(pending, CommitLevel::Local).await
+    }
+
+    /// Writes a snapshot and releases the WAL below the older of the two
+    /// kept snapshots, but never at or above `hold` (records a replica
+    /// still needs). See [`Shard::snapshot`].
+    pub async fn snapshot_holding(&self, hold: u64) -> Result<Expect, EngineError> {
+        if self.snapshotting.replace(true) {
+            return Err(EngineError::SnapshotInProgress);
+        }
+        let result = self.snapshot_now_holding(hold).await;
+        self.snapshotting.set(false);
+        result
     }
 
     /// Runs `f` on the state as it is now (staged writes included).
@@ -367,7 +398,13 @@ impl<S: Storage + Clone + 'static> Shard<S, KvState> {
                 state.apply_ops(*lsn, ops);
             }
         }
-        finish(pending, level).await.map(Some)
+        let receipt = finish(pending, level).await?;
+        if level == CommitLevel::Local && self.resync_pending.replace(false) {
+            // The log continuing the installed snapshot is on disk now.
+            self.storage.remove(RESYNC_MARKER).await?;
+            self.storage.sync_dir().await?;
+        }
+        Ok(Some(receipt))
     }
 
     pub async fn put(

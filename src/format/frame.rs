@@ -67,6 +67,15 @@ pub enum FrameKind {
     /// Either way: a refusal, the payload a UTF-8 reason; the connection
     /// ends after it.
     Refuse = 5,
+    /// Downstream → upstream, before its Hellos: send this shard's newest
+    /// snapshot whatever the position (a re-sync asked for); no payload.
+    Resync = 6,
+    /// Upstream → downstream: a piece of a snapshot file; `start_lsn` is
+    /// the piece's byte offset in the file.
+    Snapshot = 7,
+    /// Upstream → downstream: the snapshot is complete ([`SnapshotEnd`]);
+    /// records from its position follow.
+    SnapshotEnd = 8,
 }
 
 impl FrameKind {
@@ -77,6 +86,9 @@ impl FrameKind {
             3 => Some(Self::Ack),
             4 => Some(Self::Heartbeat),
             5 => Some(Self::Refuse),
+            6 => Some(Self::Resync),
+            7 => Some(Self::Snapshot),
+            8 => Some(Self::SnapshotEnd),
             _ => None,
         }
     }
@@ -333,6 +345,25 @@ pub struct Heartbeat {
     pub durable_lsn: U64,
     /// The upstream's wall clock, microseconds since the Unix epoch.
     pub unix_micros: U64,
+}
+
+/// Payload of a `SnapshotEnd`: the whole file's length and the log
+/// position the snapshot stands for.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct SnapshotEnd {
+    /// Bytes of the snapshot file sent.
+    pub file_bytes: U64,
+    /// The LSN the snapshot ends at (where the records that follow start).
+    pub lsn: U64,
+    /// Epoch of the record before `lsn`.
+    pub epoch: U64,
+    /// Chain value before `lsn`.
+    pub chain: U32,
+    /// Zero.
+    pub reserved: U32,
 }
 
 /// Reads a fixed-size payload struct, refusing any other length.

@@ -87,10 +87,12 @@ fn text(status: u16, body: &str) -> Response {
 fn status_text(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -134,6 +136,20 @@ async fn route(shared: &Arc<Shared>, method: &str, path: &str) -> Response {
         path,
         "/healthz" | "/readyz" | "/metrics" | "/admin/replication/status"
     );
+    if path == "/admin/replication/resync" {
+        if method != "POST" {
+            return text(405, "only POST");
+        }
+        return match shared.resync() {
+            Ok(upstream) => text(
+                202,
+                &format!(
+                    "re-syncing every shard from a snapshot of {upstream}; the old logs are kept in quarantine-*/\n"
+                ),
+            ),
+            Err(why) => text(409, why),
+        };
+    }
     if !known {
         return text(404, "not found");
     }
@@ -237,10 +253,26 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 (None, true, false) => "catching_up",
             };
             // How much further it may fall behind before the records it
-            // needs are gone: this node releases no WAL on its own (no
-            // automatic snapshots yet), so what bounds it is the free
-            // space of the data directory's filesystem.
-            let headroom = free_bytes;
+            // needs may be released (it is then re-synced from a
+            // snapshot): the WAL kept for replicas, less its lag; without
+            // automatic snapshots nothing is released, and the free space
+            // of the data directory's filesystem bounds it.
+            let retention = shared.config.retention;
+            let headroom = if retention.snapshot_every_bytes == 0 {
+                free_bytes
+            } else {
+                d.flushed
+                    .iter()
+                    .zip(&head)
+                    .map(|(f, h)| {
+                        retention
+                            .downstream_bytes_max
+                            .saturating_sub(h.saturating_sub(*f))
+                    })
+                    .min()
+                    .unwrap_or(0)
+                    .min(free_bytes)
+            };
             let released = d.flushed.iter().zip(&first).any(|(f, first)| f < first);
             let alerting = thresholds.update(&mut d.alert, lag, lag_seconds);
             if alerting {
@@ -262,7 +294,9 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
             replicas.push(json!({
                 "host": d.host,
                 "node_id": d.node_id,
-                "status": if released && d.refused.is_none() { "resyncing" } else { state },
+                "status": if d.resyncing && d.refused.is_none() { "resyncing" } else { state },
+                "needs_resync": released,
+                "resyncs": d.resyncs,
                 "epoch": d.epoch,
                 "lag_bytes": lag,
                 "lag_seconds": lag_seconds,
@@ -300,6 +334,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
             "lag_bytes": lag,
             "lag_seconds": if lag == 0 { 0.0 } else { link.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()) },
             "clock_skew_ms": link.clock_skew_micros as f64 / 1000.0,
+            "resyncs": link.resyncs,
         })
     } else {
         serde_json::Value::Null
@@ -491,9 +526,9 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         lag_seconds
             .get_or_create(&label)
             .set(r["lag_seconds"].as_f64().unwrap_or(0.0));
-        connected
-            .get_or_create(&label)
-            .set(i64::from(r["status"] == "streaming" || r["status"] == "catching_up"));
+        connected.get_or_create(&label).set(i64::from(
+            r["status"] == "streaming" || r["status"] == "catching_up",
+        ));
     }
     registry.register_with_unit(
         "replica_lag",

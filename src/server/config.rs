@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// When a replica's lag raises an alert on the status page.
     pub lag_alert: LagAlert,
+    /// Snapshots and WAL release, and what is kept for replicas.
+    pub retention: Retention,
     /// Engine options; `shard_count` and `commit_level` come from above.
     pub engine: Options,
 }
@@ -104,7 +106,30 @@ impl Default for NodeConfig {
             replica_of: String::new(),
             limits: Limits::default(),
             lag_alert: LagAlert::default(),
+            retention: Retention::default(),
             engine: Options::default(),
+        }
+    }
+}
+
+/// When the node snapshots its shards and releases their WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// A shard is snapshotted once its log has grown this much since its
+    /// last snapshot; then its WAL below the older of its two newest
+    /// snapshots is released. 0 never snapshots (the WAL grows for ever).
+    pub snapshot_every_bytes: u64,
+    /// WAL kept for replicas behind the snapshots, at most: a replica
+    /// further behind than this is re-synced from a snapshot instead.
+    pub downstream_bytes_max: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            snapshot_every_bytes: 256 << 20,
+            downstream_bytes_max: 1 << 30,
         }
     }
 }

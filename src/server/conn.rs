@@ -801,6 +801,19 @@ impl Conn {
             return Slot::Ready(Reply::err("a node cannot replicate from itself"));
         }
         if shared.replica_of() == upstream {
+            let refused = shared.upstream.lock().is_ok_and(|u| {
+                u.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("refused"))
+            });
+            if refused {
+                // Refused (diverged): asking again re-syncs it from a
+                // snapshot, keeping its old log aside.
+                return Slot::Ready(match shared.resync() {
+                    Ok(_) => Reply::Simple("OK re-syncing from a snapshot".into()),
+                    Err(why) => Reply::err(why),
+                });
+            }
             return Slot::Ready(Reply::Simple(
                 "OK Already connected to specified master".into(),
             ));

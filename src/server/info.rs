@@ -52,7 +52,11 @@ pub(super) async fn render(
         let _ = write!(
             out,
             "# Replication\r\nrole:{}\r\nconnected_slaves:{connected}\r\n",
-            if shared.is_replica() { "slave" } else { "master" },
+            if shared.is_replica() {
+                "slave"
+            } else {
+                "master"
+            },
         );
         if shared.is_replica() {
             let up = &doc["upstream"];
@@ -64,8 +68,14 @@ pub(super) async fn render(
             let _ = write!(
                 out,
                 "master_host:{host}\r\nmaster_port:{port}\r\nmaster_link_status:{}\r\nmaster_last_io_seconds_ago:{}\r\nmaster_lag_bytes:{}\r\nmaster_lag_seconds:{:.3}\r\n",
-                if up["connected"] == true { "up" } else { "down" },
-                up["last_frame_seconds_ago"].as_f64().map_or(-1, |s| s as i64),
+                if up["connected"] == true {
+                    "up"
+                } else {
+                    "down"
+                },
+                up["last_frame_seconds_ago"]
+                    .as_f64()
+                    .map_or(-1, |s| s as i64),
                 up["lag_bytes"].as_u64().unwrap_or(0),
                 up["lag_seconds"].as_f64().unwrap_or(0.0),
             );

@@ -29,7 +29,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 pub use commit::{BadLevel, Commit, TimeoutPolicy};
-pub use config::{ConfigError, LagAlert, Limits, NodeConfig};
+pub use config::{ConfigError, LagAlert, Limits, NodeConfig, Retention};
 
 use crate::engine::{Engine, EngineError};
 
@@ -72,6 +72,10 @@ pub(crate) struct Shared {
     /// Bumped whenever `replica_of` changes: a follower task of an older
     /// generation stops.
     follow_generation: AtomicU64,
+    /// Each shard's durable LSN as the retention task last saw it.
+    durable_hint: std::sync::Mutex<Vec<u64>>,
+    /// The next link to the upstream asks for a snapshot re-sync.
+    resync_requested: AtomicBool,
     /// Wakes writes waiting for replicas when acknowledgements arrive.
     ack_signal: commit::AckSignal,
     /// Whether commits are degraded (`degrade` policy), and counts.
@@ -96,6 +100,26 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// Re-syncs this replica from its upstream's snapshots: the next link
+    /// asks for them, and a follower stopped by a refusal (divergence) is
+    /// started again. The old logs are kept aside (`quarantine-*/`).
+    fn resync(self: &Arc<Self>) -> Result<String, &'static str> {
+        let upstream = self.replica_of();
+        if upstream.is_empty() {
+            return Err("this node is not a replica: nothing to re-sync from");
+        }
+        self.resync_requested.store(true, Ordering::Release);
+        let generation = self.set_upstream(&upstream);
+        tracing::warn!(%upstream, "re-sync from the upstream's snapshots requested");
+        glommio::spawn_local(replication::follow(
+            self.clone(),
+            upstream.clone(),
+            generation,
+        ))
+        .detach();
+        Ok(upstream)
+    }
+
     /// Follows `upstream` from now on (empty: becomes a primary), and
     /// returns the generation a follower task for it runs under.
     fn set_upstream(&self, upstream: &str) -> u64 {
@@ -107,6 +131,63 @@ impl Shared {
         }
         self.replica.store(!upstream.is_empty(), Ordering::Release);
         self.follow_generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+/// The lowest LSN of `shard` that replicas still need: the oldest durable
+/// position among the replicas this node knows (connected or not, unless
+/// refused), but no more than `retention.downstream_bytes_max` behind the
+/// head. WAL at or above it is not released.
+fn retention_hold(shared: &Shared, shard: u32) -> u64 {
+    let head = shared.downstreams.lock().ok().and_then(|d| {
+        d.values()
+            .filter(|d| d.refused.is_none())
+            .filter_map(|d| d.flushed.get(shard as usize).copied())
+            .min()
+    });
+    let Some(oldest) = head else {
+        return u64::MAX;
+    };
+    let durable = shared
+        .durable_hint
+        .lock()
+        .ok()
+        .and_then(|d| d.get(shard as usize).copied())
+        .unwrap_or(0);
+    oldest.max(durable.saturating_sub(shared.config.retention.downstream_bytes_max))
+}
+
+/// Snapshots each shard whose log grew `snapshot_every_bytes` since its
+/// last snapshot, releasing WAL no replica still needs. Runs on the first
+/// executor until the node stops.
+async fn retain(shared: Arc<Shared>) {
+    let every = shared.config.retention.snapshot_every_bytes;
+    let mut last: Vec<u64> = Vec::new();
+    while !shared.stopping() {
+        glommio::timer::sleep(Duration::from_millis(500)).await;
+        let Ok(stats) = shared.engine.stats().await else {
+            return;
+        };
+        if let Ok(mut d) = shared.durable_hint.lock() {
+            *d = stats.iter().map(|s| s.durable_lsn).collect();
+        }
+        if last.len() != stats.len() {
+            last = stats.iter().map(|s| s.first_lsn).collect();
+        }
+        for s in &stats {
+            let i = s.shard as usize;
+            if s.durable_lsn.saturating_sub(last[i]) < every || s.failure.is_some() {
+                continue;
+            }
+            let hold = retention_hold(&shared, s.shard);
+            match shared.engine.snapshot_shard(s.shard, hold).await {
+                Ok(lsn) => {
+                    tracing::debug!(shard = s.shard, lsn, hold, "snapshot taken");
+                    last[i] = lsn;
+                }
+                Err(e) => tracing::warn!(shard = s.shard, error = %e, "snapshot failed"),
+            }
+        }
     }
 }
 
@@ -162,6 +243,8 @@ impl Node {
             replica_of: std::sync::Mutex::new(String::new()),
             replica: AtomicBool::new(false),
             follow_generation: AtomicU64::new(0),
+            resync_requested: AtomicBool::new(false),
+            durable_hint: Default::default(),
             ack_signal: Default::default(),
             degraded: Default::default(),
         });
@@ -177,6 +260,9 @@ impl Node {
                 && let Some(admin) = admin
             {
                 result = admin_on(admin, shared.clone());
+            }
+            if result.is_ok() && core == 0 && shared.config.retention.snapshot_every_bytes > 0 {
+                glommio::spawn_local(retain(shared.clone())).detach();
             }
             if result.is_ok() && core == 0 && shared.is_replica() {
                 let upstream = shared.replica_of();

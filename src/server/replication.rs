@@ -67,6 +67,10 @@ pub(super) struct Downstream {
     pub refused: Option<String>,
     /// Whether its lag alert is raised (see `LagAlert`).
     pub alert: bool,
+    /// A snapshot is being sent to it.
+    pub resyncing: bool,
+    /// Snapshots sent to it since this node started.
+    pub resyncs: u64,
 }
 
 impl Downstream {
@@ -102,7 +106,13 @@ pub(super) struct Upstream {
     /// The upstream's clock minus this node's at the last heartbeat, in
     /// microseconds (for the status page; lag is not measured across clocks).
     pub clock_skew_micros: i64,
+    /// Shards re-synced from an upstream snapshot since this node started.
+    pub resyncs: u64,
 }
+
+/// Where a replica writes the pieces of a snapshot it receives, in the
+/// shard's directory.
+const INCOMING_SNAPSHOT: &str = "resync-incoming";
 
 /// How often the upstream tells each downstream its head and clock.
 const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -170,6 +180,8 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         // One Hello per shard, first, within a few seconds: a downstream
         // with another shard count sends too many or too few.
         let mut hellos: BTreeMap<u32, Hello> = BTreeMap::new();
+        // Shards whose downstream asked for a snapshot whatever its position.
+        let mut resync = std::collections::BTreeSet::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while hellos.len() < shard_count as usize {
             let next = glommio::timer::timeout(
@@ -184,6 +196,10 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 )),
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(e)) => return Err(e),
+                Ok(Ok(Some((FrameKind::Resync, shard, _, _, _)))) if shard < shard_count => {
+                    resync.insert(shard);
+                    None
+                }
                 Ok(Ok(Some((kind, shard, _, _, payload)))) => {
                     let hello = match kind {
                         FrameKind::Hello => Some(Hello::decode(&payload).map_err(io_err)?),
@@ -212,15 +228,21 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let stats = shared.engine.stats().await.map_err(io_err)?;
         let mut pos = Vec::new();
         let mut epoch = 0;
+        let mut snapshots = Vec::new();
         for (shard, hello) in &hellos {
             let s = &stats[*shard as usize];
             let theirs = hello.history.last().map_or(0, |(e, _)| *e);
             epoch = epoch.max(theirs);
+            // Behind what this node still holds, or asked for: it gets the
+            // newest snapshot, then the records after it.
+            let wants_snapshot = resync.contains(shard) || hello.lsn < s.first_lsn;
             let problem = if theirs > s.epoch {
                 Some(format!(
                     "shard {shard}: the downstream is in epoch {theirs}, this node in {}: this node is behind a failover (fenced) and may not serve it",
                     s.epoch
                 ))
+            } else if wants_snapshot {
+                None
             } else if hello.lsn > s.durable_lsn {
                 Some(format!(
                     "shard {shard}: the downstream's log ends at {} past this node's {}: it holds writes this node never had (diverged, or another cluster)",
@@ -238,6 +260,9 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 refused(&shared, &node_id, &host, &why);
                 writer.write_all(&frame(FrameKind::Refuse, *shard, s.epoch, 0, why.as_bytes())).await?;
                 return Err(io_err(why));
+            }
+            if wants_snapshot {
+                snapshots.push(*shard);
             }
             pos.push(Expect {
                 lsn: hello.lsn,
@@ -263,6 +288,30 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             d.insert(key.clone(), status);
         }
         tracing::info!(downstream = %key, "replica attached");
+        for shard in snapshots {
+            set_resyncing(&shared, &key, true);
+            let sent = send_snapshot(&shared, shard, &mut writer).await;
+            set_resyncing(&shared, &key, false);
+            match sent {
+                Ok(at) => {
+                    let i = shard as usize;
+                    pos[i] = at;
+                    if let Ok(mut d) = shared.downstreams.lock()
+                        && let Some(d) = d.get_mut(&key)
+                    {
+                        d.sent[i] = at.lsn;
+                        d.resyncs += 1;
+                    }
+                }
+                Err(why) => {
+                    refused(&shared, &key, &host, &why);
+                    let _ = writer
+                        .write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes()))
+                        .await;
+                    return Err(io_err(why));
+                }
+            }
+        }
         // Acks come back on a task of their own; each shard's records are
         // read by a task of their own (waiting for new ones as they become
         // durable); this task writes what they produce, in order.
@@ -362,6 +411,114 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
     }
     shared.ack_signal.notify();
     let _ = writer.close().await;
+}
+
+fn set_resyncing(shared: &Shared, key: &str, on: bool) {
+    if let Ok(mut d) = shared.downstreams.lock()
+        && let Some(d) = d.get_mut(key)
+    {
+        d.resyncing = on;
+    }
+}
+
+/// Bytes of a snapshot file per `Snapshot` frame.
+const SNAPSHOT_PIECE: usize = 1 << 20;
+
+/// The newest snapshot file of a shard directory and the position it
+/// stands for.
+fn newest_snapshot(dir: &std::path::Path) -> Option<(std::path::PathBuf, Expect, u64)> {
+    use zerocopy::FromBytes;
+    let mut found: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            crate::format::parse_snapshot_file_name(&name).map(|lsn| (lsn, e.path()))
+        })
+        .collect();
+    found.sort_unstable_by_key(|(lsn, _)| std::cmp::Reverse(*lsn));
+    for (_, path) in found {
+        let Ok(bytes) = std::fs::read(&path).map(|b| b.get(..4096).map(<[u8]>::to_vec)) else {
+            continue;
+        };
+        let Some(head) = bytes else { continue };
+        let Ok((h, _)) = crate::format::SnapshotHeader::read_from_prefix(&head) else {
+            continue;
+        };
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let at = Expect {
+            lsn: h.lsn.get(),
+            chain: h.chain.get(),
+            epoch: h.epoch.get(),
+        };
+        return Some((path, at, len));
+    }
+    None
+}
+
+/// Sends `shard`'s newest snapshot (taking one first when there is none)
+/// as `Snapshot` frames and a `SnapshotEnd`; returns its position, from
+/// which records follow.
+async fn send_snapshot(
+    shared: &Shared,
+    shard: u32,
+    writer: &mut (impl futures_lite::AsyncWrite + Unpin),
+) -> Result<Expect, String> {
+    use std::io::Read;
+    let dir = shared.engine.shard_dir(shard);
+    if newest_snapshot(&dir).is_none() {
+        let hold = super::retention_hold(shared, shard);
+        shared
+            .engine
+            .snapshot_shard(shard, hold)
+            .await
+            .map_err(|e| format!("shard {shard}: taking a snapshot to re-sync from: {e}"))?;
+    }
+    let (path, at, _) = newest_snapshot(&dir)
+        .ok_or_else(|| format!("shard {shard}: no snapshot to re-sync from"))?;
+    // Open before reading: a snapshot released meanwhile stays readable.
+    let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(shard, lsn = at.lsn, file = %path.display(), "sending a snapshot to re-sync a downstream");
+    let mut offset = 0u64;
+    let mut piece = vec![0u8; SNAPSHOT_PIECE];
+    let e = |x: std::io::Error| x.to_string();
+    loop {
+        let n = file.read(&mut piece).map_err(e)?;
+        if n == 0 {
+            break;
+        }
+        writer
+            .write_all(&frame(
+                FrameKind::Snapshot,
+                shard,
+                at.epoch,
+                offset,
+                &piece[..n],
+            ))
+            .await
+            .map_err(e)?;
+        offset += n as u64;
+        glommio::yield_if_needed().await;
+    }
+    let end = crate::format::SnapshotEnd {
+        file_bytes: offset.into(),
+        lsn: at.lsn.into(),
+        epoch: at.epoch.into(),
+        chain: at.chain.into(),
+        reserved: 0.into(),
+    };
+    writer
+        .write_all(&frame(
+            FrameKind::SnapshotEnd,
+            shard,
+            at.epoch,
+            0,
+            end.as_bytes(),
+        ))
+        .await
+        .map_err(e)?;
+    writer.flush().await.map_err(e)?;
+    Ok(at)
 }
 
 /// What the per-shard readers hand the task writing the stream.
@@ -609,6 +766,12 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     }
     let stats = shared.engine.stats().await.map_err(|x| x.to_string())?;
     let mut hellos = Vec::new();
+    if shared.resync_requested.swap(false, Ordering::AcqRel) {
+        // An operator asked for a re-sync: every shard from a snapshot.
+        for s in &stats {
+            hellos.extend(frame(FrameKind::Resync, s.shard, s.epoch, 0, &[]));
+        }
+    }
     for s in &stats {
         let hello = Hello {
             cluster_id: [0; 16],
@@ -646,6 +809,7 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     // Where each shard's next records must start: a frame that starts
     // elsewhere means frames were lost on the way (not a divergence).
     let mut expect: Vec<u64> = stats.iter().map(|s| s.next_lsn).collect();
+    let mut incoming: Option<std::fs::File> = None;
     loop {
         if let Some(why) = failure.borrow_mut().take() {
             return Err(why);
@@ -667,7 +831,13 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
             u.last_frame = Some(Instant::now());
         }
         let i = shard as usize;
-        if matches!(kind, FrameKind::Records | FrameKind::Heartbeat) {
+        if matches!(
+            kind,
+            FrameKind::Records
+                | FrameKind::Heartbeat
+                | FrameKind::Snapshot
+                | FrameKind::SnapshotEnd
+        ) {
             if i >= seen.len() {
                 return Err(format!(
                     "refused: a frame for shard {shard}, which this node does not have"
@@ -719,6 +889,78 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                         .unwrap_or_else(|| "the ack task ended".into()));
                 }
             }
+            FrameKind::Snapshot => {
+                // Pieces go to a file in the shard's directory, in order.
+                let path = shared.engine.shard_dir(shard).join(INCOMING_SNAPSHOT);
+                let written = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if start == 0 {
+                    incoming = Some(
+                        std::fs::File::create(&path)
+                            .map_err(|x| format!("{}: {x}", path.display()))?,
+                    );
+                } else if start != written || incoming.is_none() {
+                    return Err(format!(
+                        "shard {shard}: snapshot piece at {start}, expected {written}: pieces were lost"
+                    ));
+                }
+                if let Some(f) = incoming.as_mut() {
+                    use std::io::Write;
+                    f.write_all(&payload).map_err(|x| x.to_string())?;
+                }
+            }
+            FrameKind::SnapshotEnd => {
+                let end = decode_fixed::<crate::format::SnapshotEnd>(kind, &payload)
+                    .map_err(|x| x.to_string())?;
+                let path = shared.engine.shard_dir(shard).join(INCOMING_SNAPSHOT);
+                let file = incoming.take().ok_or("a snapshot end without a snapshot")?;
+                file.sync_all().map_err(|x| x.to_string())?;
+                drop(file);
+                let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if len != end.file_bytes.get() {
+                    return Err(format!(
+                        "shard {shard}: snapshot of {} bytes announced, {len} received",
+                        end.file_bytes.get()
+                    ));
+                }
+                let at = Expect {
+                    lsn: end.lsn.get(),
+                    chain: end.chain.get(),
+                    epoch: end.epoch.get(),
+                };
+                // Everything handed to the engine before must be staged
+                // first: the shard is replaced.
+                tracing::warn!(
+                    shard,
+                    lsn = at.lsn,
+                    "re-syncing from the upstream's snapshot"
+                );
+                let installed = shared
+                    .engine
+                    .install_snapshot(shard, path, at)
+                    .await
+                    .map_err(|x| {
+                        format!("shard {shard}: installing the upstream's snapshot: {x}")
+                    })?;
+                expect[i] = installed.lsn;
+                if let Ok(mut u) = shared.upstream.lock() {
+                    if let Some(a) = u.applied.get_mut(i) {
+                        *a = installed.lsn;
+                    }
+                    if let Some(h) = u.head.get_mut(i) {
+                        *h = (*h).max(installed.lsn);
+                    }
+                    u.resyncs += 1;
+                }
+                let ack = Ack {
+                    written: installed.lsn.into(),
+                    flushed: installed.lsn.into(),
+                    applied: installed.lsn.into(),
+                };
+                let applying = Applying::Done(shard, epoch, ack);
+                if tx.send(applying).await.is_err() {
+                    return Err("the ack task ended".into());
+                }
+            }
             FrameKind::Heartbeat => {
                 let beat = decode_fixed::<Heartbeat>(kind, &payload).map_err(|x| x.to_string())?;
                 let now_micros = std::time::SystemTime::now()
@@ -764,6 +1006,8 @@ enum Applying {
     },
     /// Tell the upstream why the stream is refused.
     Refuse(u32, String),
+    /// Ack this at once (a snapshot installed).
+    Done(u32, u64, Ack),
 }
 
 /// Acks each batch of records once it is durable here, in order. A batch
@@ -785,6 +1029,19 @@ async fn send_acks(
                 end,
                 answer,
             } => (shard, epoch, start, end, answer),
+            Applying::Done(shard, epoch, ack) => {
+                if writer
+                    .write_all(&frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes()))
+                    .await
+                    .is_err()
+                    || writer.flush().await.is_err()
+                {
+                    *failure.borrow_mut() = Some("upstream closed".into());
+                    return;
+                }
+                next = rx.recv().await;
+                continue;
+            }
             Applying::Refuse(shard, why) => {
                 let _ = writer
                     .write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes()))

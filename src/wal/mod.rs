@@ -50,6 +50,10 @@ pub struct WalOptions {
     /// Which log this is; every segment header must match.
     pub log: LogId,
     /// Epoch stamped into new records; may not be below the log's last.
+    /// 0: continue in the log's own last epoch (at least 1), which is
+    /// what a node does: its epoch lives in its records, so a promotion
+    /// (`Wal::begin_epoch`) or records of a later epoch taken from an
+    /// upstream outlast a restart.
     pub epoch: u64,
     /// Size of a segment file, header block included.
     pub segment_bytes: u64,
@@ -163,9 +167,32 @@ impl<S: Storage + 'static> Wal<S> {
     /// Recovers the log in `storage` and starts its flusher task. Must run
     /// inside a glommio executor.
     pub async fn open(storage: S, options: WalOptions) -> Result<Self, WalError> {
+        Self::open_at(storage, options, None).await
+    }
+
+    /// [`Wal::open`], but a log with no segments at all starts at `origin`
+    /// (an LSN, the chain before it, an epoch) instead of at zero: a shard
+    /// re-synced from a snapshot continues its upstream's log from the
+    /// snapshot's position. A log that has segments ignores `origin`.
+    pub async fn open_at(
+        storage: S,
+        options: WalOptions,
+        origin: Option<crate::format::Expect>,
+    ) -> Result<Self, WalError> {
         options.check()?;
+        let mut options = options;
         let storage = Rc::new(storage);
-        let (segments, report, end, tail) = Segments::recover(storage.clone(), &options).await?;
+        let (mut segments, report, mut end, tail) =
+            Segments::recover(storage.clone(), &options).await?;
+        if let Some(origin) = origin
+            && segments.len() == 0
+        {
+            segments.set_origin(origin);
+            end = origin;
+        }
+        if options.epoch == 0 {
+            options.epoch = end.epoch.max(1);
+        }
         if options.epoch < end.epoch {
             return Err(WalError::EpochRegressed {
                 epoch: options.epoch,

@@ -220,6 +220,12 @@ impl<S: Storage> Segments<S> {
         })
     }
 
+    /// Where an empty log starts (see `Wal::open_at`).
+    pub fn set_origin(&mut self, origin: Expect) {
+        debug_assert_eq!(self.len(), 0);
+        self.origin = origin;
+    }
+
     pub fn first_position(&self) -> Expect {
         let metas = self.metas.borrow();
         metas.values().next().map_or(self.origin, |m| Expect {

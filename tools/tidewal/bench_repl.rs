@@ -258,7 +258,10 @@ impl PgPair {
             .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
         from_config
             .into_iter()
-            .chain(which("initdb").and_then(|p| p.canonicalize().ok()?.parent().map(Path::to_path_buf)))
+            .chain(
+                which("initdb")
+                    .and_then(|p| p.canonicalize().ok()?.parent().map(Path::to_path_buf)),
+            )
             .find(|b| b.join("initdb").is_file() && b.join("pgbench").is_file())
             .or_else(|| {
                 which("pgbench")
@@ -297,12 +300,17 @@ impl PgPair {
         std::fs::create_dir_all(dir)?;
         // SAFETY: getuid has no preconditions.
         if unsafe { libc::getuid() } == 0 {
-            let status = Command::new("chown").args(["-R", "postgres"]).arg(dir).status()?;
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(dir)
+                .status()?;
             if !status.success() {
                 bail!("chown postgres {}", dir.display());
             }
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let pair = PgPair {
             bin,
             dir: dir.to_path_buf(),
@@ -310,7 +318,10 @@ impl PgPair {
             script: dir.join("set.sql"),
         };
         let d = |name: &str| dir.join(name).display().to_string();
-        pair.run("initdb", &["-D", &d("primary"), "-A", "trust", "-U", "postgres"])?;
+        pair.run(
+            "initdb",
+            &["-D", &d("primary"), "-A", "trust", "-U", "postgres"],
+        )?;
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = on\nsynchronous_commit = on\nsynchronous_standby_names = '*'\nwal_level = replica\nmax_connections = 200\nshared_buffers = 256MB\n",
             dir.display()
@@ -320,27 +331,71 @@ impl PgPair {
             &dir.join("primary/pg_hba.conf"),
             "host replication all 127.0.0.1/32 trust\n",
         )?;
-        pair.run("pg_ctl", &["-D", &d("primary"), "-l", &d("primary.log"), "-w", "start"])?;
+        pair.run(
+            "pg_ctl",
+            &["-D", &d("primary"), "-l", &d("primary.log"), "-w", "start"],
+        )?;
         let p = port.to_string();
         pair.run(
             "pg_basebackup",
-            &["-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-D", &d("standby"), "-R", "-X", "stream"],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "-U",
+                "postgres",
+                "-D",
+                &d("standby"),
+                "-R",
+                "-X",
+                "stream",
+            ],
         )?;
-        let standby_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        append(&dir.join("standby/postgresql.conf"), &format!("port = {standby_port}\n"))?;
-        pair.run("pg_ctl", &["-D", &d("standby"), "-l", &d("standby.log"), "-w", "start"])?;
+        let standby_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        append(
+            &dir.join("standby/postgresql.conf"),
+            &format!("port = {standby_port}\n"),
+        )?;
+        pair.run(
+            "pg_ctl",
+            &["-D", &d("standby"), "-l", &d("standby.log"), "-w", "start"],
+        )?;
         pair.run(
             "psql",
-            &["-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-c", "create table kv (k int primary key, v text)"],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "-U",
+                "postgres",
+                "-c",
+                "create table kv (k int primary key, v text)",
+            ],
         )?;
         std::fs::write(
             &pair.script,
             "\\set k random(1, 100000)\nINSERT INTO kv VALUES (:k, repeat('v', 100)) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v;\n",
         )?;
-        let _ = Command::new("chown").arg("postgres").arg(&pair.script).status();
+        let _ = Command::new("chown")
+            .arg("postgres")
+            .arg(&pair.script)
+            .status();
         let state = pair.run(
             "psql",
-            &["-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-Atc", "select sync_state from pg_stat_replication"],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "-U",
+                "postgres",
+                "-Atc",
+                "select sync_state from pg_stat_replication",
+            ],
         )?;
         if state.trim() != "sync" {
             bail!("the PostgreSQL standby is not synchronous: {state:?}");
@@ -360,8 +415,24 @@ impl PgPair {
         let out = self.run(
             "pgbench",
             &[
-                "-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-n", "-M", "prepared", "-c", &c,
-                "-j", &j, "-T", &t, "-f", &script, "postgres",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "-U",
+                "postgres",
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                &c,
+                "-j",
+                &j,
+                "-T",
+                &t,
+                "-f",
+                &script,
+                "postgres",
             ],
         )?;
         let field = |prefix: &str| -> Option<f64> {
