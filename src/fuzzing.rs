@@ -117,7 +117,11 @@ pub fn frame_decode(data: &[u8]) {
         FrameKind::SnapshotEnd => {
             let _ = decode_fixed::<crate::format::SnapshotEnd>(f.kind, f.payload);
         }
-        FrameKind::Records | FrameKind::Refuse | FrameKind::Resync | FrameKind::Snapshot => {}
+        FrameKind::Records
+        | FrameKind::Refuse
+        | FrameKind::Resync
+        | FrameKind::Snapshot
+        | FrameKind::Report => {}
     }
 }
 

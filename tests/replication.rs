@@ -585,6 +585,14 @@ fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
     let sa = status(&a);
     assert_eq!(sa["role"], "replica");
     assert_eq!(sa["replicas"][0]["node_id"], "b", "b appears under a");
+    // And under a on the primary's page, with its lag end to end.
+    let s = wait_status(&primary, "the cascaded replica reported", |s| {
+        s["replicas"][0]["downstreams"][0]["node_id"] == "b"
+    });
+    assert!(
+        s["replicas"][0]["downstreams"][0]["lag_bytes_end_to_end"].is_u64(),
+        "{s}"
+    );
     let err = redis::cmd("REPLICAOF")
         .arg("127.0.0.1")
         .arg(b.listen.port())
@@ -736,4 +744,32 @@ fn a_replica_held_back_past_retention_or_wiped_resyncs_from_a_snapshot() {
     assert_eq!(r.get::<_, i64>("after-resync").unwrap(), 1);
     let (code, _) = primary.http(b"POST /admin/replication/resync HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(code, 409, "a primary has nothing to re-sync from");
+}
+
+#[test]
+fn a_warm_standby_replicates_serves_no_reads_and_can_be_promoted() {
+    let (pdir, sdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "2"]);
+    let upstream = primary.listen.to_string();
+    let standby = NodeProcess::start(
+        sdir.path(),
+        &["--shards", "2", "--replica-of", &upstream, "--warm-standby"],
+    );
+    let mut c = primary.client();
+    for i in 0..50 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    wait_converged(&primary, &standby);
+    assert_eq!(status(&standby)["role"], "standby");
+    let mut s = standby.client();
+    let err = s.get::<_, i64>("k1").unwrap_err().to_string();
+    assert!(err.contains("STANDBY"), "{err}");
+    assert!(err.contains(&upstream), "names where to read: {err}");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut s)
+        .unwrap();
+    assert_eq!(s.get::<_, i64>("k49").unwrap(), 49, "promoted, it serves");
+    let _: () = s.set("mine", 1).unwrap();
 }

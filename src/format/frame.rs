@@ -76,6 +76,10 @@ pub enum FrameKind {
     /// Upstream → downstream: the snapshot is complete ([`SnapshotEnd`]);
     /// records from its position follow.
     SnapshotEnd = 8,
+    /// Downstream → upstream: its own downstreams, as UTF-8 JSON (what its
+    /// status page says of them), so cascaded replicas appear under their
+    /// upstream's upstream.
+    Report = 9,
 }
 
 impl FrameKind {
@@ -89,6 +93,7 @@ impl FrameKind {
             6 => Some(Self::Resync),
             7 => Some(Self::Snapshot),
             8 => Some(Self::SnapshotEnd),
+            9 => Some(Self::Report),
             _ => None,
         }
     }

@@ -291,7 +291,33 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 alerts
                     .push(json!({"kind": "replica_refused", "replica": d.node_id, "message": why}));
             }
+            // Its own downstreams, as it reported them, with their lag
+            // measured end to end from this node's head.
+            let cascaded: Vec<serde_json::Value> = d
+                .cascaded
+                .as_ref()
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let mut c = c.clone();
+                    let flushed: Vec<u64> = c["flushed_lsn"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                        .unwrap_or_default();
+                    let end_to_end: u64 = head
+                        .iter()
+                        .zip(&flushed)
+                        .map(|(h, f)| h.saturating_sub(*f))
+                        .sum();
+                    c["lag_bytes_end_to_end"] = json!(end_to_end);
+                    c["lag_seconds_end_to_end"] =
+                        json!(lag_seconds + c["lag_seconds"].as_f64().unwrap_or(0.0));
+                    c
+                })
+                .collect();
             replicas.push(json!({
+                "downstreams": cascaded,
                 "host": d.host,
                 "node_id": d.node_id,
                 "status": if d.resyncing && d.refused.is_none() { "resyncing" } else { state },
@@ -366,7 +392,11 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
     }
     json!({
         "node_id": shared.node_id,
-        "role": if shared.is_replica() { "replica" } else { "primary" },
+        "role": match (shared.is_replica(), shared.config.warm_standby) {
+            (false, _) => "primary",
+            (true, false) => "replica",
+            (true, true) => "standby",
+        },
         "primary": if shared.is_replica() { shared.replica_of() } else { shared.listen.to_string() },
         "upstream": upstream,
         "epoch": stats.iter().map(|s| s.epoch).max().unwrap_or(0),
@@ -399,6 +429,16 @@ fn free_bytes(dir: &std::path::Path) -> u64 {
         return 0;
     }
     st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// What a replica reports upstream of its own downstreams (`None` when it
+/// has none): the same entries as its status page's `replicas`.
+pub(super) fn downstream_report(shared: &Shared, stats: &[ShardStats]) -> Option<Vec<u8>> {
+    if shared.downstreams.lock().map_or(true, |d| d.is_empty()) {
+        return None;
+    }
+    let doc = status(shared, stats);
+    serde_json::to_vec(&doc["replicas"]).ok()
 }
 
 /// How writes of the node's default level treat its replicas.

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     /// `HOST:PORT` of the node to follow as a read-only replica; empty for
     /// a primary.
     pub replica_of: String,
+    /// A replica that serves no reads (warm standby): it replicates and
+    /// can be promoted, and answers reads with `-STANDBY`.
+    pub warm_standby: bool,
     pub limits: Limits,
     /// When a replica's lag raises an alert on the status page.
     pub lag_alert: LagAlert,
@@ -104,6 +107,7 @@ impl Default for NodeConfig {
             commit_timeout_ms: 5_000,
             commit_policy: TimeoutPolicy::Fail,
             replica_of: String::new(),
+            warm_standby: false,
             limits: Limits::default(),
             lag_alert: LagAlert::default(),
             retention: Retention::default(),
@@ -254,12 +258,12 @@ mod tests {
         .unwrap();
         assert_eq!(config.shards, 4);
         assert_eq!(config.commit_level, Commit::Memory);
-        let config = NodeConfig::from_toml(
+        let levels = NodeConfig::from_toml(
             "commit_level = \"replicated(2)\"\ncommit_policy = \"degrade\"\n",
         )
         .unwrap();
-        assert_eq!(config.commit_level, Commit::Replicated(2));
-        assert_eq!(config.commit_policy, TimeoutPolicy::Degrade);
+        assert_eq!(levels.commit_level, Commit::Replicated(2));
+        assert_eq!(levels.commit_policy, TimeoutPolicy::Degrade);
         let err = NodeConfig::from_toml("commit_level = \"replicated(0)\"").unwrap_err();
         assert!(err.to_string().contains("replicated(k)"), "{err}");
         assert_eq!(config.limits.connections_max, 5);

@@ -366,6 +366,13 @@ impl Conn {
             drain(slots, out, stream, flush_at).await?;
             self.writes_pending = false;
         }
+        if command.reads_keys() && self.shared.config.warm_standby && self.shared.is_replica() {
+            slots.push(Slot::Ready(Reply::Error(format!(
+                "STANDBY this node is a warm standby: it replicates and serves no reads (read from {})",
+                self.shared.replica_of()
+            ))));
+            return Ok(After::Continue);
+        }
         if command.reads_keys()
             && let Some((token, wait)) = self.read_after.clone()
             && let Err(why) = applied_past(&self.shared, &token, wait).await

@@ -71,6 +71,8 @@ pub(super) struct Downstream {
     pub resyncing: bool,
     /// Snapshots sent to it since this node started.
     pub resyncs: u64,
+    /// What it last reported of its own downstreams (cascading).
+    pub cascaded: Option<serde_json::Value>,
 }
 
 impl Downstream {
@@ -661,6 +663,16 @@ async fn read_acks(
                 shared.ack_signal.notify();
                 super::commit::maybe_recover(shared);
             }
+            FrameKind::Report => {
+                let Ok(report) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                    return;
+                };
+                if let Ok(mut d) = shared.downstreams.lock()
+                    && let Some(d) = d.get_mut(key)
+                {
+                    d.cascaded = Some(report);
+                }
+            }
             FrameKind::Refuse => {
                 let why = String::from_utf8_lossy(&payload).to_string();
                 tracing::warn!(downstream = %key, %why, "replica refused the stream");
@@ -809,6 +821,7 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     // Where each shard's next records must start: a frame that starts
     // elsewhere means frames were lost on the way (not a divergence).
     let mut expect: Vec<u64> = stats.iter().map(|s| s.next_lsn).collect();
+    let mut reported = Instant::now();
     let mut incoming: Option<std::fs::File> = None;
     loop {
         if let Some(why) = failure.borrow_mut().take() {
@@ -816,6 +829,17 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
         }
         if shared.follow_generation.load(Ordering::Acquire) != generation {
             return Ok(());
+        }
+        // Every second or so (frames arrive at least every heartbeat), what
+        // this node knows of its own downstreams goes up.
+        if reported.elapsed() >= Duration::from_secs(1) {
+            reported = Instant::now();
+            let stats = shared.engine.stats().await.map_err(|x| x.to_string())?;
+            if let Some(json) = super::admin::downstream_report(shared, &stats)
+                && tx.send(Applying::Report(json)).await.is_err()
+            {
+                return Err("the ack task ended".into());
+            }
         }
         let next = next_frame(&mut reader, &mut input, shared)
             .await
@@ -1008,6 +1032,8 @@ enum Applying {
     Refuse(u32, String),
     /// Ack this at once (a snapshot installed).
     Done(u32, u64, Ack),
+    /// Tell the upstream about this node's own downstreams.
+    Report(Vec<u8>),
 }
 
 /// Acks each batch of records once it is durable here, in order. A batch
@@ -1029,6 +1055,24 @@ async fn send_acks(
                 end,
                 answer,
             } => (shard, epoch, start, end, answer),
+            Applying::Report(json) => {
+                if writer
+                    .write_all(&frame(FrameKind::Report, 0, 0, 0, &json))
+                    .await
+                    .is_err()
+                {
+                    *failure.borrow_mut() = Some("upstream closed".into());
+                    return;
+                }
+                next = match futures_lite::future::poll_once(rx.recv()).await {
+                    Some(next) => next,
+                    None => {
+                        let _ = writer.flush().await;
+                        rx.recv().await
+                    }
+                };
+                continue;
+            }
             Applying::Done(shard, epoch, ack) => {
                 if writer
                     .write_all(&frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes()))

@@ -45,6 +45,10 @@ pub struct NodeArgs {
     /// WAL streaming; writes get -READONLY naming it).
     #[arg(long, value_name = "HOST:PORT")]
     replica_of: Option<String>,
+    /// As a replica, serve no reads (warm standby): replicate, and wait to
+    /// be promoted (`REPLICAOF NO ONE`).
+    #[arg(long)]
+    warm_standby: bool,
     /// Executors (cores) to run on (default: every allowed core).
     #[arg(long, value_name = "N")]
     executors: Option<u32>,
@@ -98,6 +102,9 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = &args.replica_of {
         config.replica_of = v.clone();
+    }
+    if args.warm_standby {
+        config.warm_standby = true;
     }
     if let Some(v) = args.executors {
         config.engine.executor_count = v;
