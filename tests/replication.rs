@@ -169,14 +169,28 @@ fn a_diverged_replica_is_refused_and_keeps_its_data() {
     for i in 0..20 {
         let _: () = c.set(format!("k{i}"), "primary").unwrap();
     }
-    // A node that took writes of its own, then is pointed at the primary.
+    // A replica of the primary that was then run on its own and took writes
+    // of its own (a split brain), then is pointed at the primary again: the
+    // same cluster, a forged history.
+    let early = NodeProcess::start(
+        rdir.path(),
+        &["--shards", "1", "--replica-of", &upstream, "--node-id", "r"],
+    );
+    wait_converged(&primary, &early);
+    assert_eq!(early.terminate().code(), Some(0));
+    for i in 20..40 {
+        let _: () = c.set(format!("k{i}"), "primary").unwrap();
+    }
     let other = NodeProcess::start(rdir.path(), &["--shards", "1"]);
     let mut o = other.client();
     for i in 0..5 {
         let _: () = o.set(format!("mine{i}"), "other").unwrap();
     }
     assert_eq!(other.terminate().code(), Some(0));
-    let replica = NodeProcess::start(rdir.path(), &["--shards", "1", "--replica-of", &upstream]);
+    let replica = NodeProcess::start(
+        rdir.path(),
+        &["--shards", "1", "--replica-of", &upstream, "--node-id", "r"],
+    );
     let started = Instant::now();
     loop {
         let s = status(&replica);
@@ -209,7 +223,7 @@ fn a_diverged_replica_is_refused_and_keeps_its_data() {
     assert!(ok.contains("re-syncing"), "{ok}");
     wait_converged(&primary, &replica);
     let mut r = replica.client();
-    assert_eq!(r.get::<_, String>("k19").unwrap(), "primary");
+    assert_eq!(r.get::<_, String>("k39").unwrap(), "primary");
     assert_eq!(r.get::<_, Option<String>>("mine4").unwrap(), None);
     let kept = quarantined(&replica.dir);
     assert!(kept.iter().any(|f| f.ends_with(".wal")), "{kept:?}");
@@ -304,6 +318,22 @@ fn replicated_1_waits_for_a_replica_and_fails_when_every_replica_is_cut_off() {
     assert_eq!(s["commit_policy"]["default_level"], "replicated(1)");
     assert_eq!(s["commit_policy"]["timeout_policy"], "fail");
     assert_eq!(s["replicas"][0]["sync_role"], "sync");
+
+    // A slow link (each chunk from the primary delayed 100 ms): the write
+    // waits for it, and is acknowledged at replicated(1).
+    proxy.delay(100);
+    let started = Instant::now();
+    let _: () = c.set("slow", 1).unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(receipt(&mut c).1, "replicated(1)");
+    proxy.heal();
+    // A stalled link (connected, nothing flows): not acknowledged.
+    proxy.stall();
+    let err = c.set::<_, _, ()>("stalled", 1).unwrap_err().to_string();
+    assert!(err.contains("TIMEOUT"), "{err}");
+    proxy.heal();
+    let _: () = c.set("unstalled", 1).unwrap();
+    assert_eq!(receipt(&mut c).1, "replicated(1)");
 
     // Every replica cut off: the write is never acknowledged as replicated;
     // it times out with the policy's answer, naming the level reached.
@@ -497,7 +527,7 @@ fn garbage_on_the_replication_stream_is_dropped_and_the_node_stays_healthy() {
         let mut bytes = stream.to_vec();
         bytes.extend_from_slice(&garbage);
         let answer = common::node::raw(node.listen, &bytes);
-        assert!(answer.starts_with(b"+STREAM\r\n"), "{answer:?}");
+        assert!(answer.starts_with(b"+STREAM "), "{answer:?}");
     }
     let mut c = node.client();
     let pong: String = redis::cmd("PING").query(&mut c).unwrap();
@@ -520,7 +550,8 @@ fn a_frame_from_an_old_epoch_is_refused() {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 4096];
         let _ = s.read(&mut buf).unwrap();
-        s.write_all(b"+STREAM\r\n").unwrap();
+        s.write_all(b"+STREAM 00000000000000000000000000000000\r\n")
+            .unwrap();
         let mut out = Vec::new();
         let beat = [0u8; 24];
         encode_frame(&mut out, FrameKind::Heartbeat, 0, 5, 0, &beat);
@@ -772,4 +803,51 @@ fn a_warm_standby_replicates_serves_no_reads_and_can_be_promoted() {
         .unwrap();
     assert_eq!(s.get::<_, i64>("k49").unwrap(), 49, "promoted, it serves");
     let _: () = s.set("mine", 1).unwrap();
+}
+
+#[test]
+fn a_node_of_another_cluster_is_refused_until_re_synced_on_command() {
+    let (adir, bdir, cdir) = (disk_dir(), disk_dir(), disk_dir());
+    let a = NodeProcess::start(adir.path(), &["--shards", "1"]);
+    let b = NodeProcess::start(bdir.path(), &["--shards", "1"]);
+    let mut ac = a.client();
+    let _: () = ac.set("from-a", 1).unwrap();
+    let c = NodeProcess::start(
+        cdir.path(),
+        &["--shards", "1", "--replica-of", &a.listen.to_string()],
+    );
+    wait_converged(&a, &c);
+    let cluster = |n: &NodeProcess| status(n)["cluster_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        cluster(&c),
+        cluster(&a),
+        "a new replica joins its upstream's cluster"
+    );
+    assert_ne!(cluster(&a), cluster(&b));
+    assert_eq!(c.terminate().code(), Some(0));
+
+    // Pointed at a node of another cluster: refused, its data kept.
+    let c = NodeProcess::start(
+        cdir.path(),
+        &["--shards", "1", "--replica-of", &b.listen.to_string()],
+    );
+    let s = wait_status(&c, "refused", |s| {
+        s["upstream"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("another cluster"))
+    });
+    assert_eq!(s["cluster_id"].as_str().unwrap(), cluster(&a));
+    let mut cc = c.client();
+    assert_eq!(cc.get::<_, i64>("from-a").unwrap(), 1);
+
+    // Re-synced on command, it joins the other cluster.
+    let ok: String = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(b.listen.port())
+        .query(&mut cc)
+        .unwrap();
+    assert!(ok.contains("re-syncing"), "{ok}");
+    wait_converged(&b, &c);
+    assert_eq!(cluster(&c), cluster(&b));
+    assert_eq!(cc.get::<_, Option<i64>>("from-a").unwrap(), None);
 }

@@ -180,6 +180,7 @@ struct Inner {
     /// The data-directory lock; released by `close`.
     lock: Mutex<Option<File>>,
     dir: PathBuf,
+    cluster_id: [u8; 16],
 }
 
 /// A handle to an open engine. Cheap to clone, `Send + Sync`.
@@ -260,6 +261,7 @@ impl Engine {
                 threads: Mutex::new(threads),
                 lock: Mutex::new(Some(lock)),
                 dir: dir.clone(),
+                cluster_id,
             }),
         };
         if let Some(e) = failure {
@@ -569,6 +571,12 @@ impl Engine {
         }
         all.sort_by_key(|s| s.shard);
         Ok(all)
+    }
+
+    /// The id generated when the data directory was created (in every
+    /// segment and snapshot header of its logs).
+    pub fn cluster_id(&self) -> [u8; 16] {
+        self.inner.cluster_id
     }
 
     /// Number of executors (cores).

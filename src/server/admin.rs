@@ -392,6 +392,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
     }
     json!({
         "node_id": shared.node_id,
+        "cluster_id": format!("{:032x}", u128::from_be_bytes(shared.cluster())),
         "role": match (shared.is_replica(), shared.config.warm_standby) {
             (false, _) => "primary",
             (true, false) => "replica",

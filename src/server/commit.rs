@@ -26,7 +26,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -153,20 +154,59 @@ impl fmt::Display for TimeoutPolicy {
     }
 }
 
-/// Wakes writes waiting for replicas whenever an acknowledgement arrives.
+/// Wakes what waits on replicas when acknowledgements arrive: a write is
+/// woken only once enough replicas hold it (each ack checks every waiting
+/// write, under one lock, instead of waking them all to check themselves);
+/// other tasks (`next_ack`) at every ack.
 #[derive(Default)]
 pub(super) struct AckSignal {
+    waiters: Mutex<Vec<Arc<Waiter>>>,
     wakers: Mutex<Vec<Waker>>,
 }
 
+/// A write waiting for replicas.
+struct Waiter {
+    written: BTreeMap<u32, u64>,
+    commit: Commit,
+    want: usize,
+    ready: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
 impl AckSignal {
-    pub fn notify(&self) {
+    /// Called after downstream positions changed (an ack, a disconnect).
+    pub fn notify(&self, shared: &Shared) {
         let wakers = match self.wakers.lock() {
             Ok(mut w) => std::mem::take(&mut *w),
-            Err(_) => return,
+            Err(_) => Vec::new(),
         };
         for waker in wakers {
             waker.wake();
+        }
+        let Ok(mut waiters) = self.waiters.lock() else {
+            return;
+        };
+        if waiters.is_empty() {
+            return;
+        }
+        let Ok(downstreams) = shared.downstreams.lock() else {
+            return;
+        };
+        waiters.retain(|w| {
+            if holding_in(&downstreams, &w.written, w.commit) < w.want && !shared.stopping() {
+                return true;
+            }
+            w.ready.store(true, Ordering::Release);
+            if let Some(waker) = w.waker.lock().ok().and_then(|mut x| x.take()) {
+                waker.wake();
+            }
+            false
+        });
+    }
+
+    fn remove(&self, waiter: &Arc<Waiter>) {
+        if let Ok(mut waiters) = self.waiters.lock() {
+            waiters.retain(|w| !Arc::ptr_eq(w, waiter));
         }
     }
 }
@@ -181,6 +221,11 @@ pub(super) async fn next_ack(shared: &Shared) {
         }
         registered = true;
         if let Ok(mut w) = shared.ack_signal.wakers.lock() {
+            if w.len() > 4096 {
+                // Left by waits that timed out: wake them (spuriously) so the
+                // list stays small.
+                w.drain(..).for_each(Waker::wake);
+            }
             w.push(cx.waker().clone());
         }
         Poll::Pending
@@ -240,10 +285,18 @@ fn wanted(shared: &Shared, commit: Commit) -> usize {
 /// Replicas that hold every record below `written` (shard → LSN of a
 /// record): durable there, or for `applied` applied there too.
 fn holding(shared: &Shared, written: &BTreeMap<u32, u64>, commit: Commit) -> usize {
+    match shared.downstreams.lock() {
+        Ok(downstreams) => holding_in(&downstreams, written, commit),
+        Err(_) => 0,
+    }
+}
+
+fn holding_in(
+    downstreams: &BTreeMap<String, super::replication::Downstream>,
+    written: &BTreeMap<u32, u64>,
+    commit: Commit,
+) -> usize {
     let applied = matches!(commit, Commit::Applied(_));
-    let Ok(downstreams) = shared.downstreams.lock() else {
-        return 0;
-    };
     downstreams
         .values()
         .filter(|d| d.connected && d.refused.is_none())
@@ -274,34 +327,47 @@ pub(super) async fn replicas_reached(
 ) -> Result<Commit, Shortfall> {
     let want = wanted(shared, commit);
     let started = Instant::now();
-    let reached = std::future::poll_fn(|cx| {
-        // Registered before the count: an ack that lands in between wakes
-        // this task.
-        if let Ok(mut w) = shared.ack_signal.wakers.lock() {
-            if w.len() > 4096 {
-                // Left by waits that timed out: wake them (spuriously) so the
-                // list stays small.
-                w.drain(..).for_each(Waker::wake);
+    let done = if holding(shared, written, commit) >= want {
+        true
+    } else {
+        let waiter = Arc::new(Waiter {
+            written: written.clone(),
+            commit,
+            want,
+            ready: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        });
+        if let Ok(mut w) = shared.ack_signal.waiters.lock() {
+            w.push(waiter.clone());
+        }
+        let reached = std::future::poll_fn(|cx| {
+            if let Ok(mut w) = waiter.waker.lock() {
+                *w = Some(cx.waker().clone());
             }
-            w.push(cx.waker().clone());
-        }
-        if holding(shared, written, commit) >= want || shared.stopping() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    });
-    let done = match limit {
-        Some(limit) => glommio::timer::timeout(limit, async {
-            reached.await;
-            Ok(())
-        })
-        .await
-        .is_ok(),
-        None => {
-            reached.await;
-            true
-        }
+            // Checked after the waker is in place: an ack in between wakes.
+            if waiter.ready.load(Ordering::Acquire)
+                || holding(shared, written, commit) >= want
+                || shared.stopping()
+            {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let done = match limit {
+            Some(limit) => glommio::timer::timeout(limit, async {
+                reached.await;
+                Ok(())
+            })
+            .await
+            .is_ok(),
+            None => {
+                reached.await;
+                true
+            }
+        };
+        shared.ack_signal.remove(&waiter);
+        done
     };
     let acked = holding(shared, written, commit);
     if done && acked >= want {

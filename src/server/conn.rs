@@ -414,7 +414,10 @@ impl Conn {
         let level = self.level;
         let slot = match command {
             Command::Stream => {
-                slots.push(Slot::Ready(Reply::Simple("STREAM".into())));
+                // With the cluster this node belongs to: a downstream of
+                // another cluster refuses it, a new one joins it.
+                let cluster = u128::from_be_bytes(self.shared.cluster());
+                slots.push(Slot::Ready(Reply::Simple(format!("STREAM {cluster:032x}"))));
                 return After::Stream;
             }
             Command::Ping => Slot::Ready(match args.get(1) {
@@ -825,10 +828,19 @@ impl Conn {
                 "OK Already connected to specified master".into(),
             ));
         }
-        let generation = shared.set_upstream(&upstream);
-        tracing::warn!(%upstream, "following a new upstream (REPLICAOF)");
-        glommio::spawn_local(super::replication::follow(shared, upstream, generation)).detach();
-        Slot::Ready(Reply::Ok)
+        later(async move {
+            // A node with no data is about to join the upstream's cluster:
+            // until it has, it belongs to none (so that a replica of it does
+            // not adopt the id it is leaving).
+            let stats = shared.engine.stats().await?;
+            if stats.iter().all(|s| s.next_lsn == 0) {
+                shared.leave_cluster();
+            }
+            let generation = shared.set_upstream(&upstream);
+            tracing::warn!(%upstream, "following a new upstream (REPLICAOF)");
+            glommio::spawn_local(super::replication::follow(shared, upstream, generation)).detach();
+            Ok(Reply::Ok)
+        })
     }
 
     fn client(&mut self, args: &[Bytes]) -> Slot {

@@ -74,6 +74,10 @@ pub(crate) struct Shared {
     follow_generation: AtomicU64,
     /// Each shard's durable LSN as the retention task last saw it.
     durable_hint: std::sync::Mutex<Vec<u64>>,
+    /// The replication cluster this node belongs to (`CLUSTER_FILE`): a
+    /// primary's own, or the one a replica adopted from its upstream when it
+    /// first joined; all zeros while a new replica has not joined yet.
+    cluster: std::sync::Mutex<[u8; 16]>,
     /// The next link to the upstream asks for a snapshot re-sync.
     resync_requested: AtomicBool,
     /// Wakes writes waiting for replicas when acknowledgements arrive.
@@ -98,6 +102,56 @@ impl Shared {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()
+    }
+
+    /// Reads the cluster this node belongs to; a node that has none and
+    /// does not follow another founds one with its own data directory's id.
+    fn load_cluster(&self) {
+        let path = self.config.data_dir.join(CLUSTER_FILE);
+        let id = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| u128::from_str_radix(t.trim(), 16).ok())
+            .map(u128::to_be_bytes);
+        let id = match id {
+            Some(id) => id,
+            None if self.is_replica() => return,
+            None => {
+                let id = self.engine.cluster_id();
+                self.set_cluster(id);
+                id
+            }
+        };
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = id;
+        }
+    }
+
+    fn cluster(&self) -> [u8; 16] {
+        self.cluster.lock().map(|c| *c).unwrap_or([0; 16])
+    }
+
+    /// Belongs to no cluster until the next join.
+    fn leave_cluster(&self) {
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = [0; 16];
+        }
+        let _ = std::fs::remove_file(self.config.data_dir.join(CLUSTER_FILE));
+    }
+
+    /// Joins cluster `id` and remembers it across restarts.
+    fn set_cluster(&self, id: [u8; 16]) {
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = id;
+        }
+        let path = self.config.data_dir.join(CLUSTER_FILE);
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, format!("{:032x}\n", u128::from_be_bytes(id)))
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::File::open(&self.config.data_dir)?.sync_all());
+        if let Err(e) = written {
+            tracing::warn!(error = %e, path = %path.display(), "could not record the cluster id");
+        }
     }
 
     /// Re-syncs this replica from its upstream's snapshots: the next link
@@ -133,6 +187,10 @@ impl Shared {
         self.follow_generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 }
+
+/// In the data directory: the id of the replication cluster the node
+/// belongs to, 32 hex digits.
+const CLUSTER_FILE: &str = "cluster_id";
 
 /// The lowest LSN of `shard` that replicas still need: the oldest durable
 /// position among the replicas this node knows (connected or not, unless
@@ -244,11 +302,13 @@ impl Node {
             replica: AtomicBool::new(false),
             follow_generation: AtomicU64::new(0),
             resync_requested: AtomicBool::new(false),
+            cluster: std::sync::Mutex::new([0; 16]),
             durable_hint: Default::default(),
             ack_signal: Default::default(),
             degraded: Default::default(),
         });
         let generation = shared.set_upstream(&shared.config.replica_of);
+        shared.load_cluster();
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
         let for_executors = shared.clone();

@@ -207,7 +207,15 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                         FrameKind::Hello => Some(Hello::decode(&payload).map_err(io_err)?),
                         _ => None,
                     };
+                    let ours = shared.cluster();
                     match hello {
+                        Some(h) if h.cluster_id != [0; 16] && ours != [0; 16] && h.cluster_id != ours => {
+                            Some(format!(
+                                "the downstream belongs to cluster {:032x}, this node to {:032x}: another cluster",
+                                u128::from_be_bytes(h.cluster_id),
+                                u128::from_be_bytes(ours)
+                            ))
+                        }
                         Some(h) if h.shard_count == shard_count && shard < shard_count => {
                             hellos.insert(shard, h);
                             None
@@ -331,7 +339,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 {
                     d.connected = false;
                 }
-                shared.ack_signal.notify();
+                shared.ack_signal.notify(&shared);
             })
         };
         let (tx, rx) = glommio::channels::local_channel::new_bounded::<Out>(2 * pos.len() + 2);
@@ -383,6 +391,10 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                         .write_all(&frame(FrameKind::Heartbeat, shard, epoch, 0, beat.as_bytes()))
                         .await?;
                 }
+                Out::Released { why } => {
+                    tracing::info!(downstream = %key, %why, "ending the stream for a re-sync");
+                    return Err(io_err(why));
+                }
                 Out::Failed { shard, why } => {
                     refused(&shared, &key, &host, &why);
                     writer.write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes())).await?;
@@ -411,7 +423,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             d.connected = false;
         }
     }
-    shared.ack_signal.notify();
+    shared.ack_signal.notify(&shared);
     let _ = writer.close().await;
 }
 
@@ -541,6 +553,9 @@ enum Out {
     },
     /// The downstream's position does not continue this log.
     Failed { shard: u32, why: String },
+    /// The downstream's position was released: end the stream (it
+    /// reconnects and is re-synced), without refusing it.
+    Released { why: String },
 }
 
 /// Reads `shard`'s durable records from `pos` on, as they become durable,
@@ -558,13 +573,34 @@ async fn read_shard(
             .read_log_wait(shard, pos, BATCH_BYTES, Duration::from_millis(100))
             .await;
         let out = match read {
-            Err(e) => Out::Failed {
-                shard,
-                why: format!(
-                    "shard {shard}: the downstream's log does not continue here at lsn {} (diverged): {e}",
-                    pos.lsn
-                ),
-            },
+            Err(e) => {
+                // Released under it (this node was itself re-synced, or
+                // retention gave up on it): not a divergence; it reconnects
+                // and gets a snapshot.
+                let first = shared
+                    .engine
+                    .stats()
+                    .await
+                    .ok()
+                    .and_then(|s| s.get(shard as usize).map(|s| s.first_lsn))
+                    .unwrap_or(0);
+                if pos.lsn < first {
+                    Out::Released {
+                        why: format!(
+                            "shard {shard}: lsn {} was released here (the log starts at {first}); the downstream reconnects for a snapshot",
+                            pos.lsn
+                        ),
+                    }
+                } else {
+                    Out::Failed {
+                        shard,
+                        why: format!(
+                            "shard {shard}: the downstream's log does not continue here at lsn {} (diverged): {e}",
+                            pos.lsn
+                        ),
+                    }
+                }
+            }
             Ok(batch) => {
                 let Some(last) = batch.records.last() else {
                     continue;
@@ -581,7 +617,7 @@ async fn read_shard(
                 out
             }
         };
-        let failed = matches!(out, Out::Failed { .. });
+        let failed = matches!(out, Out::Failed { .. } | Out::Released { .. });
         if tx.send(out).await.is_err() || failed {
             return;
         }
@@ -660,7 +696,7 @@ async fn read_acks(
                 }
                 d.last_ack = Some(Instant::now());
                 drop(all);
-                shared.ack_signal.notify();
+                shared.ack_signal.notify(shared);
                 super::commit::maybe_recover(shared);
             }
             FrameKind::Report => {
@@ -759,10 +795,33 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     }
     let end = input.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
     let line = input.split_to(end + 2);
-    if &line[..] != b"+STREAM\r\n" {
+    let answer = String::from_utf8_lossy(&line[..end]).to_string();
+    let Some(rest) = answer.strip_prefix("+STREAM") else {
+        return Err(format!("upstream answered {:?}", answer.trim()));
+    };
+    let theirs = u128::from_str_radix(rest.trim(), 16)
+        .map(u128::to_be_bytes)
+        .map_err(|_| format!("upstream answered {:?}: no cluster id", answer.trim()))?;
+    let resync = shared.resync_requested.load(Ordering::Acquire);
+    let ours = shared.cluster();
+    // A node that holds no record yet (a fresh primary pointed elsewhere by
+    // REPLICAOF) has nothing to lose by joining.
+    let empty = shared
+        .engine
+        .stats()
+        .await
+        .is_ok_and(|s| s.iter().all(|s| s.next_lsn == 0));
+    if ours == [0; 16] || resync || empty {
+        // Joining (or re-syncing from scratch): this node belongs to the
+        // upstream's cluster from now on.
+        if ours != theirs && theirs != [0; 16] {
+            shared.set_cluster(theirs);
+        }
+    } else if ours != theirs && theirs != [0; 16] {
         return Err(format!(
-            "upstream answered {:?}",
-            String::from_utf8_lossy(&line).trim()
+            "refused: the upstream belongs to cluster {:032x}, this node to {:032x}: it is another cluster's node (re-sync on command to join it)",
+            u128::from_be_bytes(theirs),
+            u128::from_be_bytes(ours)
         ));
     }
     // Records a previous link handed the engine may still be on their way
@@ -786,7 +845,7 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     }
     for s in &stats {
         let hello = Hello {
-            cluster_id: [0; 16],
+            cluster_id: shared.cluster(),
             shard_count: stats.len() as u32,
             lsn: s.next_lsn,
             chain: s.chain,
@@ -1110,7 +1169,7 @@ async fn send_acks(
             }
             note_behind(&mut u);
         }
-        shared.ack_signal.notify();
+        shared.ack_signal.notify(&shared);
         let ack = Ack {
             written: end.into(),
             flushed: end.into(),
