@@ -80,12 +80,14 @@ pub fn recovery_scan(data: &[u8]) {
             |_| {},
         ));
     }
-    if let Ok(decision) = decide(&scans) {
-        let ends: Vec<u64> = scans.iter().map(|s| s.end.lsn).collect();
-        assert!(
-            ends.contains(&decision.end.lsn) || decision.keep.is_empty(),
-            "end {decision:?} not a scan end {ends:?}"
-        );
+    for refetchable in [false, true] {
+        if let Ok(decision) = decide(&scans, refetchable) {
+            let ends: Vec<u64> = scans.iter().map(|s| s.end.lsn).collect();
+            assert!(
+                ends.contains(&decision.end.lsn) || decision.keep.is_empty(),
+                "end {decision:?} not a scan end {ends:?}"
+            );
+        }
     }
 }
 

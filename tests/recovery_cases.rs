@@ -128,6 +128,35 @@ async fn corrupt_record_mid_segment<B: Backend>(b: B) {
     assert_eq!((r.segment, r.offset as usize), (segment, offset));
 }
 
+/// The same damage in a replica's log (`tail_refetchable`): the proof that
+/// the record was acknowledged is the upstream's, so the log is cut there
+/// (provisionally) and the rest is fetched again; in an older segment it
+/// is still refused.
+async fn corrupt_record_of_a_replica_is_cut_for_refetch<B: Backend>(b: B) {
+    let written = write_log(&b, 120).await;
+    let (lsn, _) = written[written.len() - 3];
+    let (segment, offset) = place(&b, lsn);
+    b.flip(&segment, offset + 100, 0);
+    let replica = WalOptions {
+        tail_refetchable: true,
+        ..options()
+    };
+    let wal = Wal::open(b.storage().await, replica.clone()).await.unwrap();
+    assert_eq!(wal.recovery().case, Case::TornTail);
+    assert_eq!(wal.next_lsn(), lsn);
+    let kept: Vec<Vec<u8>> = written[..written.len() - 3]
+        .iter()
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert_eq!(bodies::<B>(&wal).await, kept);
+    wal.close().await.unwrap();
+    let (lsn, _) = written[written.len() / 4];
+    let (segment, offset) = place(&b, lsn);
+    b.flip(&segment, offset + 4, 7);
+    let r = refusal(Wal::open(b.storage().await, replica).await);
+    assert_eq!(r.case, Case::CorruptRecord);
+}
+
 async fn corrupt_record_older_segment<B: Backend>(b: B) {
     let written = write_log(&b, 120).await;
     let (lsn, _) = written[written.len() / 4];
@@ -174,6 +203,7 @@ both_backends!(
     torn_tail,
     torn_rotation,
     corrupt_record_mid_segment,
+    corrupt_record_of_a_replica_is_cut_for_refetch,
     corrupt_record_older_segment,
     corrupt_header,
     corrupt_header_of_newest_segment,

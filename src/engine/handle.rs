@@ -215,6 +215,7 @@ impl Engine {
                     // The shard's epoch is the one its log carries.
                     wal.epoch = 0;
                     wal.segment_bytes = options.segment_bytes;
+                    wal.tail_refetchable = options.tail_refetchable;
                     wal.batch_bytes_max = options.batch_bytes_max;
                     wal.staged_bytes_max = wal.staged_bytes_max.max(options.batch_bytes_max);
                     (s, dir.join(format!("shard-{s:04}")), wal)

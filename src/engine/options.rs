@@ -33,6 +33,11 @@ pub struct Options {
     /// durable on completion; one device round trip per batch) or
     /// `fdatasync` (write, then sync).
     pub sync_mode: SyncMode,
+    /// The logs' records come from an upstream that holds them (this
+    /// engine is a replica's): damage at the end of a log is cut and
+    /// fetched again rather than refused (`WalOptions::tail_refetchable`).
+    /// `tidewal node` sets it when it starts as a replica.
+    pub tail_refetchable: bool,
 }
 
 impl Default for Options {
@@ -47,6 +52,7 @@ impl Default for Options {
             pin_executors: true,
             spin_before_park_us: 0,
             sync_mode: SyncMode::Dsync,
+            tail_refetchable: false,
         }
     }
 }

@@ -242,6 +242,9 @@ impl NodeConfig {
         let mut options = self.engine.clone();
         options.shard_count = self.shards;
         options.commit_level = self.commit_level.engine_level();
+        // A replica's records are also its upstream's: damage at the end
+        // of its logs is cut and fetched again.
+        options.tail_refetchable |= !self.replica_of.is_empty();
         options
     }
 }

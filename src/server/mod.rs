@@ -6,7 +6,10 @@
 //! - `conn`: one client connection; the commands.
 //! - `glob`: Redis glob patterns for `SCAN MATCH` and `KEYS`.
 //! - `info`: the `INFO` text.
-//! - `admin`: `/admin/replication/status`, `/metrics`, `/healthz`, `/readyz`.
+//! - `admin`: `/admin/replication/status`, `/metrics`, `/healthz`, `/readyz`,
+//!   `POST /admin/replication/resync`.
+//! - `replication`: WAL streaming to and from other nodes.
+//! - `commit`: commit levels that wait for replicas, and the timeout policy.
 //! - `config`: [`NodeConfig`], from TOML and flags.
 //!
 //! Every executor (core) of the engine accepts clients on the same port

@@ -1,21 +1,23 @@
 //! WAL streaming between nodes, over the client port.
 //!
 //! A downstream (a replica) connects to its upstream's client port and
-//! sends `TIDEWAL.STREAM`; the upstream answers `+STREAM` and the
-//! connection carries replication frames (`crate::format::frame`) from then
-//! on. The downstream sends one `Hello` per shard with where its log ends
-//! (`lsn`, `chain`); the upstream streams each shard's durable records from
-//! there, as `Records` frames holding the bytes exactly as on its disk, and
-//! the downstream checks that they continue its log, stages the same bytes,
-//! applies them, and answers with an `Ack` of what is durable. A position
-//! the upstream cannot continue (a different chain at that LSN, a log ahead
-//! of the upstream's, or records already released) gets a `Refuse` naming
-//! why, and the downstream stops and reports it rather than truncating
-//! anything.
+//! sends `TIDEWAL.STREAM`; the upstream answers `+STREAM <cluster id>` and
+//! the connection carries replication frames (`crate::format::frame`) from
+//! then on. The downstream sends one `Hello` per shard with where its log
+//! ends (`lsn`, `chain`, epoch); the upstream streams each shard's durable
+//! records from there as they become durable, as `Records` frames holding
+//! the bytes exactly as on its disk, plus `Heartbeat`s; the downstream
+//! checks that they continue its log, stages the same bytes, applies them,
+//! and answers with `Ack`s of what is durable. A position already released
+//! (or a `Resync` request) gets the upstream's newest snapshot first. A
+//! position the upstream cannot continue (a different chain at that LSN, a
+//! log ahead of the upstream's, another cluster, a later epoch) gets a
+//! `Refuse` naming why, and the downstream stops and reports it rather than
+//! truncating anything; an operator may re-sync it.
 //!
-//! This is asynchronous replication: a write is acknowledged to its client
-//! by the primary's own commit level. Commit levels that wait for replicas,
-//! snapshot re-sync, heartbeats and cascading status come next (issue 5).
+//! Writes that wait for replicas (`replicated(k)`, `all`, `applied(k)`)
+//! are in `commit.rs`; the acks read here wake them. ARCHITECTURE.md walks
+//! through both sides.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};

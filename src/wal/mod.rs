@@ -62,6 +62,12 @@ pub struct WalOptions {
     /// Most bytes staged and not yet written; appends wait beyond it.
     pub staged_bytes_max: usize,
     pub segment_fill: SegmentFill,
+    /// The log's records come from an upstream that holds them too (a
+    /// replica): a damaged record in the last segment is cut as a torn
+    /// tail even when a later record's `durable_gap` says it was durable,
+    /// because that durability was the upstream's, and the records after
+    /// the cut are fetched again. Off, such damage is refused.
+    pub tail_refetchable: bool,
 }
 
 impl WalOptions {
@@ -73,6 +79,7 @@ impl WalOptions {
             batch_bytes_max: 1 << 20,
             staged_bytes_max: 16 << 20,
             segment_fill: SegmentFill::Zeros,
+            tail_refetchable: false,
         }
     }
 

@@ -13,7 +13,7 @@
 //! | `Intact`        | valid header; records then unwritten space (or a full file)             | continue / log ends here          |
 //! | `TornTail`      | last segment; a bad record no later record proves acknowledged          | truncate there (provisional)      |
 //! | `TornRotation`  | last segment; header block zeros or an older life's, nothing in it proves it durable | set the file aside |
-//! | `CorruptRecord` | a bad record a later record proves acknowledged, or a bad record in a segment that is not the last | refuse: `Corrupt` |
+//! | `CorruptRecord` | a bad record a later record proves acknowledged (unless the log is a replica's: then `TornTail`, the rest fetched again), or a bad record in a segment that is not the last | refuse: `Corrupt` |
 //! | `CorruptHeader` | any other invalid header, or one on a segment that is not the last or proven durable, or on a first segment not at LSN 0 | refuse: `Corrupt` |
 //!
 //! A later record proves damage at LSN `d` acknowledged when its header is
@@ -77,7 +77,12 @@ pub struct Refusal {
 }
 
 /// Applies the decision table to the scans of every segment, in LSN order.
-pub fn decide(scans: &[SegmentScan]) -> Result<Decision, Refusal> {
+///
+/// `refetchable`: the log's records came from an upstream that holds them
+/// (a replica), so a bad record in the last segment that a later record
+/// proves acknowledged is cut as a torn tail (`TornTail`, provisional)
+/// rather than refused: the proof speaks of the upstream's durability.
+pub fn decide(scans: &[SegmentScan], refetchable: bool) -> Result<Decision, Refusal> {
     let Some(first) = scans.first() else {
         return Ok(Decision {
             keep: Vec::new(),
@@ -152,7 +157,7 @@ pub fn decide(scans: &[SegmentScan]) -> Result<Decision, Refusal> {
                 });
             }
             ScanStop::BadRecord { offset, error } => {
-                if !last || scan.acked_after {
+                if !last || (scan.acked_after && !refetchable) {
                     return Err(Refusal {
                         case: Case::CorruptRecord,
                         segment: name,

@@ -98,7 +98,8 @@ impl<S: Storage> Segments<S> {
             scans.push(scan);
             files.push(Rc::new(file));
         }
-        let decision = decide(&scans).map_err(|refusal| WalError::Corrupt { refusal })?;
+        let decision = decide(&scans, options.tail_refetchable)
+            .map_err(|refusal| WalError::Corrupt { refusal })?;
         let mut discarded = None;
         if let Some(base) = decision.discard {
             let name = segment_file_name(base);

@@ -430,9 +430,10 @@ impl<S: Storage + 'static> Writer<S> {
     ///
     /// The records keep the upstream's `durable_gap`: it describes the
     /// upstream's durability, not this log's, so after a torn write here a
-    /// recovery may read it as damage to acknowledged data and refuse to
-    /// open. A replica settles that with its upstream, which holds the same
-    /// records.
+    /// recovery would read it as damage to acknowledged data and refuse to
+    /// open. A replica's log is opened with `tail_refetchable`, which cuts
+    /// such damage in the last segment instead; the upstream holds the same
+    /// records and sends them again.
     pub fn submit_raw(&self, records: &[u8]) -> Result<Option<Pending>, WalError> {
         let mut st = self.state.borrow_mut();
         st.check_open()?;

@@ -74,7 +74,7 @@ pub fn run(dir: &Path, summary: bool) -> anyhow::Result<ExitCode> {
         scans.push(scan);
     }
     let records: u64 = scans.iter().map(|s| s.records).sum();
-    let verdict = match decide(&scans) {
+    let verdict = match decide(&scans, false) {
         Ok(d) => match d.case {
             Case::Empty => Ok("empty log".to_string()),
             Case::Intact => {
