@@ -52,17 +52,7 @@ fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {
 
 /// The 4-shard replica `replica-1` of `upstream`, over `dir`.
 fn start_replica(dir: &std::path::Path, upstream: &str) -> NodeProcess {
-    NodeProcess::start(
-        dir,
-        &[
-            "--shards",
-            "4",
-            "--replica-of",
-            upstream,
-            "--node-id",
-            "replica-1",
-        ],
-    )
+    start_replica_n(dir, upstream, 4)
 }
 
 #[test]

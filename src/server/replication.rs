@@ -1108,83 +1108,50 @@ async fn send_acks(
 ) {
     let mut next = rx.recv().await;
     while let Some(applying) = next {
-        let (shard, epoch, start, end, answer) = match applying {
+        let out = match applying {
             Applying::Records {
                 shard,
                 epoch,
                 start,
                 end,
                 answer,
-            } => (shard, epoch, start, end, answer),
-            Applying::Report(json) => {
-                if writer
-                    .write_all(&frame(FrameKind::Report, 0, 0, 0, &json))
-                    .await
-                    .is_err()
-                {
-                    *failure.borrow_mut() = Some("upstream closed".into());
+            } => {
+                if let Err(x) = answer.await {
+                    let why = format!(
+                        "shard {shard}: records at lsn {start} do not continue this log: {x}"
+                    );
+                    refuse(&mut writer, shard, epoch, &why).await;
+                    *failure.borrow_mut() = Some(format!("refused: {why}"));
                     return;
                 }
-                next = match futures_lite::future::poll_once(rx.recv()).await {
-                    Some(next) => next,
-                    None => {
-                        let _ = writer.flush().await;
-                        rx.recv().await
+                if let Ok(mut u) = shared.upstream.lock() {
+                    if let Some(a) = u.applied.get_mut(shard as usize) {
+                        *a = (*a).max(end);
                     }
+                    note_behind(&mut u);
+                }
+                shared.ack_signal.notify(&shared);
+                let ack = Ack {
+                    written: end.into(),
+                    flushed: end.into(),
+                    applied: end.into(),
                 };
-                continue;
+                frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes())
             }
             Applying::Done(shard, epoch, ack) => {
-                if writer
-                    .write_all(&frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes()))
-                    .await
-                    .is_err()
-                    || writer.flush().await.is_err()
-                {
-                    *failure.borrow_mut() = Some("upstream closed".into());
-                    return;
-                }
-                next = rx.recv().await;
-                continue;
+                frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes())
             }
+            Applying::Report(json) => frame(FrameKind::Report, 0, 0, 0, &json),
             Applying::Refuse(shard, why) => {
-                let _ = writer
-                    .write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes()))
-                    .await;
-                let _ = writer.flush().await;
+                refuse(&mut writer, shard, 0, &why).await;
                 return;
             }
         };
-        if let Err(x) = answer.await {
-            let why =
-                format!("shard {shard}: records at lsn {start} do not continue this log: {x}");
-            let _ = writer
-                .write_all(&frame(FrameKind::Refuse, shard, epoch, 0, why.as_bytes()))
-                .await;
-            let _ = writer.flush().await;
-            *failure.borrow_mut() = Some(format!("refused: {why}"));
-            return;
-        }
-        if let Ok(mut u) = shared.upstream.lock() {
-            if let Some(a) = u.applied.get_mut(shard as usize) {
-                *a = (*a).max(end);
-            }
-            note_behind(&mut u);
-        }
-        shared.ack_signal.notify(&shared);
-        let ack = Ack {
-            written: end.into(),
-            flushed: end.into(),
-            applied: end.into(),
-        };
-        if writer
-            .write_all(&frame(FrameKind::Ack, shard, epoch, 0, ack.as_bytes()))
-            .await
-            .is_err()
-        {
+        if writer.write_all(&out).await.is_err() {
             *failure.borrow_mut() = Some("upstream closed".into());
             return;
         }
+        // Flush only when nothing more is ready.
         next = match futures_lite::future::poll_once(rx.recv()).await {
             Some(next) => next,
             None => {
@@ -1196,6 +1163,19 @@ async fn send_acks(
             }
         };
     }
+}
+
+/// Tells the upstream why the stream is refused (it ends after this).
+async fn refuse(
+    writer: &mut (impl futures_lite::AsyncWrite + Unpin),
+    shard: u32,
+    epoch: u64,
+    why: &str,
+) {
+    let _ = writer
+        .write_all(&frame(FrameKind::Refuse, shard, epoch, 0, why.as_bytes()))
+        .await;
+    let _ = writer.flush().await;
 }
 
 /// Sets its flag when dropped: the task holding it has ended.

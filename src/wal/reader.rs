@@ -29,6 +29,21 @@ pub struct OwnedRecord {
     pub encoded: Bytes,
 }
 
+impl OwnedRecord {
+    /// The record `r`, decoded at offset `at` of `bytes`, sharing them.
+    pub(super) fn at(r: &crate::format::RecordRef<'_>, bytes: &Bytes, at: usize) -> Self {
+        let n = r.encoded_len();
+        OwnedRecord {
+            lsn: r.lsn(),
+            epoch: r.epoch(),
+            kind: r.kind(),
+            checksum: r.checksum(),
+            body: bytes.slice(at + RECORD_HEADER_BYTES..at + n),
+            encoded: bytes.slice(at..at + n),
+        }
+    }
+}
+
 /// Records read in order, and the position after the last of them.
 #[derive(Debug, Clone)]
 pub struct ReadBatch {
@@ -99,17 +114,9 @@ pub(super) async fn read<S: Storage>(
         while at < bytes.len() {
             match decode_record(&bytes[at..], from) {
                 Ok(Decoded::Record(r)) => {
-                    let n = r.encoded_len();
-                    records.push(OwnedRecord {
-                        lsn: r.lsn(),
-                        epoch: r.epoch(),
-                        kind: r.kind(),
-                        checksum: r.checksum(),
-                        body: bytes.slice(at + RECORD_HEADER_BYTES..at + n),
-                        encoded: bytes.slice(at..at + n),
-                    });
+                    records.push(OwnedRecord::at(&r, &bytes, at));
                     from = r.next();
-                    at += n;
+                    at += r.encoded_len();
                 }
                 Ok(Decoded::Incomplete { .. })
                     if records.is_empty() && len as u64 >= end - from.lsn =>

@@ -300,14 +300,7 @@ impl State {
                 return None;
             };
             let n = r.encoded_len();
-            records.push(OwnedRecord {
-                lsn: r.lsn(),
-                epoch: r.epoch(),
-                kind: r.kind(),
-                checksum: r.checksum(),
-                body: bytes.slice(at + RECORD_HEADER_BYTES..at + n),
-                encoded: bytes.slice(at..at + n),
-            });
+            records.push(OwnedRecord::at(&r, bytes, at));
             next = r.next();
             at += n;
             taken += n;

@@ -296,6 +296,15 @@ impl PgPair {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
+    /// `psql` against the primary, with `flag` (`-c`, `-Atc`) and `sql`.
+    fn psql(&self, flag: &str, sql: &str) -> anyhow::Result<String> {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", flag, sql],
+        )
+    }
+
     fn start(bin: std::path::PathBuf, dir: &Path) -> anyhow::Result<PgPair> {
         std::fs::create_dir_all(dir)?;
         // SAFETY: getuid has no preconditions.
@@ -363,19 +372,7 @@ impl PgPair {
             "pg_ctl",
             &["-D", &d("standby"), "-l", &d("standby.log"), "-w", "start"],
         )?;
-        pair.run(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &p,
-                "-U",
-                "postgres",
-                "-c",
-                "create table kv (k int primary key, v text)",
-            ],
-        )?;
+        pair.psql("-c", "create table kv (k int primary key, v text)")?;
         std::fs::write(
             &pair.script,
             "\\set k random(1, 100000)\nINSERT INTO kv VALUES (:k, repeat('v', 100)) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v;\n",
@@ -384,19 +381,7 @@ impl PgPair {
             .arg("postgres")
             .arg(&pair.script)
             .status();
-        let state = pair.run(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &p,
-                "-U",
-                "postgres",
-                "-Atc",
-                "select sync_state from pg_stat_replication",
-            ],
-        )?;
+        let state = pair.psql("-Atc", "select sync_state from pg_stat_replication")?;
         if state.trim() != "sync" {
             bail!("the PostgreSQL standby is not synchronous: {state:?}");
         }
@@ -466,6 +451,29 @@ fn append(path: &Path, text: &str) -> anyhow::Result<()> {
     f.write_all(text.as_bytes())?;
     Ok(())
 }
+
+/// The first command of each connection (none: empty).
+type Setup = &'static [&'static [u8]];
+
+/// A system under test: its name, address, setup command, the command to
+/// send after each `SET` (Redis's `WAIT`), and the node whose replica lag
+/// is sampled.
+type System<'a> = (
+    &'static str,
+    SocketAddr,
+    Setup,
+    Option<Setup>,
+    &'a NodeChild,
+);
+
+/// A tidewal primary whose connections write at the level `setup` sets.
+fn tidewal_system<'a>(name: &'static str, node: &'a NodeChild, setup: Setup) -> System<'a> {
+    (name, node.listen, setup, None, node)
+}
+
+const LOCAL: Setup = &[b"CLIENT", b"COMMIT-LEVEL", b"local"];
+const REPLICATED_1: Setup = &[b"CLIENT", b"COMMIT-LEVEL", b"replicated(1)"];
+const ALL: Setup = &[b"CLIENT", b"COMMIT-LEVEL", b"all"];
 
 /// Lag in bytes of the first replica of `node`.
 fn lag_of(node: &NodeChild) -> u64 {
@@ -538,37 +546,12 @@ pub fn run(args: BenchReplArgs) -> anyhow::Result<()> {
             None
         }
     };
-    type Setup = &'static [&'static [u8]];
-    let systems: Vec<(&str, SocketAddr, Setup, Option<Setup>, &NodeChild)> = {
-        let mut v: Vec<(&str, SocketAddr, Setup, Option<Setup>, &NodeChild)> = vec![
-            (
-                "tidewal local (1 replica, async)",
-                p1.listen,
-                &[b"CLIENT", b"COMMIT-LEVEL", b"local"],
-                None,
-                &p1,
-            ),
-            (
-                "tidewal replicated(1), 1 replica",
-                p1.listen,
-                &[b"CLIENT", b"COMMIT-LEVEL", b"replicated(1)"],
-                None,
-                &p1,
-            ),
-            (
-                "tidewal replicated(1), 2 replicas",
-                p2.listen,
-                &[b"CLIENT", b"COMMIT-LEVEL", b"replicated(1)"],
-                None,
-                &p2,
-            ),
-            (
-                "tidewal all, 2 replicas",
-                p2.listen,
-                &[b"CLIENT", b"COMMIT-LEVEL", b"all"],
-                None,
-                &p2,
-            ),
+    let systems: Vec<System<'_>> = {
+        let mut v = vec![
+            tidewal_system("tidewal local (1 replica, async)", &p1, LOCAL),
+            tidewal_system("tidewal replicated(1), 1 replica", &p1, REPLICATED_1),
+            tidewal_system("tidewal replicated(1), 2 replicas", &p2, REPLICATED_1),
+            tidewal_system("tidewal all, 2 replicas", &p2, ALL),
         ];
         if let Some(r) = &redis {
             v.push((
