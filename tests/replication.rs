@@ -841,3 +841,59 @@ fn a_node_of_another_cluster_is_refused_until_re_synced_on_command() {
     assert_eq!(cluster(&c), cluster(&b));
     assert_eq!(cc.get::<_, Option<i64>>("from-a").unwrap(), None);
 }
+
+#[test]
+fn a_replica_behind_a_failover_catches_up_from_the_promoted_node() {
+    let (pdir, adir, bdir) = (disk_dir(), disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "1"]);
+    let upstream = primary.listen.to_string();
+    let a = NodeProcess::start(
+        adir.path(),
+        &["--shards", "1", "--replica-of", &upstream, "--node-id", "a"],
+    );
+    let b = NodeProcess::start(
+        bdir.path(),
+        &["--shards", "1", "--replica-of", &upstream, "--node-id", "b"],
+    );
+    let mut c = primary.client();
+    for i in 0..100 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    wait_converged(&primary, &a);
+    wait_converged(&primary, &b);
+    assert_eq!(b.terminate().code(), Some(0));
+    // b falls behind by several batches of the old epoch.
+    let value = "e".repeat(1000);
+    for i in 0..3000 {
+        let _: () = c.set(format!("old{i}"), &value).unwrap();
+    }
+    wait_converged(&primary, &a);
+    assert_eq!(primary.terminate().code(), Some(0));
+    let mut ac = a.client();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut ac)
+        .unwrap();
+    let _: () = ac.set("new-epoch", 1).unwrap();
+    // b follows the promoted node: old-epoch records first, then new ones,
+    // in frames that carry the promoted node's epoch.
+    let b = NodeProcess::start(
+        bdir.path(),
+        &[
+            "--shards",
+            "1",
+            "--replica-of",
+            &a.listen.to_string(),
+            "--node-id",
+            "b",
+        ],
+    );
+    wait_converged(&a, &b);
+    let mut bc = b.client();
+    assert_eq!(bc.get::<_, i64>("new-epoch").unwrap(), 1);
+    assert_eq!(bc.get::<_, String>("old2999").unwrap(), value);
+    let s = status(&b);
+    assert!(s["upstream"]["last_error"].is_null(), "{s}");
+    assert_eq!(s["epoch"], status(&a)["epoch"]);
+}

@@ -903,9 +903,6 @@ async fn install(
     opening: Opening,
     in_flight: &std::cell::Cell<usize>,
 ) -> Result<Expect, EngineError> {
-    let io = |what: &str, e: std::io::Error| {
-        EngineError::Meta(format!("re-sync of shard {shard}: {what}: {e}"))
-    };
     while in_flight.get() > 0 {
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
@@ -924,6 +921,42 @@ async fn install(
             )));
         }
     }
+    let result = replace_shard(owned, shard, file, expect, &opening).await;
+    if result.is_err() && !owned.contains_key(&shard) {
+        // Whatever the directory holds now (the old log if nothing was moved
+        // yet, else the snapshot being installed) is opened again, so the
+        // shard is not left out of the engine.
+        match reopen(&opening).await {
+            Ok(reopened) => {
+                owned.insert(shard, Rc::new(reopened));
+            }
+            Err(e) => {
+                tracing::error!(shard, error = %e, "the shard could not be reopened after a failed re-sync")
+            }
+        }
+    }
+    result
+}
+
+async fn reopen(opening: &Opening) -> Result<Shard<DmaStorage>, EngineError> {
+    let storage = DmaStorage::open(&opening.dir, opening.policy)
+        .await?
+        .with_sync_mode(opening.sync_mode);
+    Shard::open(storage, opening.wal.clone()).await
+}
+
+/// Moves the closed shard's files aside, installs the snapshot and opens
+/// the shard on it.
+async fn replace_shard(
+    owned: &mut BTreeMap<u32, Rc<Shard<DmaStorage>>>,
+    shard: u32,
+    file: &Path,
+    expect: Expect,
+    opening: &Opening,
+) -> Result<Expect, EngineError> {
+    let io = |what: &str, e: std::io::Error| {
+        EngineError::Meta(format!("re-sync of shard {shard}: {what}: {e}"))
+    };
     let dir = &opening.dir;
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -958,10 +991,7 @@ async fn install(
         .map_err(|e| io("syncing the directory", e))?;
     tracing::warn!(shard, moved, quarantine = %quarantine.display(), lsn = expect.lsn,
         "re-syncing from an upstream snapshot; the old log is kept aside");
-    let storage = DmaStorage::open(dir, opening.policy)
-        .await?
-        .with_sync_mode(opening.sync_mode);
-    let opened = Shard::open(storage, opening.wal).await?;
+    let opened = reopen(opening).await?;
     let at = opened.wal().next_position();
     let ok =
         opened.open_report().snapshot.is_some() && at.lsn == expect.lsn && at.chain == expect.chain;

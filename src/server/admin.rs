@@ -299,6 +299,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 .and_then(|c| c.as_array())
                 .into_iter()
                 .flatten()
+                .filter(|c| c.is_object())
                 .map(|c| {
                     let mut c = c.clone();
                     let flushed: Vec<u64> = c["flushed_lsn"]

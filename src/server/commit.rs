@@ -303,7 +303,8 @@ fn holding_in(
         .filter(|d| {
             written.iter().all(|(shard, lsn)| {
                 let i = *shard as usize;
-                let flushed = d.flushed.get(i).is_some_and(|f| f > lsn);
+                let verified = d.verified.get(i).copied().unwrap_or(false);
+                let flushed = verified && d.flushed.get(i).is_some_and(|f| f > lsn);
                 flushed && (!applied || d.applied.get(i).is_some_and(|a| a > lsn))
             })
         })

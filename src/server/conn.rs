@@ -791,8 +791,11 @@ impl Conn {
                 if !shared.is_replica() {
                     return Ok(Reply::Ok);
                 }
-                shared.set_upstream("");
+                // Stop following first, then start the new epoch, and only
+                // then take writes: none is written in the old epoch.
+                shared.follow_generation.fetch_add(1, Ordering::AcqRel);
                 let epoch = shared.engine.begin_epoch().await?;
+                shared.set_upstream("");
                 tracing::warn!(epoch, "promoted to primary by REPLICAOF NO ONE");
                 Ok(Reply::Ok)
             });

@@ -53,6 +53,15 @@ pub(super) struct Downstream {
     pub connected: bool,
     /// The highest epoch the downstream has said it is in.
     pub epoch: u64,
+    /// Per shard: the epoch of its last ack (acks of a shard never go back).
+    pub ack_epochs: Vec<u64>,
+    /// Per shard: its position was checked against this node's log (a
+    /// batch read from there, a snapshot sent, or its chain equal to this
+    /// node's at the head). Until then it holds nothing as far as commit
+    /// levels and `WAIT` go.
+    pub verified: Vec<bool>,
+    /// Which connection this entry is for (a newer one replaces it).
+    pub link: u64,
     /// Per shard: next LSN to send, and the LSNs below which the downstream
     /// reported its log written (staged), durable, and applied.
     pub sent: Vec<u64>,
@@ -88,6 +97,16 @@ impl Downstream {
             .fold(0.0, f64::max)
     }
 }
+
+/// Downstreams remembered (connected or not) at most.
+const DOWNSTREAMS_MAX: usize = 256;
+
+/// Numbers the replication links this process serves.
+static NEXT_LINK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A replica drops a link on which nothing (not even a heartbeat) arrived
+/// for this long: the upstream is gone, or the link is half open.
+const SILENCE_MAX: Duration = Duration::from_secs(3);
 
 /// Batches remembered per shard for `lag_seconds`; older ones are merged.
 const UNACKED_MAX: usize = 4096;
@@ -241,8 +260,13 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let mut pos = Vec::new();
         let mut epoch = 0;
         let mut snapshots = Vec::new();
+        let mut verified = Vec::new();
+        // Per shard, this node's current epoch: what every frame carries.
+        let mut current = Vec::new();
         for (shard, hello) in &hellos {
-            let s = &stats[*shard as usize];
+            let Some(s) = stats.iter().find(|s| s.shard == *shard) else {
+                return Err(io_err(format!("shard {shard} is not open here")));
+            };
             let theirs = hello.history.last().map_or(0, |(e, _)| *e);
             epoch = epoch.max(theirs);
             // Behind what this node still holds, or asked for: it gets the
@@ -276,6 +300,8 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             if wants_snapshot {
                 snapshots.push(*shard);
             }
+            verified.push(!wants_snapshot && hello.lsn == s.next_lsn && hello.chain == s.chain);
+            current.push(Cell::new(s.epoch));
             pos.push(Expect {
                 lsn: hello.lsn,
                 chain: hello.chain,
@@ -293,16 +319,36 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             flushed: at.clone(),
             applied: at,
             unacked: vec![VecDeque::new(); pos.len()],
+            ack_epochs: vec![0; pos.len()],
+            verified,
+            link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             ..Downstream::default()
         };
+        let link = status.link;
+        let current = Rc::new(current);
         let key = if node_id.is_empty() { host.clone() } else { node_id.clone() };
         if let Ok(mut d) = shared.downstreams.lock() {
+            // Bounded: the oldest disconnected entries go first.
+            while d.len() >= DOWNSTREAMS_MAX {
+                let oldest = d
+                    .iter()
+                    .filter(|(_, x)| !x.connected)
+                    .min_by_key(|(_, x)| x.link)
+                    .map(|(k, _)| k.clone());
+                match oldest {
+                    Some(k) => {
+                        d.remove(&k);
+                    }
+                    None => break,
+                }
+            }
             d.insert(key.clone(), status);
         }
         tracing::info!(downstream = %key, "replica attached");
         for shard in snapshots {
             set_resyncing(&shared, &key, true);
-            let sent = send_snapshot(&shared, shard, &mut writer).await;
+            let epoch = current[shard as usize].get();
+            let sent = send_snapshot(&shared, shard, epoch, &mut writer).await;
             set_resyncing(&shared, &key, false);
             match sent {
                 Ok(at) => {
@@ -311,7 +357,13 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                     if let Ok(mut d) = shared.downstreams.lock()
                         && let Some(d) = d.get_mut(&key)
                     {
+                        // It holds the snapshot now, and nothing more
+                        // (whatever its old log said).
                         d.sent[i] = at.lsn;
+                        d.written[i] = at.lsn;
+                        d.flushed[i] = at.lsn;
+                        d.applied[i] = at.lsn;
+                        d.verified[i] = true;
                         d.resyncs += 1;
                     }
                 }
@@ -333,11 +385,12 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             let _done = DoneOnDrop(done.clone());
             glommio::spawn_local(async move {
                 let _done = _done;
-                read_acks(&shared, &key, &mut reader, &mut input).await;
+                read_acks(&shared, &key, link, &mut reader, &mut input).await;
                 // The downstream hung up (or broke the protocol): it is
                 // disconnected now, whatever the sending side is doing.
                 if let Ok(mut d) = shared.downstreams.lock()
                     && let Some(d) = d.get_mut(&key)
+                    && d.link == link
                 {
                     d.connected = false;
                 }
@@ -354,9 +407,15 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 *from,
                 tx.clone(),
                 done.clone(),
+                current.clone(),
             )));
         }
-        readers.push(glommio::spawn_local(heartbeats(shared.clone(), tx, done.clone())));
+        readers.push(glommio::spawn_local(heartbeats(
+            shared.clone(),
+            tx,
+            done.clone(),
+            current.clone(),
+        )));
         let mut next = rx.recv().await;
         while let Some(out) = next {
             if shared.stopping() || done.get() {
@@ -371,6 +430,8 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                         && let Some(d) = d.get_mut(&key)
                     {
                         let i = shard as usize;
+                        // Read from its position: the chain matched there.
+                        d.verified[i] = true;
                         d.sent[i] = next.lsn;
                         let q = &mut d.unacked[i];
                         if q.len() >= UNACKED_MAX {
@@ -478,6 +539,7 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<(std::path::PathBuf, Expect,
 async fn send_snapshot(
     shared: &Shared,
     shard: u32,
+    epoch: u64,
     writer: &mut (impl futures_lite::AsyncWrite + Unpin),
 ) -> Result<Expect, String> {
     use std::io::Read;
@@ -507,7 +569,7 @@ async fn send_snapshot(
             .write_all(&frame(
                 FrameKind::Snapshot,
                 shard,
-                at.epoch,
+                epoch.max(at.epoch),
                 offset,
                 &piece[..n],
             ))
@@ -527,7 +589,7 @@ async fn send_snapshot(
         .write_all(&frame(
             FrameKind::SnapshotEnd,
             shard,
-            at.epoch,
+            epoch.max(at.epoch),
             0,
             end.as_bytes(),
         ))
@@ -568,7 +630,9 @@ async fn read_shard(
     mut pos: Expect,
     tx: Rc<glommio::channels::local_channel::LocalSender<Out>>,
     done: Rc<Cell<bool>>,
+    current: Rc<Vec<Cell<u64>>>,
 ) {
+    let epoch = &current[shard as usize];
     while !done.get() && !shared.stopping() {
         let read = shared
             .engine
@@ -607,9 +671,12 @@ async fn read_shard(
                 let Some(last) = batch.records.last() else {
                     continue;
                 };
+                // The frame carries this node's current epoch (the fence),
+                // not that of its records, which may be older.
+                epoch.set(epoch.get().max(last.epoch));
                 let out = Out::Records {
                     shard,
-                    epoch: last.epoch,
+                    epoch: epoch.get(),
                     start: pos.lsn,
                     next: batch.next,
                     more: batch.encoded.len() >= BATCH_BYTES,
@@ -632,11 +699,17 @@ async fn heartbeats(
     shared: Arc<Shared>,
     tx: Rc<glommio::channels::local_channel::LocalSender<Out>>,
     done: Rc<Cell<bool>>,
+    current: Rc<Vec<Cell<u64>>>,
 ) {
     while !done.get() && !shared.stopping() {
         let Ok(stats) = shared.engine.stats().await else {
             return;
         };
+        for s in &stats {
+            if let Some(c) = current.get(s.shard as usize) {
+                c.set(c.get().max(s.epoch));
+            }
+        }
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
@@ -648,7 +721,7 @@ async fn heartbeats(
             };
             let out = Out::Beat {
                 shard: s.shard,
-                epoch: s.epoch,
+                epoch: current.get(s.shard as usize).map_or(s.epoch, Cell::get),
                 beat,
             };
             if tx.send(out).await.is_err() {
@@ -664,6 +737,7 @@ async fn heartbeats(
 async fn read_acks(
     shared: &Shared,
     key: &str,
+    link: u64,
     reader: &mut (impl futures_lite::AsyncRead + Unpin),
     input: &mut BytesMut,
 ) {
@@ -676,22 +750,26 @@ async fn read_acks(
                 let Ok(mut all) = shared.downstreams.lock() else {
                     return;
                 };
-                let Some(d) = all.get_mut(key) else {
+                let Some(d) = all.get_mut(key).filter(|d| d.link == link) else {
                     return;
                 };
-                if epoch < d.epoch {
-                    tracing::warn!(downstream = %key, epoch, seen = d.epoch,
-                        "an ack from an older epoch; dropping the stream");
-                    return;
-                }
-                d.epoch = epoch;
                 let i = shard as usize;
                 if i >= d.flushed.len() {
                     return;
                 }
-                d.written[i] = d.written[i].max(ack.written.get());
-                d.flushed[i] = d.flushed[i].max(ack.flushed.get());
-                d.applied[i] = d.applied[i].max(ack.applied.get());
+                if epoch < d.ack_epochs[i] {
+                    tracing::warn!(downstream = %key, shard, epoch, seen = d.ack_epochs[i],
+                        "an ack from an older epoch; dropping the stream");
+                    return;
+                }
+                d.ack_epochs[i] = epoch;
+                d.epoch = d.epoch.max(epoch);
+                // Never more than was sent: an ack cannot vouch for records
+                // this link did not carry.
+                let sent = d.sent[i];
+                d.written[i] = d.written[i].max(ack.written.get().min(sent));
+                d.flushed[i] = d.flushed[i].max(ack.flushed.get().min(sent));
+                d.applied[i] = d.applied[i].max(ack.applied.get().min(sent));
                 let flushed = d.flushed[i];
                 while d.unacked[i].front().is_some_and(|(end, _)| *end <= flushed) {
                     d.unacked[i].pop_front();
@@ -705,6 +783,14 @@ async fn read_acks(
                 let Ok(report) = serde_json::from_slice::<serde_json::Value>(&payload) else {
                     return;
                 };
+                // Only an array of objects is kept: the status page adds
+                // fields to each.
+                let well_formed = report
+                    .as_array()
+                    .is_some_and(|a| a.len() <= DOWNSTREAMS_MAX && a.iter().all(|x| x.is_object()));
+                if !well_formed {
+                    return;
+                }
                 if let Ok(mut d) = shared.downstreams.lock()
                     && let Some(d) = d.get_mut(key)
                 {
@@ -902,9 +988,16 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                 return Err("the ack task ended".into());
             }
         }
-        let next = next_frame(&mut reader, &mut input, shared)
-            .await
-            .map_err(e)?;
+        let next = glommio::timer::timeout(SILENCE_MAX, async {
+            Ok(next_frame(&mut reader, &mut input, shared).await)
+        })
+        .await
+        .map_err(|_| {
+            format!(
+                "nothing from the upstream in {SILENCE_MAX:?}: it is gone or the link is half open"
+            )
+        })?
+        .map_err(e)?;
         let Some((kind, shard, epoch, start, payload)) = next else {
             return if shared.stopping() {
                 Ok(())

@@ -158,6 +158,9 @@ pub(super) struct State {
     watchers: Vec<Waker>,
 }
 
+/// Wakers waiting for the durable LSN kept at most (see `durable_past`).
+const WATCHERS_MAX: usize = 1024;
+
 /// Bytes of recent batches kept in memory for replication.
 const RECENT_BYTES_MAX: usize = 8 << 20;
 
@@ -545,6 +548,11 @@ impl<S: Storage + 'static> Writer<S> {
             let mut st = state.borrow_mut();
             if st.durable_lsn > lsn || st.failed.is_some() || st.closed {
                 return Poll::Ready(());
+            }
+            if st.watchers.len() >= WATCHERS_MAX {
+                // Left by waits that timed out while nothing was written:
+                // wake them (harmless) so the list stays small.
+                st.wake_watchers();
             }
             st.watchers.push(cx.waker().clone());
             Poll::Pending
