@@ -210,17 +210,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         (last_writes, last_at) = (now_writes, Instant::now());
         // The replica's lag as its upstream sees it; the cascade's end to
-        // end: the primary's durable head against what the cascade holds,
+        // end: what the cascade has durable, read first, against the
+        // primary's durable head, read after (so it errs high, never low),
         // and in time the sum of both hops.
         let lsns = |s: &serde_json::Value, field: &str| -> u64 {
             s["shards"].as_array().map_or(0, |a| {
                 a.iter().map(|x| x[field].as_u64().unwrap_or(0)).sum()
             })
         };
-        if let (Ok(p), Ok(r), Ok(c)) = (primary.status(), replica.status(), cascade.status()) {
+        let c = cascade.status();
+        if let (Ok(c), Ok(r), Ok(p)) = (c, replica.status(), primary.status()) {
             sample.lag_bytes[0] = p["replicas"][0]["lag_bytes"].as_u64().unwrap_or(0);
             sample.lag_seconds[0] = p["replicas"][0]["lag_seconds"].as_f64().unwrap_or(0.0);
-            sample.lag_bytes[1] = lsns(&p, "durable_lsn").saturating_sub(lsns(&c, "head_lsn"));
+            sample.lag_bytes[1] = lsns(&p, "durable_lsn").saturating_sub(lsns(&c, "durable_lsn"));
             sample.lag_seconds[1] =
                 sample.lag_seconds[0] + r["replicas"][0]["lag_seconds"].as_f64().unwrap_or(0.0);
         }
