@@ -202,6 +202,14 @@ fn a_diverged_replica_is_refused_and_keeps_its_data() {
     assert_eq!(r.get::<_, String>("mine4").unwrap(), "other");
     let p = status(&primary);
     assert_eq!(p["replicas"][0]["status"], "diverged", "{p}");
+    // Within one epoch the histories do not tell where it parted: where
+    // it was detected and where its log ends are reported.
+    let range = &p["replicas"][0]["diverged_range"];
+    assert_eq!(range["shard"], 0, "{p}");
+    assert!(
+        range["detected_at_lsn"].is_u64() && range["to_lsn"].is_u64(),
+        "{p}"
+    );
 
     // Re-synced on command (REPLICAOF the same primary again): its log is
     // moved to quarantine, and it converges on the primary's.
@@ -896,4 +904,45 @@ fn a_replica_behind_a_failover_catches_up_from_the_promoted_node() {
     let s = status(&b);
     assert!(s["upstream"]["last_error"].is_null(), "{s}");
     assert_eq!(s["epoch"], status(&a)["epoch"]);
+
+    // The old primary, run on its own after the failover (a split brain),
+    // then pointed at the promoted node: refused, and its divergence is
+    // located where the epochs part.
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "1"]);
+    let mut c = primary.client();
+    let _: () = c.set("split-brain", 1).unwrap();
+    let at = positions(&primary)[0].0;
+    assert_eq!(primary.terminate().code(), Some(0));
+    let old = NodeProcess::start(
+        pdir.path(),
+        &[
+            "--shards",
+            "1",
+            "--replica-of",
+            &a.listen.to_string(),
+            "--node-id",
+            "old",
+        ],
+    );
+    let s = wait_status(&a, "the old primary refused", |s| {
+        s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node_id"] == "old" && r["status"] == "diverged")
+    });
+    let r = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == "old")
+        .unwrap()
+        .clone();
+    let from = r["diverged_range"]["from_lsn"]
+        .as_u64()
+        .expect("located by the epochs");
+    assert_eq!(r["diverged_range"]["to_lsn"].as_u64().unwrap(), at);
+    assert!(from < at, "{r}");
+    let mut oc = old.client();
+    assert_eq!(oc.get::<_, i64>("split-brain").unwrap(), 1, "kept");
 }

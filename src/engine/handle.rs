@@ -84,6 +84,8 @@ pub struct ShardStats {
     pub chain: u32,
     /// First LSN still held by the log (retention).
     pub first_lsn: u64,
+    /// `(epoch, first lsn)` of each epoch held, oldest first.
+    pub epochs: Vec<(u64, u64)>,
     pub segments: usize,
     pub keys: usize,
     pub wal: WalStats,
@@ -1207,6 +1209,7 @@ fn shard_stats(id: u32, executor: u32, shard: &Shard<DmaStorage>) -> ShardStats 
         next_lsn: next.lsn,
         chain: next.chain,
         first_lsn: wal.first_position().lsn,
+        epochs: wal.epochs(),
         segments: wal.segment_count(),
         keys: shard.len(),
         wal: wal.stats(),

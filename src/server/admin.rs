@@ -334,6 +334,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 "retention_headroom_bytes": headroom,
                 "last_ack_seconds_ago": d.last_ack.map(|t| t.elapsed().as_secs_f64()),
                 "refused": d.refused,
+                "diverged_range": d.diverged,
                 "sync_role": sync_role(shared),
             }));
         }

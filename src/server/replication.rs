@@ -84,6 +84,10 @@ pub(super) struct Downstream {
     pub resyncs: u64,
     /// What it last reported of its own downstreams (cascading).
     pub cascaded: Option<serde_json::Value>,
+    /// Where it diverged: shard, `from_lsn` (where the epoch histories
+    /// part; null when they do not tell), `detected_at_lsn`, `to_lsn` (its
+    /// end).
+    pub diverged: Option<serde_json::Value>,
 }
 
 impl Downstream {
@@ -272,6 +276,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             // Behind what this node still holds, or asked for: it gets the
             // newest snapshot, then the records after it.
             let wants_snapshot = resync.contains(shard) || hello.lsn < s.first_lsn;
+            let mut range = None;
             let problem = if theirs > s.epoch {
                 Some(format!(
                     "shard {shard}: the downstream is in epoch {theirs}, this node in {}: this node is behind a failover (fenced) and may not serve it",
@@ -280,9 +285,11 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             } else if wants_snapshot {
                 None
             } else if hello.lsn > s.durable_lsn {
+                let (why, at) = diverged(*shard, &s.epochs, &hello.history, s.durable_lsn, hello.lsn);
+                range = Some(at);
                 Some(format!(
-                    "shard {shard}: the downstream's log ends at {} past this node's {}: it holds writes this node never had (diverged, or another cluster)",
-                    hello.lsn, s.durable_lsn
+                    "{why}; it holds writes this node never had (its log ends past this node's durable {})",
+                    s.durable_lsn
                 ))
             } else if hello.lsn < s.first_lsn {
                 Some(format!(
@@ -294,6 +301,9 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             };
             if let Some(why) = problem {
                 refused(&shared, &node_id, &host, &why);
+                if let Some(range) = range {
+                    set_diverged(&shared, &node_id, &host, range);
+                }
                 writer.write_all(&frame(FrameKind::Refuse, *shard, s.epoch, 0, why.as_bytes())).await?;
                 return Err(io_err(why));
             }
@@ -408,6 +418,10 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 tx.clone(),
                 done.clone(),
                 current.clone(),
+                hellos
+                    .get(&(shard as u32))
+                    .map(|h| h.history.clone())
+                    .unwrap_or_default(),
             )));
         }
         readers.push(glommio::spawn_local(heartbeats(
@@ -458,8 +472,11 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                     tracing::info!(downstream = %key, %why, "ending the stream for a re-sync");
                     return Err(io_err(why));
                 }
-                Out::Failed { shard, why } => {
+                Out::Failed { shard, why, range } => {
                     refused(&shared, &key, &host, &why);
+                    if let Some(range) = range {
+                        set_diverged(&shared, &key, &host, range);
+                    }
                     writer.write_all(&frame(FrameKind::Refuse, shard, 0, 0, why.as_bytes())).await?;
                     writer.flush().await?;
                     return Err(io_err(why));
@@ -615,8 +632,13 @@ enum Out {
         epoch: u64,
         beat: Heartbeat,
     },
-    /// The downstream's position does not continue this log.
-    Failed { shard: u32, why: String },
+    /// The downstream's position does not continue this log (and where,
+    /// as far as the epoch histories tell).
+    Failed {
+        shard: u32,
+        why: String,
+        range: Option<serde_json::Value>,
+    },
     /// The downstream's position was released: end the stream (it
     /// reconnects and is re-synced), without refusing it.
     Released { why: String },
@@ -631,7 +653,10 @@ async fn read_shard(
     tx: Rc<glommio::channels::local_channel::LocalSender<Out>>,
     done: Rc<Cell<bool>>,
     current: Rc<Vec<Cell<u64>>>,
+    // The downstream's epoch history, to locate a divergence.
+    theirs: Vec<(u64, u64)>,
 ) {
+    let end = pos.lsn;
     let epoch = &current[shard as usize];
     while !done.get() && !shared.stopping() {
         let read = shared
@@ -643,13 +668,9 @@ async fn read_shard(
                 // Released under it (this node was itself re-synced, or
                 // retention gave up on it): not a divergence; it reconnects
                 // and gets a snapshot.
-                let first = shared
-                    .engine
-                    .stats()
-                    .await
-                    .ok()
-                    .and_then(|s| s.get(shard as usize).map(|s| s.first_lsn))
-                    .unwrap_or(0);
+                let stats = shared.engine.stats().await.unwrap_or_default();
+                let ours = stats.iter().find(|s| s.shard == shard);
+                let first = ours.map_or(0, |s| s.first_lsn);
                 if pos.lsn < first {
                     Out::Released {
                         why: format!(
@@ -658,12 +679,12 @@ async fn read_shard(
                         ),
                     }
                 } else {
+                    let ours = ours.map(|s| s.epochs.clone()).unwrap_or_default();
+                    let (why, range) = diverged(shard, &ours, &theirs, pos.lsn, end);
                     Out::Failed {
                         shard,
-                        why: format!(
-                            "shard {shard}: the downstream's log does not continue here at lsn {} (diverged): {e}",
-                            pos.lsn
-                        ),
+                        why: format!("{why}: {e}"),
+                        range: Some(range),
                     }
                 }
             }
@@ -937,7 +958,10 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
             shard_count: stats.len() as u32,
             lsn: s.next_lsn,
             chain: s.chain,
-            history: vec![(s.epoch, 0)],
+            history: {
+                let n = s.epochs.len();
+                s.epochs[n.saturating_sub(crate::format::HELLO_HISTORY_MAX)..].to_vec()
+            },
             node_id: shared.node_id.clone(),
         };
         hellos.extend(frame(
@@ -1271,12 +1295,75 @@ async fn refuse(
     let _ = writer.flush().await;
 }
 
+/// Where two logs' epoch histories part: the first LSN (at or after the
+/// oldest both still know) at which they are in different epochs. `None`
+/// when they agree everywhere both know (a divergence is then within one
+/// epoch, at or before where it was detected).
+pub(super) fn fork_point(ours: &[(u64, u64)], theirs: &[(u64, u64)]) -> Option<u64> {
+    let epoch_at = |h: &[(u64, u64)], lsn: u64| {
+        h.iter()
+            .take_while(|(_, start)| *start <= lsn)
+            .last()
+            .map(|(e, _)| *e)
+    };
+    let known = ours.first()?.1.max(theirs.first()?.1);
+    let mut bounds: Vec<u64> = ours
+        .iter()
+        .chain(theirs)
+        .map(|(_, start)| *start)
+        .filter(|start| *start >= known)
+        .collect();
+    bounds.push(known);
+    bounds.sort_unstable();
+    bounds.dedup();
+    bounds
+        .into_iter()
+        .find(|lsn| epoch_at(ours, *lsn) != epoch_at(theirs, *lsn))
+}
+
+/// The refusal of a diverged downstream: where its log parts from this
+/// node's, as far as the epoch histories tell, and where it ends.
+fn diverged(
+    shard: u32,
+    ours: &[(u64, u64)],
+    theirs: &[(u64, u64)],
+    detected: u64,
+    end: u64,
+) -> (String, serde_json::Value) {
+    let fork = fork_point(ours, theirs);
+    let why = match fork {
+        Some(fork) => format!(
+            "shard {shard}: the downstream's log parts from this node's at lsn {fork} (their epochs differ from there) and ends at {end}: the range {fork}..{end} is not this node's (diverged)"
+        ),
+        None => format!(
+            "shard {shard}: the downstream's log does not continue this node's at lsn {detected} (it ends at {end}): diverged within an epoch, at or before {detected}"
+        ),
+    };
+    let range = serde_json::json!({
+        "shard": shard,
+        "from_lsn": fork,
+        "detected_at_lsn": detected,
+        "to_lsn": end,
+    });
+    (why, range)
+}
+
 /// Sets its flag when dropped: the task holding it has ended.
 struct DoneOnDrop(std::rc::Rc<std::cell::Cell<bool>>);
 
 impl Drop for DoneOnDrop {
     fn drop(&mut self) {
         self.0.set(true);
+    }
+}
+
+/// Records on the status page where a refused downstream diverged.
+fn set_diverged(shared: &Shared, key: &str, host: &str, range: serde_json::Value) {
+    let key = if key.is_empty() { host } else { key };
+    if let Ok(mut d) = shared.downstreams.lock()
+        && let Some(d) = d.get_mut(key)
+    {
+        d.diverged = Some(range);
     }
 }
 
@@ -1331,4 +1418,26 @@ pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
         Reply::Int(offset as i64),
         Reply::Array(replicas),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fork_point;
+
+    #[test]
+    fn fork_points_of_epoch_histories() {
+        // A failover at 500: the old primary stayed in epoch 1.
+        assert_eq!(fork_point(&[(1, 0), (2, 500)], &[(1, 0)]), Some(500));
+        assert_eq!(fork_point(&[(1, 0)], &[(1, 0), (2, 500)]), Some(500));
+        // The same history: nothing to tell.
+        assert_eq!(fork_point(&[(1, 0), (2, 500)], &[(1, 0), (2, 500)]), None);
+        // What one side released is not compared.
+        assert_eq!(fork_point(&[(2, 500)], &[(1, 0), (2, 500)]), None);
+        // Two later epochs started in different places: the earlier one.
+        assert_eq!(
+            fork_point(&[(1, 0), (2, 500)], &[(1, 0), (3, 400)]),
+            Some(400)
+        );
+        assert_eq!(fork_point(&[], &[(1, 0)]), None);
+    }
 }

@@ -160,6 +160,9 @@ pub struct RecoveryReport {
     pub cut: Option<Cut>,
     /// A segment file discarded because its header never became durable.
     pub discarded: Option<String>,
+    /// Where each epoch of the log held starts: `(epoch, first lsn)`,
+    /// oldest first (what released segments held is not known).
+    pub epochs: Vec<(u64, u64)>,
 }
 
 /// One shard's log: append with group commit, read by LSN, release old segments.
@@ -208,7 +211,14 @@ impl<S: Storage + 'static> Wal<S> {
         }
         let segments = Rc::new(segments);
         let record_body_max = options.record_body_max();
-        let writer = Writer::start(storage, segments.clone(), options, end, tail)?;
+        let writer = Writer::start(
+            storage,
+            segments.clone(),
+            options,
+            end,
+            tail,
+            &report.epochs,
+        )?;
         Ok(Self {
             writer,
             segments,
@@ -235,6 +245,13 @@ impl<S: Storage + 'static> Wal<S> {
     ) -> Result<Receipt, WalError> {
         self.writer.wait_for_space().await?;
         self.writer.submit(kind, body)?.await
+    }
+
+    /// `(epoch, first lsn)` of each epoch of the log held, oldest first,
+    /// the current one last: what a replica's Hello carries, so that a
+    /// divergence after a failover is located.
+    pub fn epochs(&self) -> Vec<(u64, u64)> {
+        self.writer.epochs()
     }
 
     /// Records staged from now on carry `epoch`, which must be above every

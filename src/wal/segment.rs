@@ -74,6 +74,7 @@ impl<S: Storage> Segments<S> {
             .collect();
         bases.sort_unstable();
         let mut scans: Vec<SegmentScan> = Vec::new();
+        let mut epochs: Vec<(u64, u64)> = Vec::new();
         let mut files = Vec::new();
         let mut records = 0;
         for base in bases {
@@ -93,7 +94,11 @@ impl<S: Storage> Segments<S> {
             }
             let bytes = read_all(&file).await?;
             let floor = scans.last().map_or(0, |s| s.end.epoch);
-            let scan = scan_segment(&bytes, options.log, base, floor, |_| {});
+            let scan = scan_segment(&bytes, options.log, base, floor, |r| {
+                if epochs.last().is_none_or(|(e, _)| r.epoch() > *e) {
+                    epochs.push((r.epoch(), r.lsn()));
+                }
+            });
             records += scan.records;
             scans.push(scan);
             files.push(Rc::new(file));
@@ -171,6 +176,11 @@ impl<S: Storage> Segments<S> {
             records,
             cut: decision.cut.clone(),
             discarded,
+            // Records past the end (a cut tail) do not count.
+            epochs: epochs
+                .into_iter()
+                .filter(|(_, start)| *start < decision.end.lsn)
+                .collect(),
         };
         let segments = Segments {
             storage,

@@ -156,6 +156,8 @@ pub(super) struct State {
     recent_bytes: usize,
     /// Tasks waiting for the durable LSN to move (replication senders).
     watchers: Vec<Waker>,
+    /// `(epoch, first lsn)` of each epoch of the log, oldest first.
+    epochs: Vec<(u64, u64)>,
 }
 
 /// Wakers waiting for the durable LSN kept at most (see `durable_past`).
@@ -222,6 +224,10 @@ impl State {
 
     /// Records that the bytes up to `next` are staged, and tells the flusher.
     fn staged(&mut self, next: Expect) {
+        if next.epoch > self.next.epoch || self.epochs.is_empty() {
+            // The record just staged starts an epoch.
+            self.epochs.push((next.epoch, self.next.lsn));
+        }
         self.next = next;
         self.waiters.push_back((next.lsn, None));
         if let Some(waker) = self.flusher.take() {
@@ -336,6 +342,7 @@ impl<S: Storage + 'static> Writer<S> {
         options: WalOptions,
         end: Expect,
         tail: Option<Tail<S::File>>,
+        epochs: &[(u64, u64)],
     ) -> Result<Self, WalError> {
         let capacity = options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
         let (seg_base, seg_used) = match &tail {
@@ -362,6 +369,7 @@ impl<S: Storage + 'static> Writer<S> {
             recent: VecDeque::new(),
             recent_bytes: 0,
             watchers: Vec::new(),
+            epochs: epochs.to_vec(),
             stats: WalStats::default(),
             options: options.clone(),
         }));
@@ -510,6 +518,18 @@ impl<S: Storage + 'static> Writer<S> {
 
     pub fn durable_lsn(&self) -> u64 {
         self.state.borrow().durable_lsn
+    }
+
+    /// `(epoch, first lsn)` of each epoch of the log, oldest first; the
+    /// current epoch last (also when no record of it is staged yet).
+    pub fn epochs(&self) -> Vec<(u64, u64)> {
+        let st = self.state.borrow();
+        let mut epochs = st.epochs.clone();
+        let current = st.options.epoch.max(st.next.epoch);
+        if epochs.last().is_none_or(|(e, _)| *e < current) {
+            epochs.push((current, st.next.lsn));
+        }
+        epochs
     }
 
     /// Records staged from now on carry `epoch`; see [`super::Wal::begin_epoch`].
