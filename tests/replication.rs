@@ -760,15 +760,30 @@ fn a_replica_held_back_past_retention_or_wiped_resyncs_from_a_snapshot() {
     let mut r = replica.client();
     assert_eq!(r.get::<_, i64>("after-resync").unwrap(), 1);
 
-    // On command (admin POST): every shard again from a snapshot.
+    // On command (admin POST): every shard again from a snapshot, each
+    // moving what it had into a new quarantine.
+    let quarantines = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|s| s.file_name().to_string_lossy().starts_with("shard-"))
+            .flat_map(|s| std::fs::read_dir(s.path()).unwrap().flatten())
+            .filter(|q| q.file_name().to_string_lossy().starts_with("quarantine-"))
+            .count()
+    };
+    let kept_before = quarantines(rdir.path());
     let (code, body) = replica
         .http(b"POST /admin/replication/resync HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(code, 202, "{body}");
-    let before = 0;
+    // The count starts over with the link the POST made.
     wait_status(&replica, "re-synced again", |s| {
-        s["upstream"]["resyncs"].as_u64().unwrap_or(0) > before
-            && s["upstream"]["connected"] == true
+        s["upstream"]["resyncs"].as_u64().unwrap_or(0) == 2 && s["upstream"]["connected"] == true
     });
+    assert_eq!(
+        quarantines(rdir.path()),
+        kept_before + 2,
+        "one more per shard"
+    );
     wait_converged(&primary, &replica);
     assert_eq!(r.get::<_, i64>("after-resync").unwrap(), 1);
     let (code, _) = primary.http(b"POST /admin/replication/resync HTTP/1.1\r\nHost: x\r\n\r\n");

@@ -234,12 +234,19 @@ impl Conn {
         );
         async move {
             let receipts = answer.await?;
-            let mut mine = BTreeMap::new();
-            receipts.note(&mut mine);
-            let reached = if mine.is_empty() {
-                Ok(asked)
+            // Where this write landed, for the replicas to be waited on;
+            // built only for the levels that wait (no allocation per write
+            // otherwise).
+            let reached = if asked.needs_replicas() {
+                let mut mine = BTreeMap::new();
+                receipts.note(&mut mine);
+                if mine.is_empty() {
+                    Ok(asked)
+                } else {
+                    commit::settle(&shared, &mine, asked).await
+                }
             } else {
-                commit::settle(&shared, &mine, asked).await
+                Ok(asked)
             };
             receipts.note(&mut written.borrow_mut());
             last.set(Some((

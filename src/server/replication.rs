@@ -1058,6 +1058,11 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                 return Err(format!("refused: {why}"));
             }
             seen[i] = epoch;
+            if let Ok(mut u) = shared.upstream.lock()
+                && let Some(e) = u.epoch.get_mut(i)
+            {
+                *e = epoch;
+            }
         }
         match kind {
             FrameKind::Records => {

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use hdrhistogram::Histogram;
 
-use crate::cluster::{Client, NodeChild, Reply, scratch_dir, wait_converged, wait_status};
+use crate::cluster::{
+    Client, NodeChild, Reply, latency_histogram, scratch_dir, wait_converged, wait_status,
+};
 
 #[derive(Args, Debug)]
 pub struct BenchReplArgs {
@@ -59,10 +60,6 @@ struct Run {
     lag_max_bytes: u64,
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
 /// Runs `clients` connections to `addr` for `seconds`; each sends `setup`
 /// once and then `SET key value` (and `then`, when given) in a loop.
 /// `lag` is sampled every 100 ms during the run.
@@ -76,7 +73,7 @@ fn load(
     lag: &dyn Fn() -> u64,
 ) -> anyhow::Result<Run> {
     let stop = Arc::new(AtomicBool::new(false));
-    let merged = Arc::new(Mutex::new(histogram()));
+    let merged = Arc::new(Mutex::new(latency_histogram()));
     let setup: Vec<Vec<u8>> = setup.iter().map(|a| a.to_vec()).collect();
     let mut workers = Vec::new();
     let ready = Arc::new(std::sync::Barrier::new(clients + 1));
@@ -90,7 +87,7 @@ fn load(
                 c.ok(&args)?;
             }
             let value = vec![b'v'; value_bytes];
-            let mut h = histogram();
+            let mut h = latency_histogram();
             let mut n = 0u64;
             ready.wait();
             while !stop.load(Ordering::Relaxed) {

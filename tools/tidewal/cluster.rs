@@ -259,6 +259,11 @@ impl Client {
     }
 }
 
+/// A latency histogram in microseconds, up to a minute.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
 /// Where the demo and the benchmark put their nodes' data: under
 /// `target/` when run from the repository (a real disk, where O_DIRECT
 /// works; `/tmp` is often tmpfs), else the system's temporary directory.

@@ -14,7 +14,9 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cluster::{Client, NodeChild, Reply, scratch_dir, wait_converged, wait_status};
+use crate::cluster::{
+    Client, NodeChild, Reply, latency_histogram, scratch_dir, wait_converged, wait_status,
+};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -57,10 +59,6 @@ struct Sample {
 }
 
 const SAMPLE: Duration = Duration::from_millis(500);
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.read_ratio) {
@@ -127,7 +125,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let writes = Arc::new(AtomicU64::new(0));
     let reads = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let interval = Arc::new(Mutex::new(histogram()));
+    let interval = Arc::new(Mutex::new(latency_histogram()));
     let mut workers = Vec::new();
     for id in 0..args.clients {
         let (stop, writes, reads, errors, interval) = (
@@ -149,7 +147,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         workers.push(std::thread::spawn(move || -> anyhow::Result<_> {
             let mut w = Client::connect(p)?;
             let mut rc = Client::connect(r)?;
-            let (mut write_h, mut read_h) = (histogram(), histogram());
+            let (mut write_h, mut read_h) = (latency_histogram(), latency_histogram());
             let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ (id as u64) << 32;
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -200,7 +198,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     while started.elapsed() < Duration::from_secs(args.seconds) {
         std::thread::sleep(SAMPLE);
         let now_writes = writes.load(Ordering::Relaxed);
-        let h = std::mem::replace(&mut *interval.lock().expect("not poisoned"), histogram());
+        let h = std::mem::replace(
+            &mut *interval.lock().expect("not poisoned"),
+            latency_histogram(),
+        );
         let mut sample = Sample {
             at: started.elapsed().as_secs_f64(),
             commits_per_s: (now_writes - last_writes) as f64 / last_at.elapsed().as_secs_f64(),
@@ -236,7 +237,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let (mut write_h, mut read_h) = (histogram(), histogram());
+    let (mut write_h, mut read_h) = (latency_histogram(), latency_histogram());
     for w in workers {
         let (wh, rh, _) = w
             .join()
