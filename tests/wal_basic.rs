@@ -110,6 +110,44 @@ fn concurrent_appends_share_syncs() {
     });
 }
 
+/// Batches large enough to be kept in memory without a copy read back the
+/// same, from memory (the newest) and from the disk (older ones), while
+/// later batches reuse the buffers the cache let go of.
+#[test]
+fn large_batches_read_back_the_same_from_memory_and_disk() {
+    run(|| async {
+        let mut options = small_options();
+        options.segment_bytes = 8 << 20;
+        options.batch_bytes_max = 1 << 20;
+        options.staged_bytes_max = 4 << 20;
+        let wal = std::rc::Rc::new(Wal::open(FaultStorage::new(), options).await.unwrap());
+        let tasks: Vec<_> = (0..16)
+            .map(|who| {
+                let wal = wal.clone();
+                glommio::spawn_local(async move {
+                    for seq in 0..40 {
+                        wal.append(RecordKind::Data, &body(who, seq, 60 << 10))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        let records = read_all_records(&wal).await;
+        assert_eq!(records.len(), 16 * 40);
+        let mut next = vec![0; 16];
+        for r in &records {
+            let (who, seq) = parse_body(&r.body).expect("a body as appended");
+            assert_eq!(r.body.len(), 60 << 10);
+            assert_eq!(seq, next[who], "appender {who}'s records in order");
+            next[who] += 1;
+        }
+    });
+}
+
 #[test]
 fn oversized_record_is_refused() {
     run(|| async {

@@ -127,13 +127,7 @@ impl<S: Storage + 'static> Writer<S> {
                 self.state.borrow_mut().fail(error);
                 break;
             }
-            let mut st = self.state.borrow_mut();
-            st.keep_recent(run.start, &run.bytes);
-            let mut bytes = run.bytes;
-            bytes.clear();
-            if st.free.len() < 4 {
-                st.free.push(bytes);
-            }
+            self.state.borrow_mut().keep_recent(run.start, run.bytes);
         }
         {
             let mut sync = self.sync.borrow_mut();

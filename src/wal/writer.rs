@@ -152,7 +152,8 @@ pub(super) struct State {
     /// The batches written most recently, newest last, as shared bytes
     /// (one copy per batch): what replication sends while it keeps up,
     /// without reading the disk and without a copy per replica.
-    recent: VecDeque<(Expect, Bytes)>,
+    /// Each with the bytes of memory it is charged for.
+    recent: VecDeque<(Expect, Bytes, usize)>,
     recent_bytes: usize,
     /// Tasks waiting for the durable LSN to move (replication senders).
     watchers: Vec<Waker>,
@@ -165,6 +166,12 @@ const WATCHERS_MAX: usize = 1024;
 
 /// Bytes of recent batches kept in memory for replication.
 const RECENT_BYTES_MAX: usize = 8 << 20;
+
+/// Batches at least this large are moved into the recent cache, not copied.
+const RECENT_MOVE_BYTES: usize = 256 << 10;
+
+/// Emptied staging buffers kept for reuse.
+const FREE_BUFFERS_MAX: usize = 4;
 
 impl State {
     fn check_open(&self) -> Result<(), WalError> {
@@ -209,7 +216,10 @@ impl State {
             .back()
             .is_some_and(|r| r.seg_base == seg_base && r.bytes.len() + size as usize <= batch_max);
         if !open_run {
-            let bytes = self.free.pop().unwrap_or_default();
+            let bytes = self
+                .free
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(batch_max.min(size as usize * 16)));
             let start = self.next;
             self.runs.push_back(Run {
                 seg_base,
@@ -275,23 +285,50 @@ impl State {
     }
 
     /// Keeps a written batch (records starting at `start`) for readers.
-    pub fn keep_recent(&mut self, start: Expect, bytes: &[u8]) {
-        self.recent_bytes += bytes.len();
-        self.recent
-            .push_back((start, Bytes::copy_from_slice(bytes)));
+    pub fn keep_recent(&mut self, start: Expect, mut bytes: Vec<u8>) {
+        // A large batch is moved in (copying it would cost about what its
+        // write did) and charged at its capacity; a small one is copied, so
+        // its buffer goes back to staging with its capacity.
+        let (kept, charge) = if bytes.len() >= RECENT_MOVE_BYTES {
+            let charge = bytes.capacity();
+            (Bytes::from(bytes), charge)
+        } else {
+            let kept = Bytes::copy_from_slice(&bytes);
+            bytes.clear();
+            self.recycle(bytes);
+            let charge = kept.len();
+            (kept, charge)
+        };
+        self.recent_bytes += charge;
+        self.recent.push_back((start, kept, charge));
         while self.recent_bytes > RECENT_BYTES_MAX {
-            match self.recent.pop_front() {
-                Some((_, old)) => self.recent_bytes -= old.len(),
-                None => break,
+            let Some((_, old, charge)) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes -= charge;
+            // A moved-in buffer no sender still holds is staging's again.
+            if charge >= RECENT_MOVE_BYTES
+                && let Ok(mut old) = old.try_into_mut()
+            {
+                // Emptied first: the conversion copies what is left.
+                old.clear();
+                self.recycle(Vec::from(old));
             }
+        }
+    }
+
+    /// Keeps an emptied staging buffer for a later run.
+    pub fn recycle(&mut self, bytes: Vec<u8>) {
+        if self.free.len() < FREE_BUFFERS_MAX {
+            self.free.push(bytes);
         }
     }
 
     /// Durable records from `from`, about `max_bytes`, out of the recent
     /// batches: `None` when `from` is not among them (read the disk).
     fn read_recent(&self, from: Expect, max_bytes: usize) -> Option<ReadBatch> {
-        let (start, bytes) =
-            self.recent.iter().rev().find(|(start, b)| {
+        let (start, bytes, _) =
+            self.recent.iter().rev().find(|(start, b, _)| {
                 start.lsn <= from.lsn && from.lsn < start.lsn + b.len() as u64
             })?;
         let first = (from.lsn - start.lsn) as usize;

@@ -57,6 +57,12 @@ pub struct BenchArgs {
     /// Skip the large-record runs.
     #[arg(long)]
     small_only: bool,
+    /// Skip the small-record runs.
+    #[arg(long)]
+    large_only: bool,
+    /// The large-record runs, as RECORD_BYTESxAPPENDERS.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["4096x64".to_string(), "65536x16".to_string()])]
+    large: Vec<String>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -146,7 +152,12 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
         "appenders", "appends/s", "p50 us", "p99 us", "p99.9 us", "recs/sync", "bar", "ratio"
     );
     let per_record = args.record_bytes + tidewal::format::RECORD_HEADER_BYTES;
-    for &n in &args.concurrency {
+    let small: &[usize] = if args.large_only {
+        &[]
+    } else {
+        &args.concurrency
+    };
+    for &n in small {
         let mode = Mode {
             fill,
             n,
@@ -186,12 +197,15 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
         "  {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>7}",
         "record", "appenders", "log", "MB/s", "ceiling", "p99 us", "ratio"
     );
-    let large: &[(usize, usize)] = if args.small_only {
-        &[]
+    let large: Vec<(usize, usize)> = if args.small_only {
+        Vec::new()
     } else {
-        &[(4096, 64), (65536, 16)]
+        args.large
+            .iter()
+            .map(|s| parse_large(s))
+            .collect::<anyhow::Result<_>>()?
     };
-    for &(record_bytes, n) in large {
+    for &(record_bytes, n) in &large {
         for steady in [false, true] {
             let mode = Mode {
                 fill,
@@ -228,6 +242,16 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())
+}
+
+/// Parses `RECORD_BYTESxAPPENDERS`, e.g. `65536x16`.
+fn parse_large(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (bytes, n) = s
+        .split_once('x')
+        .with_context(|| format!("--large {s:?}: expected RECORD_BYTESxAPPENDERS"))?;
+    let (bytes, n) = (bytes.parse::<usize>()?, n.parse::<usize>()?);
+    anyhow::ensure!(bytes > 0 && n > 0, "--large {s:?}: both must be positive");
+    Ok((bytes, n))
 }
 
 async fn repeat<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Vec<f64>>
