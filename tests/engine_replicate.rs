@@ -103,3 +103,130 @@ fn a_replica_engine_converges_and_restarts_the_same() {
     block_on(replica.close()).unwrap();
     block_on(primary.close()).unwrap();
 }
+
+fn one_shard() -> Options {
+    Options::new()
+        .with_shard_count(1)
+        .with_executor_count(1)
+        .with_segment_bytes(256 << 10)
+}
+
+/// Files (not directories) under the shard's quarantine directories.
+fn quarantined(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for q in std::fs::read_dir(dir.join("shard-0000")).unwrap().flatten() {
+        if q.file_name().to_string_lossy().starts_with("quarantine-") {
+            for f in std::fs::read_dir(q.path()).unwrap().flatten() {
+                out.push(f.file_name().to_string_lossy().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_shard_rewinds_to_a_record_boundary_and_keeps_the_suffix_aside() {
+    let dir = disk_dir();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    let value = "v".repeat(200);
+    for i in 0..1000 {
+        block_on(engine.put(format!("a{i:04}"), value.clone())).unwrap();
+    }
+    block_on(engine.snapshot()).unwrap();
+    for i in 0..500 {
+        block_on(engine.put(format!("b{i:04}"), value.clone())).unwrap();
+    }
+    let at = block_on(engine.stats()).unwrap()[0].clone();
+    // The suffix: several segments' worth, overwrites and deletes of keys
+    // from before the cut, and a snapshot taken inside it.
+    for i in 0..3000 {
+        block_on(engine.put(format!("a{:04}", i % 1000), "c".repeat(200))).unwrap();
+        if i % 3 == 0 {
+            block_on(engine.delete(format!("b{:04}", i % 500))).unwrap();
+        }
+        if i == 1500 {
+            block_on(engine.snapshot()).unwrap();
+        }
+    }
+    let before = block_on(engine.stats()).unwrap()[0].clone();
+    assert!(before.segments >= 3, "{} segments", before.segments);
+
+    // Not a record boundary: refused, nothing changed.
+    assert!(block_on(engine.rewind(0, at.next_lsn + 1)).is_err());
+    let same = block_on(engine.stats()).unwrap()[0].clone();
+    assert_eq!((same.next_lsn, same.chain), (before.next_lsn, before.chain));
+    assert!(quarantined(dir.path()).is_empty());
+
+    let pos = block_on(engine.rewind(0, at.next_lsn)).unwrap();
+    assert_eq!((pos.lsn, pos.chain), (at.next_lsn, at.chain));
+    let check = |engine: &Engine| {
+        let s = block_on(engine.stats()).unwrap()[0].clone();
+        assert_eq!((s.next_lsn, s.chain, s.keys), (at.next_lsn, at.chain, 1500));
+        assert_eq!(
+            block_on(engine.get("a0007")).unwrap().as_deref(),
+            Some(value.as_bytes()),
+            "the state is the one at the cut"
+        );
+        assert!(block_on(engine.get("b0000")).unwrap().is_some());
+    };
+    check(&engine);
+    // What was cut is kept: the segments past the cut (and a copy of the
+    // one holding it), the snapshot taken past it, and a note.
+    let kept = quarantined(dir.path());
+    assert!(kept.contains(&"REWIND.txt".to_string()), "{kept:?}");
+    assert!(
+        kept.iter().filter(|f| f.ends_with(".wal")).count() >= 2,
+        "{kept:?}"
+    );
+    assert_eq!(
+        kept.iter().filter(|f| f.ends_with(".snap")).count(),
+        1,
+        "{kept:?}"
+    );
+
+    // The rewound log restarts the same and takes new records.
+    block_on(engine.close()).unwrap();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    check(&engine);
+    block_on(engine.put("after", "rewind")).unwrap();
+    block_on(engine.close()).unwrap();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    assert_eq!(
+        block_on(engine.get("after")).unwrap().as_deref(),
+        Some(&b"rewind"[..])
+    );
+    block_on(engine.close()).unwrap();
+}
+
+#[test]
+fn a_rewind_without_a_base_to_rebuild_from_is_refused_and_changes_nothing() {
+    let dir = disk_dir();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    let value = "v".repeat(200);
+    block_on(engine.put("first", "1")).unwrap();
+    let at = block_on(engine.stats()).unwrap()[0].clone();
+    // Two snapshots past the cut release the log below the older one: no
+    // snapshot at or below the cut, and the log no longer starts at 0.
+    for round in 0..2 {
+        for i in 0..2000 {
+            block_on(engine.put(format!("k{i:04}"), value.clone())).unwrap();
+        }
+        block_on(engine.snapshot()).unwrap();
+        let s = block_on(engine.stats()).unwrap()[0].clone();
+        assert!(round == 0 || s.first_lsn > at.next_lsn, "{}", s.first_lsn);
+    }
+    let before = block_on(engine.stats()).unwrap()[0].clone();
+    let refused = block_on(engine.rewind(0, at.next_lsn)).unwrap_err();
+    assert!(
+        refused.to_string().contains("snapshot re-sync"),
+        "{refused}"
+    );
+    let after = block_on(engine.stats()).unwrap()[0].clone();
+    assert_eq!(
+        (after.next_lsn, after.chain, after.keys),
+        (before.next_lsn, before.chain, before.keys)
+    );
+    assert!(quarantined(dir.path()).is_empty());
+    block_on(engine.close()).unwrap();
+}

@@ -137,6 +137,12 @@ enum Request {
         expect: Expect,
         reply: Reply<Expect>,
     },
+    /// Rewind the shard's log to an earlier record boundary.
+    Rewind {
+        shard: u32,
+        lsn: u64,
+        reply: Reply<Expect>,
+    },
     Replicate {
         shard: u32,
         records: Bytes,
@@ -644,6 +650,20 @@ impl Engine {
         })
     }
 
+    /// Rewinds `shard`'s log to `lsn`, which must be where one of its
+    /// records ends: the records after it, and the snapshots taken past it,
+    /// are moved aside into `quarantine-<unix ms>/` in the shard's directory
+    /// (with a copy of the segment holding the cut), and the shard reopens
+    /// with the state rebuilt from a snapshot at or below `lsn` and its log.
+    /// What a replica does when its log parts from its upstream's at a known
+    /// point: only the divergent suffix is then fetched again. Refused, with
+    /// nothing changed, when `lsn` is not a record boundary or nothing to
+    /// rebuild the state from remains (then only a snapshot re-sync helps).
+    /// Returns the shard's new position.
+    pub fn rewind(&self, shard: u32, lsn: u64) -> Answer<Expect> {
+        self.answer(shard, |reply| Request::Rewind { shard, lsn, reply })
+    }
+
     /// Makes everything durable, stops the executors and waits for them.
     /// Other clones of the handle get `Closed` afterwards.
     pub async fn close(&self) -> Result<(), EngineError> {
@@ -858,7 +878,26 @@ async fn run_executor(
                             policy,
                             sync_mode,
                         };
-                        install(&mut owned, shard, &file, expect, opened, &in_flight).await
+                        let swap = Swap::Install { file, expect };
+                        swap_shard(&mut owned, shard, swap, opened, &in_flight).await
+                    }
+                    None => Err(EngineError::Closed),
+                };
+                let _ = reply.send(result);
+                continue;
+            }
+            Request::Rewind { shard, lsn, reply } => {
+                let place = places.get(&shard).cloned();
+                let result = match place {
+                    Some((dir, wal)) => {
+                        let opened = Opening {
+                            dir,
+                            wal,
+                            policy,
+                            sync_mode,
+                        };
+                        let swap = Swap::Rewind { lsn };
+                        swap_shard(&mut owned, shard, swap, opened, &in_flight).await
                     }
                     None => Err(EngineError::Closed),
                 };
@@ -896,12 +935,20 @@ struct Opening {
     sync_mode: SyncMode,
 }
 
-/// See [`Engine::install_snapshot`].
-async fn install(
+/// What replaces a closed shard's files.
+enum Swap {
+    /// See [`Engine::install_snapshot`].
+    Install { file: PathBuf, expect: Expect },
+    /// See [`Engine::rewind`].
+    Rewind { lsn: u64 },
+}
+
+/// Closes the shard, changes its files as `swap` says and opens it again
+/// (on whatever its directory holds, if the change failed part way).
+async fn swap_shard(
     owned: &mut BTreeMap<u32, Rc<Shard<DmaStorage>>>,
     shard: u32,
-    file: &Path,
-    expect: Expect,
+    swap: Swap,
     opening: Opening,
     in_flight: &std::cell::Cell<usize>,
 ) -> Result<Expect, EngineError> {
@@ -923,7 +970,12 @@ async fn install(
             )));
         }
     }
-    let result = replace_shard(owned, shard, file, expect, &opening).await;
+    let result = match swap {
+        Swap::Install { file, expect } => {
+            replace_shard(owned, shard, &file, expect, &opening).await
+        }
+        Swap::Rewind { lsn } => rewind_shard(owned, shard, lsn, &opening).await,
+    };
     if result.is_err() && !owned.contains_key(&shard) {
         // Whatever the directory holds now (the old log if nothing was moved
         // yet, else the snapshot being installed) is opened again, so the
@@ -1002,6 +1054,29 @@ async fn replace_shard(
         return Err(EngineError::Meta(format!(
             "re-sync of shard {shard}: the snapshot did not verify or ends at lsn {} chain {}, not {} / {}",
             at.lsn, at.chain, expect.lsn, expect.chain
+        )));
+    }
+    Ok(at)
+}
+
+/// Rewinds the closed shard's log (see [`Engine::rewind`]) and opens it.
+async fn rewind_shard(
+    owned: &mut BTreeMap<u32, Rc<Shard<DmaStorage>>>,
+    shard: u32,
+    lsn: u64,
+    opening: &Opening,
+) -> Result<Expect, EngineError> {
+    let rewound = super::rewind::rewind_files(&opening.dir, opening.wal.log, lsn)
+        .map_err(|why| EngineError::Meta(format!("rewind of shard {shard} to lsn {lsn}: {why}")))?;
+    tracing::warn!(shard, lsn, old_end = rewound.old_end, quarantine = %rewound.quarantine.display(),
+        files = ?rewound.files, "rewound the log; the records past the cut are kept aside");
+    let opened = reopen(opening).await?;
+    let at = opened.wal().next_position();
+    owned.insert(shard, Rc::new(opened));
+    if at.lsn != lsn {
+        return Err(EngineError::Meta(format!(
+            "rewind of shard {shard}: the log reopened ending at lsn {}, not {lsn}",
+            at.lsn
         )));
     }
     Ok(at)
@@ -1192,7 +1267,8 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
         Request::Close { .. }
         | Request::Run(_)
         | Request::Stats { .. }
-        | Request::Install { .. } => {
+        | Request::Install { .. }
+        | Request::Rewind { .. } => {
             unreachable!("handled by the executor loop")
         }
     }

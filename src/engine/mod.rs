@@ -9,6 +9,7 @@
 mod handle;
 mod mailbox;
 mod options;
+mod rewind;
 mod shard;
 
 pub use handle::{Answer, BatchAtomicity, BatchOp, Engine, ShardStats, block_on};

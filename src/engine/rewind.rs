@@ -1,0 +1,196 @@
+//! Rewinding a closed shard's log to an earlier record boundary, with the
+//! records after it kept aside: what a replica does when its log parts from
+//! its upstream's at a known LSN (an old primary that kept writing after a
+//! failover, a replica that took writes of its own in a later epoch).
+//!
+//! Cheaper than a snapshot re-sync (the common prefix stays, only the
+//! divergent suffix is streamed again) and never a silent truncate:
+//!
+//! 1. The plan is checked before anything is touched: the LSN is a record
+//!    boundary of the log, and a base to rebuild the state from remains (a
+//!    snapshot at or below it that the log still covers, or a log from 0).
+//! 2. Into `quarantine-<unix ms>/` go a copy of the segment holding the cut,
+//!    every later segment and every snapshot past the cut (their state holds
+//!    the divergent writes), with `REWIND.txt` saying what they are.
+//! 3. The segment holding the cut is replaced, by rename, with a copy of its
+//!    bytes up to the cut followed by zeros.
+//!
+//! A crash between the steps leaves either the old log (minus later
+//! segments, so it ends inside the cut segment) or the rewound one: both
+//! open, and the state is rebuilt from what remains when the shard opens.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::format::{LogId, parse_segment_file_name, parse_snapshot_file_name, segment_file_name};
+use crate::wal::{offset_of, scan_segment};
+
+/// What a rewind moved aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewound {
+    /// The quarantine directory (inside the shard's directory).
+    pub quarantine: PathBuf,
+    /// Where the log ended before.
+    pub old_end: u64,
+    /// Files moved or copied into the quarantine.
+    pub files: Vec<String>,
+}
+
+/// The files of a shard directory that a rewind looks at.
+struct Listing {
+    /// `(base lsn, name)`, by base.
+    segments: Vec<(u64, String)>,
+    /// `(lsn, name)`, by lsn.
+    snapshots: Vec<(u64, String)>,
+}
+
+fn list(dir: &Path) -> std::io::Result<Listing> {
+    let mut segments = Vec::new();
+    let mut snapshots = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        if let Some(base) = parse_segment_file_name(&name) {
+            segments.push((base, name));
+        } else if let Some(lsn) = parse_snapshot_file_name(&name) {
+            snapshots.push((lsn, name));
+        }
+    }
+    segments.sort();
+    snapshots.sort();
+    Ok(Listing {
+        segments,
+        snapshots,
+    })
+}
+
+/// Rewinds the log in `dir` (a closed shard's directory) to `lsn`. The
+/// error says why nothing was changed, or, past the checks, which step
+/// failed.
+pub(super) fn rewind_files(dir: &Path, log: LogId, lsn: u64) -> Result<Rewound, String> {
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    let files = list(dir).map_err(|e| io("listing the shard directory", e))?;
+    let Some(first_base) = files.segments.first().map(|(b, _)| *b) else {
+        return Err("the shard has no log to rewind".into());
+    };
+    let Some(at) = files.segments.iter().rposition(|(b, _)| *b <= lsn) else {
+        return Err(format!(
+            "lsn {lsn} is below the log's first segment ({first_base}): a snapshot re-sync is needed"
+        ));
+    };
+    // Something to rebuild the state from once the suffix is gone.
+    let base_snapshot = files
+        .snapshots
+        .iter()
+        .rev()
+        .find(|(s, _)| *s <= lsn && *s >= first_base);
+    if base_snapshot.is_none() && first_base > 0 {
+        return Err(format!(
+            "no snapshot at or below lsn {lsn} that the log still covers (it starts at {first_base}): a snapshot re-sync is needed"
+        ));
+    }
+    // Where the cut falls: inside segment `at`, or exactly at its start (the
+    // whole segment is suffix; the previous one ends at its base).
+    let (cut_base, cut_name) = files.segments[at].clone();
+    let cut_path = dir.join(&cut_name);
+    let whole = lsn == cut_base && at > 0;
+    let mut cut_bytes = None;
+    let old_end;
+    if whole {
+        old_end = log_end_of(dir, log, &files.segments[files.segments.len() - 1])?;
+    } else {
+        let bytes = std::fs::read(&cut_path).map_err(|e| io(&cut_name, e))?;
+        let mut boundary = lsn == cut_base;
+        let scan = scan_segment(&bytes, log, cut_base, 0, |r| {
+            boundary |= r.next().lsn == lsn;
+        });
+        if scan.header.is_none() {
+            return Err(format!("{cut_name}: its header does not validate"));
+        }
+        if !boundary {
+            return Err(format!(
+                "lsn {lsn} is not where a record of {cut_name} ends (its records end at {})",
+                scan.end.lsn
+            ));
+        }
+        old_end = if at + 1 < files.segments.len() {
+            log_end_of(dir, log, &files.segments[files.segments.len() - 1])?
+        } else {
+            scan.end.lsn
+        };
+        cut_bytes = Some((bytes, offset_of(cut_base, lsn) as usize));
+    }
+    let later: Vec<&String> = files.segments[at + usize::from(!whole)..]
+        .iter()
+        .map(|(_, n)| n)
+        .collect();
+    if later.is_empty() && old_end == lsn {
+        return Err(format!("the log already ends at lsn {lsn}"));
+    }
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let quarantine = dir.join(format!("quarantine-{millis}"));
+    std::fs::create_dir_all(&quarantine).map_err(|e| io("creating the quarantine", e))?;
+    let mut kept = Vec::new();
+    if cut_bytes.is_some() {
+        let copy = quarantine.join(&cut_name);
+        std::fs::copy(&cut_path, &copy)
+            .and_then(|_| std::fs::File::open(&copy)?.sync_all())
+            .map_err(|e| io("copying the segment holding the cut", e))?;
+        kept.push(cut_name.clone());
+    }
+    let note = format!(
+        "A rewind of this shard's log to lsn {lsn} (it ended at {old_end}): the records from lsn {lsn} on \
+         were not on the upstream's history. They are in the segment files here ({}), which are \
+         the log's own files as they were (`tidewal wal inspect` reads them; the records before \
+         lsn {lsn} in the first one are also still in the live log), beside the snapshots taken \
+         past the cut.\n",
+        segment_file_name(cut_base)
+    );
+    std::fs::File::create(quarantine.join("REWIND.txt"))
+        .and_then(|mut f| {
+            f.write_all(note.as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(|e| io("writing REWIND.txt", e))?;
+    for name in later.into_iter().chain(
+        files
+            .snapshots
+            .iter()
+            .filter(|(s, _)| *s > lsn)
+            .map(|(_, n)| n),
+    ) {
+        std::fs::rename(dir.join(name), quarantine.join(name))
+            .map_err(|e| io("moving aside", e))?;
+        kept.push(name.clone());
+    }
+    sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
+    sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
+    if let Some((mut bytes, cut)) = cut_bytes {
+        bytes[cut..].fill(0);
+        let tmp = dir.join(format!("{cut_name}.rewind"));
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&bytes)?;
+                f.sync_all()
+            })
+            .map_err(|e| io("writing the rewound segment", e))?;
+        std::fs::rename(&tmp, &cut_path).map_err(|e| io("replacing the segment", e))?;
+        sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
+    }
+    Ok(Rewound {
+        quarantine,
+        old_end,
+        files: kept,
+    })
+}
+
+/// Where the records of the log's last segment end.
+fn log_end_of(dir: &Path, log: LogId, last: &(u64, String)) -> Result<u64, String> {
+    let bytes = std::fs::read(dir.join(&last.1)).map_err(|e| format!("{}: {e}", last.1))?;
+    Ok(scan_segment(&bytes, log, last.0, 0, |_| {}).end.lsn)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
