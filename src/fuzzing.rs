@@ -123,7 +123,8 @@ pub fn frame_decode(data: &[u8]) {
         | FrameKind::Refuse
         | FrameKind::Resync
         | FrameKind::Snapshot
-        | FrameKind::Report => {}
+        | FrameKind::Report
+        | FrameKind::Rewind => {}
     }
 }
 

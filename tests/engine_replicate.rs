@@ -184,6 +184,21 @@ fn a_shard_rewinds_to_a_record_boundary_and_keeps_the_suffix_aside() {
         1,
         "{kept:?}"
     );
+    // ... as a log `tidewal wal inspect` reads, intact, past the cut.
+    let quarantine = std::fs::read_dir(dir.path().join("shard-0000"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("quarantine-"))
+        .unwrap()
+        .path();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["wal", "inspect"])
+        .arg(&quarantine)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&before.next_lsn.to_string()), "{text}");
 
     // The rewound log restarts the same and takes new records.
     block_on(engine.close()).unwrap();

@@ -659,7 +659,8 @@ fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
     assert_eq!(ac.get::<_, i64>("after-promotion").unwrap(), 1);
 }
 
-/// Files of every shard directory's quarantine under a node's data dir.
+/// Paths of the files of every shard directory's quarantine under a
+/// node's data dir.
 fn quarantined(dir: &std::path::Path) -> Vec<String> {
     let mut found = Vec::new();
     for shard in std::fs::read_dir(dir).unwrap().flatten() {
@@ -669,7 +670,7 @@ fn quarantined(dir: &std::path::Path) -> Vec<String> {
         for q in std::fs::read_dir(shard.path()).unwrap().flatten() {
             if q.file_name().to_string_lossy().starts_with("quarantine-") {
                 for f in std::fs::read_dir(q.path()).unwrap().flatten() {
-                    found.push(f.file_name().to_string_lossy().to_string());
+                    found.push(f.path().display().to_string());
                 }
             }
         }
@@ -960,4 +961,118 @@ fn a_replica_behind_a_failover_catches_up_from_the_promoted_node() {
     assert!(from < at, "{r}");
     let mut oc = old.client();
     assert_eq!(oc.get::<_, i64>("split-brain").unwrap(), 1, "kept");
+
+    // Re-synced on command: the histories locate the fork, so the old
+    // primary rewinds to it (the split-brain write kept aside, in a copy of
+    // its segment) and fetches only what follows; no snapshot is sent.
+    let _: String = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(a.listen.port())
+        .query(&mut oc)
+        .unwrap();
+    wait_converged(&a, &old);
+    let mut oc = old.client();
+    assert_eq!(oc.get::<_, Option<i64>>("split-brain").unwrap(), None);
+    assert_eq!(oc.get::<_, i64>("new-epoch").unwrap(), 1);
+    assert_eq!(oc.get::<_, String>("old2999").unwrap(), value);
+    let s = status(&old);
+    assert_eq!(s["upstream"]["rewinds"], 1, "{s}");
+    assert_eq!(s["upstream"]["resyncs"], 0, "{s}");
+    assert_eq!(s["epoch"], status(&a)["epoch"]);
+    let kept = quarantined(&old.dir);
+    assert!(kept.iter().any(|f| f.ends_with("REWIND.txt")), "{kept:?}");
+    let segment = kept
+        .iter()
+        .find(|f| f.ends_with(".wal"))
+        .expect("the segment holding the cut is kept");
+    let bytes = std::fs::read(segment).unwrap();
+    assert!(
+        bytes.windows(11).any(|w| w == b"split-brain"),
+        "the rewound write is in the quarantine"
+    );
+}
+
+#[test]
+fn a_diverged_node_that_cannot_rewind_is_re_synced_from_a_snapshot() {
+    let (pdir, adir) = (disk_dir(), disk_dir());
+    // The old primary snapshots often and releases its log behind them, so
+    // that after a split brain nothing at or below the fork remains to
+    // rebuild its state from: a rewind is impossible there.
+    let config = pdir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[retention]\nsnapshot_every_bytes = 262144\n[engine]\nsegment_bytes = 262144\n",
+    )
+    .unwrap();
+    let data = pdir.path().join("data");
+    let flags = ["--shards", "1", "--config", config.to_str().unwrap()];
+    let primary = NodeProcess::start(&data, &flags);
+    let a = NodeProcess::start(
+        adir.path(),
+        &["--shards", "1", "--replica-of", &primary.listen.to_string()],
+    );
+    let mut c = primary.client();
+    for i in 0..50 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    wait_converged(&primary, &a);
+    assert_eq!(primary.terminate().code(), Some(0));
+    let mut ac = a.client();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut ac)
+        .unwrap();
+    let _: () = ac.set("new-epoch", 1).unwrap();
+
+    // Split brain: the old primary takes a megabyte of writes on its own.
+    let primary = NodeProcess::start(&data, &flags);
+    let mut c = primary.client();
+    let value = "s".repeat(1000);
+    // Rounds of writes, each past the snapshot interval, with time for
+    // the snapshots between them, until the log is released past the fork.
+    let mut round = 0;
+    while status(&primary)["shards"][0]["first_lsn"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(round < 20, "the log was never released");
+        for i in 0..300 {
+            let _: () = c.set(format!("split{round}-{i}"), &value).unwrap();
+        }
+        round += 1;
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // Pointed at the promoted node it is refused (diverged); pointed at
+    // it again, it is re-synced: the rewind it is told to do cannot be
+    // done here, so it asks for a snapshot.
+    let mut oc = primary.client();
+    let replicaof = |oc: &mut redis::Connection| {
+        let _: String = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(a.listen.port())
+            .query(oc)
+            .unwrap();
+    };
+    replicaof(&mut oc);
+    wait_status(&primary, "refused as diverged", |s| {
+        s["upstream"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("diverged"))
+    });
+    replicaof(&mut oc);
+    wait_converged(&a, &primary);
+    let mut oc = primary.client();
+    assert_eq!(oc.get::<_, Option<String>>("split0-0").unwrap(), None);
+    assert_eq!(oc.get::<_, i64>("new-epoch").unwrap(), 1);
+    assert_eq!(oc.get::<_, i64>("k49").unwrap(), 49);
+    let s = status(&primary);
+    assert_eq!(s["upstream"]["rewinds"], 0, "{s}");
+    assert_eq!(s["upstream"]["resyncs"], 1, "{s}");
+    let log = std::fs::read_to_string(data.join("node-stderr.log")).unwrap();
+    assert!(
+        log.contains("cannot rewind; asking for a snapshot instead"),
+        "told to rewind first: {log}"
+    );
 }

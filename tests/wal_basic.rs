@@ -138,7 +138,7 @@ fn large_batches_read_back_the_same_from_memory_and_disk() {
         }
         let records = read_all_records(&wal).await;
         assert_eq!(records.len(), 16 * 40);
-        let mut next = vec![0; 16];
+        let mut next = [0; 16];
         for r in &records {
             let (who, seq) = parse_body(&r.body).expect("a body as appended");
             assert_eq!(r.body.len(), 60 << 10);

@@ -67,8 +67,11 @@ pub enum FrameKind {
     /// Either way: a refusal, the payload a UTF-8 reason; the connection
     /// ends after it.
     Refuse = 5,
-    /// Downstream → upstream, before its Hellos: send this shard's newest
-    /// snapshot whatever the position (a re-sync asked for); no payload.
+    /// Downstream → upstream, before its Hellos: re-sync this shard (asked
+    /// for by an operator); no payload. With `start_lsn` 0 the upstream may
+    /// answer with a [`FrameKind::Rewind`] when the epoch histories locate
+    /// where the logs part; with 1, or otherwise, it sends its newest
+    /// snapshot whatever the position.
     Resync = 6,
     /// Upstream → downstream: a piece of a snapshot file; `start_lsn` is
     /// the piece's byte offset in the file.
@@ -80,6 +83,12 @@ pub enum FrameKind {
     /// status page says of them), so cascaded replicas appear under their
     /// upstream's upstream.
     Report = 9,
+    /// Upstream → downstream, answering a `Resync` (start 0): the logs part
+    /// at `start_lsn` (where the epoch histories differ, a record boundary
+    /// of both). The downstream rewinds its log to it, keeping the records
+    /// past it aside, and says Hello again from there; only the divergent
+    /// suffix is then sent. No payload; the stream ends after it.
+    Rewind = 10,
 }
 
 impl FrameKind {
@@ -94,6 +103,7 @@ impl FrameKind {
             7 => Some(Self::Snapshot),
             8 => Some(Self::SnapshotEnd),
             9 => Some(Self::Report),
+            10 => Some(Self::Rewind),
             _ => None,
         }
     }

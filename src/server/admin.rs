@@ -363,6 +363,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
             "lag_seconds": if lag == 0 { 0.0 } else { link.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()) },
             "clock_skew_ms": link.clock_skew_micros as f64 / 1000.0,
             "resyncs": link.resyncs,
+            "rewinds": link.rewinds,
         })
     } else {
         serde_json::Value::Null

@@ -157,9 +157,11 @@ impl Shared {
         }
     }
 
-    /// Re-syncs this replica from its upstream's snapshots: the next link
-    /// asks for them, and a follower stopped by a refusal (divergence) is
-    /// started again. The old logs are kept aside (`quarantine-*/`).
+    /// Re-syncs this replica from its upstream: the next link asks for it,
+    /// and a follower stopped by a refusal (divergence) is started again.
+    /// Each shard is rewound to where its log parts from the upstream's
+    /// when the epoch histories tell, else replaced by the upstream's
+    /// snapshot; what is replaced is kept aside (`quarantine-*/`).
     fn resync(self: &Arc<Self>) -> Result<String, &'static str> {
         let upstream = self.replica_of();
         if upstream.is_empty() {

@@ -13,7 +13,9 @@
 //! position the upstream cannot continue (a different chain at that LSN, a
 //! log ahead of the upstream's, another cluster, a later epoch) gets a
 //! `Refuse` naming why, and the downstream stops and reports it rather than
-//! truncating anything; an operator may re-sync it.
+//! truncating anything; an operator may re-sync it: where the epoch
+//! histories locate the fork, it is told to `Rewind` there (the suffix kept
+//! aside, only what follows streamed again), else it gets a snapshot.
 //!
 //! Writes that wait for replicas (`replicated(k)`, `all`, `applied(k)`)
 //! are in `commit.rs`; the acks read here wake them. ARCHITECTURE.md walks
@@ -135,6 +137,8 @@ pub(super) struct Upstream {
     pub clock_skew_micros: i64,
     /// Shards re-synced from an upstream snapshot since this node started.
     pub resyncs: u64,
+    /// Shards rewound to where their log parted from the upstream's.
+    pub rewinds: u64,
 }
 
 /// Where a replica writes the pieces of a snapshot it receives, in the
@@ -207,8 +211,9 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         // One Hello per shard, first, within a few seconds: a downstream
         // with another shard count sends too many or too few.
         let mut hellos: BTreeMap<u32, Hello> = BTreeMap::new();
-        // Shards whose downstream asked for a snapshot whatever its position.
-        let mut resync = std::collections::BTreeSet::new();
+        // Shards whose downstream asked to be re-synced, and whether only a
+        // snapshot will do (else a rewind to where the logs part may).
+        let mut resync: BTreeMap<u32, bool> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while hellos.len() < shard_count as usize {
             let next = glommio::timer::timeout(
@@ -223,8 +228,8 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 )),
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(e)) => return Err(e),
-                Ok(Ok(Some((FrameKind::Resync, shard, _, _, _)))) if shard < shard_count => {
-                    resync.insert(shard);
+                Ok(Ok(Some((FrameKind::Resync, shard, _, start, _)))) if shard < shard_count => {
+                    resync.insert(shard, start != 0);
                     None
                 }
                 Ok(Ok(Some((kind, shard, _, _, payload)))) => {
@@ -267,15 +272,28 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let mut verified = Vec::new();
         // Per shard, this node's current epoch: what every frame carries.
         let mut current = Vec::new();
+        // Shards to rewind to where the logs part, instead of a snapshot.
+        let mut rewinds = Vec::new();
         for (shard, hello) in &hellos {
             let Some(s) = stats.iter().find(|s| s.shard == *shard) else {
                 return Err(io_err(format!("shard {shard} is not open here")));
             };
             let theirs = hello.history.last().map_or(0, |(e, _)| *e);
             epoch = epoch.max(theirs);
+            // A re-sync where the epoch histories locate the fork inside
+            // what this node holds: only the suffix past it is replaced.
+            let rewind_to = match resync.get(shard) {
+                Some(false) if theirs <= s.epoch => fork_point(&s.epochs, &hello.history)
+                    .filter(|f| *f < hello.lsn && *f >= s.first_lsn && *f <= s.durable_lsn),
+                _ => None,
+            };
+            if let Some(f) = rewind_to {
+                rewinds.push((*shard, f, s.epoch));
+                continue;
+            }
             // Behind what this node still holds, or asked for: it gets the
             // newest snapshot, then the records after it.
-            let wants_snapshot = resync.contains(shard) || hello.lsn < s.first_lsn;
+            let wants_snapshot = resync.contains_key(shard) || hello.lsn < s.first_lsn;
             let mut range = None;
             let problem = if theirs > s.epoch {
                 Some(format!(
@@ -317,6 +335,16 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 chain: hello.chain,
                 epoch: theirs,
             });
+        }
+        if !rewinds.is_empty() {
+            // It rewinds, then says Hello again from the fork; the shards
+            // still to re-sync by snapshot are asked for again then.
+            for (shard, f, epoch) in rewinds {
+                tracing::info!(downstream = %node_id, shard, lsn = f, "telling the downstream to rewind to where the logs part");
+                writer.write_all(&frame(FrameKind::Rewind, shard, epoch, f, &[])).await?;
+            }
+            writer.flush().await?;
+            return Ok(());
         }
         let at: Vec<u64> = pos.iter().map(|p| p.lsn).collect();
         let status = Downstream {
@@ -839,8 +867,9 @@ pub(super) async fn follow(shared: Arc<Shared>, upstream: String, generation: u6
     let current = |shared: &Shared| {
         !shared.stopping() && shared.follow_generation.load(Ordering::Acquire) == generation
     };
+    let mut plan = ResyncPlan::default();
     while current(&shared) {
-        let result = follow_once(&shared, &upstream, generation).await;
+        let result = follow_once(&shared, &upstream, generation, &mut plan).await;
         if !current(&shared) {
             return;
         }
@@ -868,7 +897,21 @@ pub(super) async fn follow(shared: Arc<Shared>, upstream: String, generation: u6
     }
 }
 
-async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> Result<(), String> {
+/// What a replica still has to re-sync, across the links of one follower.
+#[derive(Debug, Default)]
+struct ResyncPlan {
+    /// Shards an operator asked to re-sync that are not yet done.
+    pending: std::collections::BTreeSet<u32>,
+    /// Of those, the shards a rewind could not serve: a snapshot only.
+    snapshot_only: std::collections::BTreeSet<u32>,
+}
+
+async fn follow_once(
+    shared: &Arc<Shared>,
+    upstream: &str,
+    generation: u64,
+    plan: &mut ResyncPlan,
+) -> Result<(), String> {
     let mut stream = TcpStream::connect(upstream)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -911,7 +954,7 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     let theirs = u128::from_str_radix(rest.trim(), 16)
         .map(u128::to_be_bytes)
         .map_err(|_| format!("upstream answered {:?}: no cluster id", answer.trim()))?;
-    let resync = shared.resync_requested.load(Ordering::Acquire);
+    let resync = shared.resync_requested.load(Ordering::Acquire) || !plan.pending.is_empty();
     let ours = shared.cluster();
     // A node that holds no record yet (a fresh primary pointed elsewhere by
     // REPLICAOF) has nothing to lose by joining.
@@ -947,10 +990,21 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     let stats = shared.engine.stats().await.map_err(|x| x.to_string())?;
     let mut hellos = Vec::new();
     if shared.resync_requested.swap(false, Ordering::AcqRel) {
-        // An operator asked for a re-sync: every shard from a snapshot.
-        for s in &stats {
-            hellos.extend(frame(FrameKind::Resync, s.shard, s.epoch, 0, &[]));
-        }
+        // An operator asked for a re-sync: every shard, by a rewind to
+        // where its log parts from the upstream's if the epoch histories
+        // tell, else from a snapshot.
+        plan.pending = stats.iter().map(|s| s.shard).collect();
+        plan.snapshot_only.clear();
+    }
+    for s in stats.iter().filter(|s| plan.pending.contains(&s.shard)) {
+        let snapshot_only = u64::from(plan.snapshot_only.contains(&s.shard));
+        hellos.extend(frame(
+            FrameKind::Resync,
+            s.shard,
+            s.epoch,
+            snapshot_only,
+            &[],
+        ));
     }
     for s in &stats {
         let hello = Hello {
@@ -994,6 +1048,8 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
     let mut expect: Vec<u64> = stats.iter().map(|s| s.next_lsn).collect();
     let mut reported = Instant::now();
     let mut incoming: Option<std::fs::File> = None;
+    // Shards rewound on this link: the upstream ends it after telling.
+    let mut rewound = Vec::new();
     loop {
         if let Some(why) = failure.borrow_mut().take() {
             return Err(why);
@@ -1025,6 +1081,10 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
         let Some((kind, shard, epoch, start, payload)) = next else {
             return if shared.stopping() {
                 Ok(())
+            } else if !rewound.is_empty() {
+                Err(format!(
+                    "rewound (shard, lsn) {rewound:?} to where the logs part; following again from there"
+                ))
             } else {
                 Err("upstream closed".into())
             };
@@ -1039,6 +1099,7 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                 | FrameKind::Heartbeat
                 | FrameKind::Snapshot
                 | FrameKind::SnapshotEnd
+                | FrameKind::Rewind
         ) {
             if i >= seen.len() {
                 return Err(format!(
@@ -1149,6 +1210,8 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                         format!("shard {shard}: installing the upstream's snapshot: {x}")
                     })?;
                 expect[i] = installed.lsn;
+                plan.pending.remove(&shard);
+                plan.snapshot_only.remove(&shard);
                 if let Ok(mut u) = shared.upstream.lock() {
                     if let Some(a) = u.applied.get_mut(i) {
                         *a = installed.lsn;
@@ -1166,6 +1229,36 @@ async fn follow_once(shared: &Arc<Shared>, upstream: &str, generation: u64) -> R
                 let applying = Applying::Done(shard, epoch, ack);
                 if tx.send(applying).await.is_err() {
                     return Err("the ack task ended".into());
+                }
+            }
+            FrameKind::Rewind if plan.pending.contains(&shard) => {
+                // The epoch histories part at `start`: what this node holds
+                // past it is not the upstream's history. Kept aside, never
+                // dropped; if it cannot be done here, a snapshot is asked
+                // for on the next link.
+                match shared.engine.rewind(shard, start).await {
+                    Ok(at) => {
+                        tracing::warn!(
+                            shard,
+                            lsn = at.lsn,
+                            "rewound to where the log parts from the upstream's; the records past it are kept aside"
+                        );
+                        plan.pending.remove(&shard);
+                        rewound.push((shard, at.lsn));
+                        if let Ok(mut u) = shared.upstream.lock() {
+                            u.rewinds += 1;
+                            if let Some(a) = u.applied.get_mut(i) {
+                                *a = at.lsn;
+                            }
+                        }
+                    }
+                    Err(x) => {
+                        tracing::warn!(shard, lsn = start, error = %x, "cannot rewind; asking for a snapshot instead");
+                        plan.snapshot_only.insert(shard);
+                        return Err(format!(
+                            "shard {shard}: rewinding to lsn {start}: {x}; a snapshot re-sync follows"
+                        ));
+                    }
                 }
             }
             FrameKind::Heartbeat => {
