@@ -1066,8 +1066,27 @@ async fn rewind_shard(
     lsn: u64,
     opening: &Opening,
 ) -> Result<Expect, EngineError> {
-    let rewound = super::rewind::rewind_files(&opening.dir, opening.wal.log, lsn)
-        .map_err(|why| EngineError::Meta(format!("rewind of shard {shard} to lsn {lsn}: {why}")))?;
+    let refused =
+        |why: String| EngineError::Meta(format!("rewind of shard {shard} to lsn {lsn}: {why}"));
+    let plan = super::rewind::plan_rewind(&opening.dir, opening.wal.log, lsn).map_err(refused)?;
+    if let Some(name) = &plan.base_snapshot {
+        // The state is rebuilt from it: it must load before the snapshots
+        // past the cut are moved aside.
+        let storage = DmaStorage::open(&opening.dir, opening.policy).await?;
+        let verified = crate::state::verify_snapshot::<_, crate::state::KvState>(
+            &storage,
+            opening.wal.log,
+            name,
+        )
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+        verified.map_err(|why| {
+            refused(format!(
+                "{name}, the snapshot to rebuild from, does not load: {why}"
+            ))
+        })?;
+    }
+    let rewound = super::rewind::apply_rewind(plan).map_err(refused)?;
     tracing::warn!(shard, lsn, old_end = rewound.old_end, quarantine = %rewound.quarantine.display(),
         files = ?rewound.files, "rewound the log; the records past the cut are kept aside");
     let opened = reopen(opening).await?;

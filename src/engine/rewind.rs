@@ -6,18 +6,21 @@
 //! Cheaper than a snapshot re-sync (the common prefix stays, only the
 //! divergent suffix is streamed again) and never a silent truncate:
 //!
-//! 1. The plan is checked before anything is touched: the LSN is a record
-//!    boundary of the log, and a base to rebuild the state from remains (a
-//!    snapshot at or below it that the log still covers, or a log from 0).
-//! 2. Into `quarantine-<unix ms>/` go a copy of the segment holding the cut,
-//!    every later segment and every snapshot past the cut (their state holds
-//!    the divergent writes), with `REWIND.txt` saying what they are.
-//! 3. The segment holding the cut is replaced, by rename, with a copy of its
-//!    bytes up to the cut followed by zeros.
+//! 1. [`plan_rewind`] checks, before anything is touched, that the LSN is
+//!    where a record ends and that a base to rebuild the state from remains
+//!    (a snapshot at or below it that the log still covers, verified by the
+//!    caller, or a log from 0).
+//! 2. [`apply_rewind`] copies the segment holding the cut into
+//!    `quarantine-<unix ms>/` and writes, beside the live one, that segment
+//!    cut back (its bytes up to the cut, then zeros); then moves into the
+//!    quarantine the snapshots past the cut, then the later segments,
+//!    newest first; then renames the cut-back segment over the live one.
+//!    The directory is synced after every step.
 //!
-//! A crash between the steps leaves either the old log (minus later
-//! segments, so it ends inside the cut segment) or the rewound one: both
-//! open, and the state is rebuilt from what remains when the shard opens.
+//! Whatever step a crash interrupts, what the shard directory holds is a
+//! prefix of the old log at least as long as the cut, with the base and no
+//! snapshot past its end: it opens, and serves the old (divergent) state
+//! until a re-sync is asked for again, which rewinds again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,10 +66,28 @@ fn list(dir: &Path) -> std::io::Result<Listing> {
     })
 }
 
-/// Rewinds the log in `dir` (a closed shard's directory) to `lsn`. The
-/// error says why nothing was changed, or, past the checks, which step
-/// failed.
-pub(super) fn rewind_files(dir: &Path, log: LogId, lsn: u64) -> Result<Rewound, String> {
+/// A rewind checked and ready to apply.
+#[derive(Debug)]
+pub(super) struct RewindPlan {
+    dir: PathBuf,
+    lsn: u64,
+    old_end: u64,
+    cut_base: u64,
+    cut_name: String,
+    /// The cut segment's bytes and the cut's offset in them, unless the cut
+    /// is at the start of a segment (the whole segment is suffix).
+    cut_bytes: Option<(Vec<u8>, usize)>,
+    /// Segments past the cut, oldest first.
+    later: Vec<String>,
+    /// Snapshots past the cut.
+    snapshots_after: Vec<String>,
+    /// The snapshot the state is rebuilt from (`None`: a log from 0).
+    pub base_snapshot: Option<String>,
+}
+
+/// Checks a rewind of the log in `dir` (a closed shard's directory) to
+/// `lsn`; changes nothing. The error says why it cannot be done.
+pub(super) fn plan_rewind(dir: &Path, log: LogId, lsn: u64) -> Result<RewindPlan, String> {
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let files = list(dir).map_err(|e| io("listing the shard directory", e))?;
     let Some(first_base) = files.segments.first().map(|(b, _)| *b) else {
@@ -119,33 +140,68 @@ pub(super) fn rewind_files(dir: &Path, log: LogId, lsn: u64) -> Result<Rewound, 
         };
         cut_bytes = Some((bytes, offset_of(cut_base, lsn) as usize));
     }
-    let later: Vec<&String> = files.segments[at + usize::from(!whole)..]
+    let later: Vec<String> = files.segments[at + usize::from(!whole)..]
         .iter()
-        .map(|(_, n)| n)
+        .map(|(_, n)| n.clone())
         .collect();
     if later.is_empty() && old_end == lsn {
         return Err(format!("the log already ends at lsn {lsn}"));
     }
+    Ok(RewindPlan {
+        dir: dir.to_path_buf(),
+        lsn,
+        old_end,
+        cut_base,
+        cut_name,
+        cut_bytes,
+        later,
+        snapshots_after: files
+            .snapshots
+            .iter()
+            .filter(|(s, _)| *s > lsn)
+            .map(|(_, n)| n.clone())
+            .collect(),
+        base_snapshot: base_snapshot.map(|(_, n)| n.clone()),
+    })
+}
+
+/// Applies a checked rewind, in the order the module doc gives.
+pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    let RewindPlan {
+        dir,
+        lsn,
+        old_end,
+        cut_base,
+        cut_name,
+        cut_bytes,
+        later,
+        snapshots_after,
+        ..
+    } = plan;
+    let dir = dir.as_path();
+    let cut_path = dir.join(&cut_name);
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let quarantine = dir.join(format!("quarantine-{millis}"));
     std::fs::create_dir_all(&quarantine).map_err(|e| io("creating the quarantine", e))?;
     let mut kept = Vec::new();
-    if cut_bytes.is_some() {
-        let copy = quarantine.join(&cut_name);
-        std::fs::copy(&cut_path, &copy)
-            .and_then(|_| std::fs::File::open(&copy)?.sync_all())
-            .map_err(|e| io("copying the segment holding the cut", e))?;
-        kept.push(cut_name.clone());
-    }
+    let held = if cut_bytes.is_some() {
+        format!(
+            "They are in the segment files here, the log's own files as they were (`tidewal wal \
+             inspect` reads them; the records before lsn {lsn} in {} are also still in the live log)",
+            segment_file_name(cut_base)
+        )
+    } else {
+        "They are in the segment files here, the log's own files as they were (`tidewal wal \
+         inspect` reads them)"
+            .to_string()
+    };
     let note = format!(
-        "A rewind of this shard's log to lsn {lsn} (it ended at {old_end}): the records from lsn {lsn} on \
-         were not on the upstream's history. They are in the segment files here ({}), which are \
-         the log's own files as they were (`tidewal wal inspect` reads them; the records before \
-         lsn {lsn} in the first one are also still in the live log), beside the snapshots taken \
-         past the cut.\n",
-        segment_file_name(cut_base)
+        "A rewind of this shard's log to lsn {lsn} (it ended at {old_end}): the records from lsn \
+         {lsn} on were not on the upstream's history. {held}, beside the snapshots taken past \
+         the cut.\n"
     );
     std::fs::File::create(quarantine.join("REWIND.txt"))
         .and_then(|mut f| {
@@ -153,31 +209,35 @@ pub(super) fn rewind_files(dir: &Path, log: LogId, lsn: u64) -> Result<Rewound, 
             f.sync_all()
         })
         .map_err(|e| io("writing REWIND.txt", e))?;
-    for name in later.into_iter().chain(
-        files
-            .snapshots
-            .iter()
-            .filter(|(s, _)| *s > lsn)
-            .map(|(_, n)| n),
-    ) {
-        std::fs::rename(dir.join(name), quarantine.join(name))
-            .map_err(|e| io("moving aside", e))?;
-        kept.push(name.clone());
-    }
-    sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
-    sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
+    let tmp = dir.join(format!("{cut_name}.rewind"));
     if let Some((mut bytes, cut)) = cut_bytes {
+        let copy = quarantine.join(&cut_name);
+        std::fs::write(&copy, &bytes)
+            .and_then(|_| std::fs::File::open(&copy)?.sync_all())
+            .map_err(|e| io("copying the segment holding the cut", e))?;
+        kept.push(cut_name.clone());
         bytes[cut..].fill(0);
-        let tmp = dir.join(format!("{cut_name}.rewind"));
         std::fs::File::create(&tmp)
             .and_then(|mut f| {
                 f.write_all(&bytes)?;
                 f.sync_all()
             })
             .map_err(|e| io("writing the rewound segment", e))?;
+    }
+    sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
+    // Snapshots past the cut first (the log still holds them), then the
+    // later segments newest first: each step leaves a prefix of the log.
+    for name in snapshots_after.iter().chain(later.iter().rev()) {
+        std::fs::rename(dir.join(name), quarantine.join(name))
+            .map_err(|e| io("moving aside", e))?;
+        sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
+        kept.push(name.clone());
+    }
+    if tmp.exists() {
         std::fs::rename(&tmp, &cut_path).map_err(|e| io("replacing the segment", e))?;
         sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
     }
+    sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
     Ok(Rewound {
         quarantine,
         old_end,

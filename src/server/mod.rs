@@ -169,7 +169,7 @@ impl Shared {
         }
         self.resync_requested.store(true, Ordering::Release);
         let generation = self.set_upstream(&upstream);
-        tracing::warn!(%upstream, "re-sync from the upstream's snapshots requested");
+        tracing::warn!(%upstream, "re-sync from the upstream requested (a rewind where the epoch histories locate the fork, else a snapshot)");
         glommio::spawn_local(replication::follow(
             self.clone(),
             upstream.clone(),

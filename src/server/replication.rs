@@ -283,8 +283,13 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             // A re-sync where the epoch histories locate the fork inside
             // what this node holds: only the suffix past it is replaced.
             let rewind_to = match resync.get(shard) {
-                Some(false) if theirs <= s.epoch => fork_point(&s.epochs, &hello.history)
-                    .filter(|f| *f < hello.lsn && *f >= s.first_lsn && *f <= s.durable_lsn),
+                Some(false) if theirs <= s.epoch => rewind_point(
+                    &s.epochs,
+                    &hello.history,
+                    hello.lsn,
+                    s.first_lsn,
+                    s.durable_lsn,
+                ),
                 _ => None,
             };
             if let Some(f) = rewind_to {
@@ -1419,6 +1424,24 @@ pub(super) fn fork_point(ours: &[(u64, u64)], theirs: &[(u64, u64)]) -> Option<u
         .find(|lsn| epoch_at(ours, *lsn) != epoch_at(theirs, *lsn))
 }
 
+/// Where a re-synced downstream may rewind to instead of taking a
+/// snapshot: where the epoch histories part, when they agree before it (so
+/// that it is where they part, not merely where the shorter history
+/// starts), inside what this node holds (`first_lsn..=durable`), and below
+/// the downstream's end. The downstream still checks that it is a record
+/// boundary of its log, and this node the chain there when it says Hello.
+pub(super) fn rewind_point(
+    ours: &[(u64, u64)],
+    theirs: &[(u64, u64)],
+    their_end: u64,
+    first_lsn: u64,
+    durable: u64,
+) -> Option<u64> {
+    let known = ours.first()?.1.max(theirs.first()?.1);
+    fork_point(ours, theirs)
+        .filter(|f| *f > known && *f < their_end && *f >= first_lsn && *f <= durable)
+}
+
 /// The refusal of a diverged downstream: where its log parts from this
 /// node's, as far as the epoch histories tell, and where it ends.
 fn diverged(
@@ -1520,7 +1543,38 @@ pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::fork_point;
+    use super::{fork_point, rewind_point};
+
+    #[test]
+    fn a_rewind_goes_only_where_the_histories_part_after_agreeing() {
+        // An old primary that kept writing in epoch 1 past where epoch 2
+        // began on the promoted node: back to 500.
+        assert_eq!(
+            rewind_point(&[(1, 0), (2, 500)], &[(1, 0)], 900, 0, 1000),
+            Some(500)
+        );
+        // This node released below 1000: its history starts there, in
+        // epoch 2, and says nothing of where the logs parted before it.
+        assert_eq!(
+            rewind_point(&[(2, 1000)], &[(1, 0)], 2000, 1000, 3000),
+            None
+        );
+        // Not below the downstream's end, not in what this node holds.
+        assert_eq!(
+            rewind_point(&[(1, 0), (2, 500)], &[(1, 0)], 500, 0, 1000),
+            None
+        );
+        assert_eq!(
+            rewind_point(&[(1, 0), (2, 500)], &[(1, 0)], 900, 600, 1000),
+            None
+        );
+        assert_eq!(
+            rewind_point(&[(1, 0), (2, 500)], &[(1, 0)], 900, 0, 400),
+            None
+        );
+        // The same history: nothing to rewind by epochs.
+        assert_eq!(rewind_point(&[(1, 0)], &[(1, 0)], 900, 0, 1000), None);
+    }
 
     #[test]
     fn fork_points_of_epoch_histories() {

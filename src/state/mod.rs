@@ -17,7 +17,7 @@ use std::ops::Bound;
 use bytes::Bytes;
 
 pub use op::{BatchHeader, KEY_BYTES_MAX, Op, OpHeader, decode_batch, encode_batch};
-pub use snapshot::{LoadedSnapshot, list_snapshots, load_newest, write_snapshot};
+pub use snapshot::{LoadedSnapshot, list_snapshots, load_newest, verify_snapshot, write_snapshot};
 
 /// Errors of the state layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

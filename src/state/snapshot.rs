@@ -153,6 +153,16 @@ pub async fn load_newest<S: Storage, M: StateMachine>(
     Ok((None, skipped))
 }
 
+/// Whether the snapshot `name` loads (its header, every block, its entry
+/// count): `Ok(Err(why))` when it does not.
+pub async fn verify_snapshot<S: Storage, M: StateMachine>(
+    storage: &S,
+    log: LogId,
+    name: &str,
+) -> Result<Result<(), String>, IoError> {
+    Ok(load::<S, M>(storage, log, name).await?.map(|_| ()))
+}
+
 /// Loads one snapshot: an I/O error is an error; damage is `Ok(Err(why))`.
 async fn load<S: Storage, M: StateMachine>(
     storage: &S,

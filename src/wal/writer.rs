@@ -317,9 +317,12 @@ impl State {
         }
     }
 
-    /// Keeps an emptied staging buffer for a later run.
+    /// Keeps an emptied staging buffer for a later run, unless it grew far
+    /// past a batch (one oversized record): reused, it would be charged its
+    /// whole capacity in the recent cache again and again.
     pub fn recycle(&mut self, bytes: Vec<u8>) {
-        if self.free.len() < FREE_BUFFERS_MAX {
+        let fits = bytes.capacity() <= 2 * self.options.batch_bytes_max;
+        if fits && self.free.len() < FREE_BUFFERS_MAX {
             self.free.push(bytes);
         }
     }
