@@ -8,8 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::disk_dir;
 use common::node::NodeProcess;
+use common::{disk_dir, quarantined};
 use redis::Commands;
 use serde_json::Value;
 
@@ -657,25 +657,6 @@ fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
     let mut ac = a.client();
     let _: () = ac.set("after-restart", 1).unwrap();
     assert_eq!(ac.get::<_, i64>("after-promotion").unwrap(), 1);
-}
-
-/// Paths of the files of every shard directory's quarantine under a
-/// node's data dir.
-fn quarantined(dir: &std::path::Path) -> Vec<String> {
-    let mut found = Vec::new();
-    for shard in std::fs::read_dir(dir).unwrap().flatten() {
-        if !shard.file_name().to_string_lossy().starts_with("shard-") {
-            continue;
-        }
-        for q in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            if q.file_name().to_string_lossy().starts_with("quarantine-") {
-                for f in std::fs::read_dir(q.path()).unwrap().flatten() {
-                    found.push(f.path().display().to_string());
-                }
-            }
-        }
-    }
-    found
 }
 
 #[test]

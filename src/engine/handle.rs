@@ -130,17 +130,11 @@ enum Request {
         hold: u64,
         reply: Reply<u64>,
     },
-    /// Replace the shard with a snapshot file from an upstream.
-    Install {
+    /// Close the shard, change its files (install an upstream's snapshot,
+    /// or rewind its log) and open it again.
+    Swap {
         shard: u32,
-        file: PathBuf,
-        expect: Expect,
-        reply: Reply<Expect>,
-    },
-    /// Rewind the shard's log to an earlier record boundary.
-    Rewind {
-        shard: u32,
-        lsn: u64,
+        swap: Swap,
         reply: Reply<Expect>,
     },
     Replicate {
@@ -642,10 +636,9 @@ impl Engine {
     /// its upstream no longer holds the records it needs, or when it is
     /// re-synced after a divergence. Returns the shard's new position.
     pub fn install_snapshot(&self, shard: u32, file: PathBuf, expect: Expect) -> Answer<Expect> {
-        self.answer(shard, |reply| Request::Install {
+        self.answer(shard, |reply| Request::Swap {
             shard,
-            file,
-            expect,
+            swap: Swap::Install { file, expect },
             reply,
         })
     }
@@ -661,7 +654,11 @@ impl Engine {
     /// rebuild the state from remains (then only a snapshot re-sync helps).
     /// Returns the shard's new position.
     pub fn rewind(&self, shard: u32, lsn: u64) -> Answer<Expect> {
-        self.answer(shard, |reply| Request::Rewind { shard, lsn, reply })
+        self.answer(shard, |reply| Request::Swap {
+            shard,
+            swap: Swap::Rewind { lsn },
+            reply,
+        })
     }
 
     /// Makes everything durable, stops the executors and waits for them.
@@ -863,12 +860,7 @@ async fn run_executor(
                 f();
                 continue;
             }
-            Request::Install {
-                shard,
-                file,
-                expect,
-                reply,
-            } => {
+            Request::Swap { shard, swap, reply } => {
                 let place = places.get(&shard).cloned();
                 let result = match place {
                     Some((dir, wal)) => {
@@ -878,25 +870,6 @@ async fn run_executor(
                             policy,
                             sync_mode,
                         };
-                        let swap = Swap::Install { file, expect };
-                        swap_shard(&mut owned, shard, swap, opened, &in_flight).await
-                    }
-                    None => Err(EngineError::Closed),
-                };
-                let _ = reply.send(result);
-                continue;
-            }
-            Request::Rewind { shard, lsn, reply } => {
-                let place = places.get(&shard).cloned();
-                let result = match place {
-                    Some((dir, wal)) => {
-                        let opened = Opening {
-                            dir,
-                            wal,
-                            policy,
-                            sync_mode,
-                        };
-                        let swap = Swap::Rewind { lsn };
                         swap_shard(&mut owned, shard, swap, opened, &in_flight).await
                     }
                     None => Err(EngineError::Closed),
@@ -1283,11 +1256,7 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             };
             let _ = reply.send(result);
         }
-        Request::Close { .. }
-        | Request::Run(_)
-        | Request::Stats { .. }
-        | Request::Install { .. }
-        | Request::Rewind { .. } => {
+        Request::Close { .. } | Request::Run(_) | Request::Stats { .. } | Request::Swap { .. } => {
             unreachable!("handled by the executor loop")
         }
     }

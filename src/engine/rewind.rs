@@ -168,26 +168,16 @@ pub(super) fn plan_rewind(dir: &Path, log: LogId, lsn: u64) -> Result<RewindPlan
 /// Applies a checked rewind, in the order the module doc gives.
 pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    let RewindPlan {
-        dir,
-        lsn,
-        old_end,
-        cut_base,
-        cut_name,
-        cut_bytes,
-        later,
-        snapshots_after,
-        ..
-    } = plan;
-    let dir = dir.as_path();
-    let cut_path = dir.join(&cut_name);
+    let (dir, lsn, old_end) = (plan.dir.as_path(), plan.lsn, plan.old_end);
+    let (cut_base, cut_name) = (plan.cut_base, &plan.cut_name);
+    let cut_path = dir.join(cut_name);
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let quarantine = dir.join(format!("quarantine-{millis}"));
     std::fs::create_dir_all(&quarantine).map_err(|e| io("creating the quarantine", e))?;
     let mut kept = Vec::new();
-    let held = if cut_bytes.is_some() {
+    let held = if plan.cut_bytes.is_some() {
         format!(
             "They are in the segment files here, the log's own files as they were (`tidewal wal \
              inspect` reads them; the records before lsn {lsn} in {} are also still in the live log)",
@@ -210,8 +200,8 @@ pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
         })
         .map_err(|e| io("writing REWIND.txt", e))?;
     let tmp = dir.join(format!("{cut_name}.rewind"));
-    if let Some((mut bytes, cut)) = cut_bytes {
-        let copy = quarantine.join(&cut_name);
+    if let Some((mut bytes, cut)) = plan.cut_bytes {
+        let copy = quarantine.join(cut_name);
         std::fs::write(&copy, &bytes)
             .and_then(|_| std::fs::File::open(&copy)?.sync_all())
             .map_err(|e| io("copying the segment holding the cut", e))?;
@@ -227,7 +217,7 @@ pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
     sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
     // Snapshots past the cut first (the log still holds them), then the
     // later segments newest first: each step leaves a prefix of the log.
-    for name in snapshots_after.iter().chain(later.iter().rev()) {
+    for name in plan.snapshots_after.iter().chain(plan.later.iter().rev()) {
         std::fs::rename(dir.join(name), quarantine.join(name))
             .map_err(|e| io("moving aside", e))?;
         sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;

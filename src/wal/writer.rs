@@ -150,7 +150,8 @@ pub(super) struct State {
     next_ticket: u64,
     pub free: Vec<Vec<u8>>,
     /// The batches written most recently, newest last, as shared bytes
-    /// (one copy per batch): what replication sends while it keeps up,
+    /// (a small batch copied once, a large one moved in): what
+    /// replication sends while it keeps up,
     /// without reading the disk and without a copy per replica.
     /// Each with the bytes of memory it is charged for.
     recent: VecDeque<(Expect, Bytes, usize)>,

@@ -235,3 +235,22 @@ impl Backend for Disk {
             .collect()
     }
 }
+
+/// Paths of the files of every shard directory's quarantine under a
+/// node's data dir.
+pub fn quarantined(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for shard in std::fs::read_dir(dir).unwrap().flatten() {
+        if !shard.file_name().to_string_lossy().starts_with("shard-") {
+            continue;
+        }
+        for q in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            if q.file_name().to_string_lossy().starts_with("quarantine-") {
+                for f in std::fs::read_dir(q.path()).unwrap().flatten() {
+                    found.push(f.path().display().to_string());
+                }
+            }
+        }
+    }
+    found
+}
