@@ -848,10 +848,15 @@ impl Reactor {
 
     /// Polls for I/O, but does not change any timer registration.
     ///
+    /// Has the kernel post the completions that `IORING_SETUP_COOP_TASKRUN`
+    /// held back, without waiting. (tidewal's patch.)
+    pub(crate) fn run_task_work(&self) {
+        self.sys.run_task_work();
+    }
+
     /// This doesn't ever sleep, and does not touch the preemption timer.
     pub(crate) fn spin_poll_io(&self) -> io::Result<bool> {
         let mut woke = 0;
-        self.sys.run_task_work();
         self.sys.poll_io(&mut woke)?;
         woke += self.process_timers().1;
         woke += self.process_shared_channels();

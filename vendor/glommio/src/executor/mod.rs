@@ -1501,6 +1501,10 @@ impl LocalExecutor {
                                     .expect("Failed to park! This is actually pretty bad!");
                                 break;
                             }
+                            // A spinning executor makes no system call of its
+                            // own: enter the kernel so that completions held
+                            // back by COOP_TASKRUN are posted. (tidewal's patch.)
+                            this.reactor.run_task_work();
                         }
                         // reset the timer for deduct spin loop time
                         pre_time = Instant::now();
