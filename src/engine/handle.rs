@@ -849,11 +849,14 @@ async fn run_executor(
     let _ = ready.send(Ok(()));
     // Engine::open waits until every executor reported or hung up.
     drop(ready);
+    // Shared with the request tasks, so a request costs a reference count,
+    // not a copy of the map; a swap copies it if requests still hold it.
+    let mut owned = Rc::new(owned);
     let in_flight = Rc::new(std::cell::Cell::new(0usize));
     while let Some(request) = rx.recv().await {
         let request = match request {
             Request::Close { reply } => {
-                let _ = reply.send(close_all(owned, &in_flight).await);
+                let _ = reply.send(close_all(unshared(owned), &in_flight).await);
                 return;
             }
             Request::Run(f) => {
@@ -870,7 +873,7 @@ async fn run_executor(
                             policy,
                             sync_mode,
                         };
-                        swap_shard(&mut owned, shard, swap, opened, &in_flight).await
+                        swap_shard(Rc::make_mut(&mut owned), shard, swap, opened, &in_flight).await
                     }
                     None => Err(EngineError::Closed),
                 };
@@ -891,13 +894,23 @@ async fn run_executor(
         counter.set(counter.get() + 1);
         glommio::spawn_local(async move {
             serve(&shards, request).await;
+            // Before the count: close_all finds the map unshared once it is 0.
+            drop(shards);
             counter.set(counter.get() - 1);
         })
         .detach();
     }
     // Every handle is gone without a close: close anyway, so that what was
     // staged at the memory level still reaches the disk.
-    let _ = close_all(owned, &in_flight).await;
+    let _ = close_all(unshared(owned), &in_flight).await;
+}
+
+/// The executor's shards, as a map of its own (a copy while requests still
+/// hold the shared one; close_all waits for them).
+fn unshared(
+    owned: Rc<BTreeMap<u32, Rc<Shard<DmaStorage>>>>,
+) -> BTreeMap<u32, Rc<Shard<DmaStorage>>> {
+    Rc::try_unwrap(owned).unwrap_or_else(|shared| (*shared).clone())
 }
 
 /// How a shard is opened.

@@ -273,6 +273,7 @@ impl Conn {
             inline_bytes_max: 64 << 10,
         };
         let mut input = BytesMut::with_capacity(READ_CHUNK);
+        let mut scratch = vec![0u8; READ_CHUNK];
         let mut parser = resp::Parser::default();
         let mut out = BytesMut::new();
         let flush_at = limits.reply_buffer_bytes_max.min(1 << 20);
@@ -333,10 +334,10 @@ impl Conn {
                 return Ok(None);
             }
             // Read more, looking up now and then whether the node stops.
-            let len = input.len();
-            input.resize(len + READ_CHUNK, 0);
+            // Into a buffer zeroed once, then copied: zeroing a fresh chunk
+            // of `input` for every read cost more than the command.
             let n = loop {
-                match stream.read(&mut input[len..]).await {
+                match stream.read(&mut scratch).await {
                     Ok(n) => break n,
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                         if self.shared.stopping() {
@@ -346,10 +347,10 @@ impl Conn {
                     Err(e) => return Err(e),
                 }
             };
-            input.truncate(len + n);
             if n == 0 {
                 return Ok(None);
             }
+            input.extend_from_slice(&scratch[..n]);
         }
     }
 
