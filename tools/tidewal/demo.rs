@@ -71,6 +71,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             args.shards.to_string(),
             "--executors".into(),
             "1".into(),
+            // The nodes share this machine's cores: none polls while idle.
+            "--spin-us".into(),
+            "0".into(),
         ];
         if args.allow_buffered_io {
             v.push("--allow-buffered-io".into());

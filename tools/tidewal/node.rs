@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// Executors (cores) to run on (default: every allowed core).
     #[arg(long, value_name = "N")]
     executors: Option<u32>,
+    /// Microseconds an idle executor polls before it sleeps (default 200;
+    /// 0 sleeps at once): CPU for latency under light load.
+    #[arg(long, value_name = "US")]
+    spin_us: Option<u64>,
     /// Run even where O_DIRECT is not in effect (tmpfs): not durable.
     #[arg(long)]
     allow_buffered_io: bool,
@@ -108,6 +112,9 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.executors {
         config.engine.executor_count = v;
+    }
+    if let Some(v) = args.spin_us {
+        config.spin_us = v;
     }
     if args.allow_buffered_io {
         config.engine.allow_buffered_io = true;
