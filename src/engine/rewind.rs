@@ -167,6 +167,21 @@ pub(super) fn plan_rewind(dir: &Path, log: LogId, lsn: u64) -> Result<RewindPlan
 
 /// Applies a checked rewind, in the order the module doc gives.
 pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
+    apply_rewind_until(plan, usize::MAX)
+}
+
+/// What a crash after `steps` of [`apply_rewind`]'s durable steps leaves:
+/// it stops there with an error (the tests walk every crash point).
+fn apply_rewind_until(plan: RewindPlan, steps: usize) -> Result<Rewound, String> {
+    let mut done = 0;
+    let mut step = || {
+        done += 1;
+        if done > steps {
+            Err(format!("stopped after {steps} steps"))
+        } else {
+            Ok(())
+        }
+    };
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let (dir, lsn, old_end) = (plan.dir.as_path(), plan.lsn, plan.old_end);
     let (cut_base, cut_name) = (plan.cut_base, &plan.cut_name);
@@ -199,12 +214,14 @@ pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
             f.sync_all()
         })
         .map_err(|e| io("writing REWIND.txt", e))?;
+    step()?;
     let tmp = dir.join(format!("{cut_name}.rewind"));
     if let Some((mut bytes, cut)) = plan.cut_bytes {
         let copy = quarantine.join(cut_name);
         std::fs::write(&copy, &bytes)
             .and_then(|_| std::fs::File::open(&copy)?.sync_all())
             .map_err(|e| io("copying the segment holding the cut", e))?;
+        step()?;
         kept.push(cut_name.clone());
         bytes[cut..].fill(0);
         std::fs::File::create(&tmp)
@@ -213,19 +230,23 @@ pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
                 f.sync_all()
             })
             .map_err(|e| io("writing the rewound segment", e))?;
+        step()?;
     }
     sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
+    step()?;
     // Snapshots past the cut first (the log still holds them), then the
     // later segments newest first: each step leaves a prefix of the log.
     for name in plan.snapshots_after.iter().chain(plan.later.iter().rev()) {
         std::fs::rename(dir.join(name), quarantine.join(name))
             .map_err(|e| io("moving aside", e))?;
         sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
+        step()?;
         kept.push(name.clone());
     }
     if tmp.exists() {
         std::fs::rename(&tmp, &cut_path).map_err(|e| io("replacing the segment", e))?;
         sync_dir(dir).map_err(|e| io("syncing the shard directory", e))?;
+        step()?;
     }
     sync_dir(&quarantine).map_err(|e| io("syncing the quarantine", e))?;
     Ok(Rewound {
@@ -243,4 +264,118 @@ fn log_end_of(dir: &Path, log: LogId, last: &(u64, String)) -> Result<u64, Strin
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, Options, block_on};
+    use crate::format::SegmentHeader;
+    use zerocopy::FromBytes;
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    fn log_of(shard_dir: &Path) -> LogId {
+        let first = list(shard_dir).unwrap().segments[0].1.clone();
+        let bytes = std::fs::read(shard_dir.join(first)).unwrap();
+        let (header, _) = SegmentHeader::read_from_prefix(&bytes).unwrap();
+        LogId {
+            cluster_id: header.cluster_id,
+            shard: header.shard.get(),
+        }
+    }
+
+    /// A crash between any two steps of a rewind leaves a shard that opens
+    /// on a prefix of the old log at least as long as the cut, with a state
+    /// that matches its end; the rewind asked again then completes.
+    #[test]
+    fn a_crash_at_any_step_of_a_rewind_leaves_a_log_that_opens_and_rewinds_again() {
+        let root = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+        let pristine = root.path().join("pristine");
+        let options = || {
+            let mut o = Options::new();
+            o.shard_count = 1;
+            o.executor_count = 1;
+            o.segment_bytes = 256 << 10;
+            o
+        };
+        let engine = Engine::open(&pristine, options()).unwrap();
+        let value = "v".repeat(200);
+        for i in 0..600 {
+            block_on(engine.put(format!("a{i:04}"), value.clone())).unwrap();
+        }
+        block_on(engine.snapshot()).unwrap();
+        for i in 0..300 {
+            block_on(engine.put(format!("b{i:04}"), value.clone())).unwrap();
+        }
+        let cut = block_on(engine.stats()).unwrap()[0].clone();
+        for i in 0..2000 {
+            block_on(engine.put(format!("a{:04}", i % 600), "c".repeat(200))).unwrap();
+            if i == 1000 {
+                block_on(engine.snapshot()).unwrap();
+            }
+        }
+        let end = block_on(engine.stats()).unwrap()[0].clone();
+        block_on(engine.close()).unwrap();
+        let shard = |dir: &Path| dir.join("shard-0000");
+        let log = log_of(&shard(&pristine));
+        assert!(list(&shard(&pristine)).unwrap().segments.len() >= 3);
+
+        let mut steps = 0;
+        loop {
+            let dir = root.path().join(format!("crash-{steps}"));
+            copy_dir(&pristine, &dir);
+            let plan = plan_rewind(&shard(&dir), log, cut.next_lsn).unwrap();
+            let finished = apply_rewind_until(plan, steps).is_ok();
+            let engine = Engine::open(&dir, options())
+                .unwrap_or_else(|e| panic!("after {steps} steps the shard does not open: {e}"));
+            let now = block_on(engine.stats()).unwrap()[0].clone();
+            assert!(
+                (cut.next_lsn..=end.next_lsn).contains(&now.next_lsn),
+                "after {steps} steps the log ends at {}, outside {}..={}",
+                now.next_lsn,
+                cut.next_lsn,
+                end.next_lsn
+            );
+            // The state is the one of the log it opened on.
+            let a0 = block_on(engine.get("a0000")).unwrap().unwrap();
+            if now.next_lsn == cut.next_lsn {
+                assert_eq!(a0, value.as_bytes(), "after {steps} steps");
+            }
+            if now.next_lsn == end.next_lsn {
+                assert_eq!(a0, "c".repeat(200).as_bytes(), "after {steps} steps");
+            }
+            // Asked again (unless the cut is already in place), the rewind
+            // completes.
+            if now.next_lsn != cut.next_lsn {
+                let pos = block_on(engine.rewind(0, cut.next_lsn))
+                    .unwrap_or_else(|e| panic!("after {steps} steps the rewind fails again: {e}"));
+                assert_eq!((pos.lsn, pos.chain), (cut.next_lsn, cut.chain));
+            }
+            let s = block_on(engine.stats()).unwrap()[0].clone();
+            assert_eq!((s.next_lsn, s.chain), (cut.next_lsn, cut.chain));
+            assert_eq!(s.keys, 900, "after {steps} steps");
+            assert_eq!(
+                block_on(engine.get("a0000")).unwrap().as_deref(),
+                Some(value.as_bytes())
+            );
+            block_on(engine.close()).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            if finished {
+                break;
+            }
+            steps += 1;
+        }
+        assert!(steps >= 6, "only {steps} crash points walked");
+    }
 }
