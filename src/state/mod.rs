@@ -52,8 +52,88 @@ pub trait StateMachine: Clone + Default + 'static {
 /// The default state: an ordered map from keys to values.
 #[derive(Debug, Clone, Default)]
 pub struct KvState {
-    map: imbl::OrdMap<Bytes, Bytes>,
+    map: imbl::OrdMap<Key, Bytes>,
     applied_lsn: u64,
+}
+
+/// Longest key held in the map's own nodes.
+const INLINE_KEY_BYTES: usize = 23;
+
+/// A key of the map, held in the tree's node itself when it is short (most
+/// keys are), so the binary search in each node compares bytes it already
+/// has instead of following a pointer per comparison: on a map of 100k keys
+/// each of those was a cache miss, and an insert or lookup cost ~1 us.
+/// Ordered as its bytes.
+#[derive(Clone)]
+enum Key {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_KEY_BYTES],
+    },
+    Shared(Bytes),
+}
+
+impl Key {
+    fn new(key: &[u8]) -> Key {
+        if key.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0; INLINE_KEY_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Shared(Bytes::copy_from_slice(key))
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Shared(b) => b,
+        }
+    }
+
+    fn to_bytes(&self) -> Bytes {
+        match self {
+            Key::Inline { .. } => Bytes::copy_from_slice(self.as_slice()),
+            Key::Shared(b) => b.clone(),
+        }
+    }
+}
+
+const _: () = assert!(size_of::<Key>() <= size_of::<Bytes>());
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_slice()))
+    }
 }
 
 impl KvState {
@@ -81,7 +161,7 @@ impl KvState {
         self.map
             .range::<_, [u8]>((Bound::Included(start), upper))
             .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_bytes(), v.clone()))
             .collect()
     }
 
@@ -89,9 +169,9 @@ impl KvState {
     pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Vec<(Bytes, Bytes)> {
         self.map
             .range::<_, [u8]>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
+            .take_while(|(k, _)| k.as_slice().starts_with(prefix))
             .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_bytes(), v.clone()))
             .collect()
     }
 
@@ -101,7 +181,7 @@ impl KvState {
             match op {
                 Op::Put { key, value } => {
                     self.map
-                        .insert(Bytes::copy_from_slice(key), Bytes::copy_from_slice(value));
+                        .insert(Key::new(key), Bytes::copy_from_slice(value));
                 }
                 Op::Delete { key } => {
                     self.map.remove(*key);
@@ -112,8 +192,8 @@ impl KvState {
     }
 
     /// Every entry in key order: what a snapshot holds.
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
-        self.map.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Bytes)> {
+        self.map.iter().map(|(k, v)| (k.as_slice(), v))
     }
 }
 
@@ -135,10 +215,15 @@ impl StateMachine for KvState {
     }
 
     fn entries(&self) -> Box<dyn Iterator<Item = (&[u8], &[u8])> + '_> {
-        Box::new(self.map.iter().map(|(k, v)| (&k[..], &v[..])))
+        Box::new(self.map.iter().map(|(k, v)| (k.as_slice(), &v[..])))
     }
 
     fn restore(&mut self, key: Bytes, value: Bytes, lsn: u64) {
+        let key = if key.len() <= INLINE_KEY_BYTES {
+            Key::new(&key)
+        } else {
+            Key::Shared(key)
+        };
         self.map.insert(key, value);
         self.applied_lsn = lsn;
     }
@@ -147,6 +232,77 @@ impl StateMachine for KvState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Keys held in place and keys held behind a pointer order exactly
+        /// as their bytes (zeros and prefixes included).
+        #[test]
+        fn keys_order_as_their_bytes(
+            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..40),
+            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..40),
+        ) {
+            let (ka, kb) = (Key::new(&a), Key::new(&b));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(ka == kb, a == b);
+            prop_assert_eq!(ka.as_slice(), &a[..]);
+            prop_assert_eq!(&ka.to_bytes()[..], &a[..]);
+        }
+    }
+
+    #[test]
+    fn short_and_long_keys_are_found_scanned_and_restored() {
+        let mut s = KvState::new();
+        let long = "k".repeat(INLINE_KEY_BYTES + 1);
+        let keys = [
+            "k".to_string(),
+            "k\0".to_string(),
+            "k".repeat(INLINE_KEY_BYTES),
+            long.clone(),
+            format!("{long}x"),
+            "l".to_string(),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            s.apply(
+                i as u64 + 1,
+                &body(&[Op::Put {
+                    key: k.as_bytes(),
+                    value: k.as_bytes(),
+                }]),
+            )
+            .unwrap();
+        }
+        for k in &keys {
+            assert_eq!(s.get(k.as_bytes()).as_deref(), Some(k.as_bytes()));
+        }
+        let mut sorted: Vec<&String> = keys.iter().collect();
+        sorted.sort();
+        let scanned: Vec<Bytes> = s.scan(b"", None, 100).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            scanned,
+            sorted
+                .iter()
+                .map(|k| Bytes::from(k.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(s.scan_prefix(long.as_bytes(), 10).len(), 2);
+        assert_eq!(s.scan(b"k", Some(b"l"), 10).len(), 5);
+        // A snapshot's entries restore to the same map.
+        let mut restored = KvState::new();
+        for (k, v) in s.entries() {
+            restored.restore(Bytes::copy_from_slice(k), Bytes::copy_from_slice(v), 6);
+        }
+        assert_eq!(restored.scan(b"", None, 100), s.scan(b"", None, 100));
+        s.apply(
+            7,
+            &body(&[Op::Delete {
+                key: long.as_bytes(),
+            }]),
+        )
+        .unwrap();
+        assert!(s.get(long.as_bytes()).is_none());
+        assert_eq!(s.len(), keys.len() - 1);
+    }
 
     fn body(ops: &[Op<'_>]) -> Vec<u8> {
         let mut b = Vec::new();
