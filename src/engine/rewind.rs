@@ -300,7 +300,10 @@ mod tests {
     /// that matches its end; the rewind asked again then completes.
     #[test]
     fn a_crash_at_any_step_of_a_rewind_leaves_a_log_that_opens_and_rewinds_again() {
-        let root = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+        // On the disk (O_DIRECT), not a tmpfs.
+        let under = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
+        std::fs::create_dir_all(under).unwrap();
+        let root = tempfile::tempdir_in(under).unwrap();
         let pristine = root.path().join("pristine");
         let options = || {
             let mut o = Options::new();

@@ -62,8 +62,9 @@ pub struct NodeConfig {
     /// sleeps (the engine's `spin_before_park_us`). A node is a dedicated
     /// server: the default, 200, covers a disk sync and a client's round
     /// trip, so a lightly loaded node answers without the wake-up of a
-    /// sleeping thread (1.2x redis-benchmark SETs at 1 client in
-    /// `tools/bench-redis.sh`); an idle node still sleeps. 0 sleeps at once.
+    /// sleeping thread (SET at 1 client against Redis in
+    /// `tools/bench-redis.sh`: 0.93x without, 1.10-1.19x with); an idle
+    /// node still sleeps. 0 sleeps at once. Only pinned executors spin.
     pub spin_us: u64,
     /// Engine options; `shard_count`, `commit_level` and
     /// `spin_before_park_us` come from above.
@@ -235,6 +236,13 @@ impl NodeConfig {
         if self.commit_timeout_ms == 0 {
             return bad("commit_timeout_ms must be above 0".into());
         }
+        if self.engine.spin_before_park_us != 0 {
+            // It would be replaced by `spin_us` without a word.
+            return bad(format!(
+                "[engine] spin_before_park_us = {} is set by the node's `spin_us` (--spin-us) instead",
+                self.engine.spin_before_park_us
+            ));
+        }
         if l.query_buffer_bytes_max < l.bulk_bytes_max + 1024 {
             return bad(format!(
                 "limits.query_buffer_bytes_max ({}) must hold the longest bulk string ({}) and its framing",
@@ -281,6 +289,13 @@ mod tests {
         assert!(err.to_string().contains("replicated(k)"), "{err}");
         assert_eq!(config.limits.connections_max, 5);
         config.check().unwrap();
+        let spin = NodeConfig::from_toml("spin_us = 50\n").unwrap();
+        assert_eq!(spin.engine_options().spin_before_park_us, 50);
+        let err = NodeConfig::from_toml("[engine]\nspin_before_park_us = 50\n")
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(err.to_string().contains("spin_us"), "{err}");
         let err = NodeConfig::from_toml("listne = \"x\"").unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");
         let bad = NodeConfig {

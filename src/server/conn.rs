@@ -272,7 +272,9 @@ impl Conn {
             args_max: limits.args_max,
             inline_bytes_max: 64 << 10,
         };
-        let mut input = BytesMut::with_capacity(READ_CHUNK);
+        // What a connection holds while idle: the scratch buffer and a small
+        // input buffer, which grows only for a client that sends more.
+        let mut input = BytesMut::with_capacity(4 << 10);
         let mut scratch = vec![0u8; READ_CHUNK];
         let mut parser = resp::Parser::default();
         let mut out = BytesMut::new();

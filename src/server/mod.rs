@@ -275,6 +275,12 @@ impl Node {
     /// Opens the data directory and starts serving.
     pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.check()?;
+        if config.spin_us > 0 && !config.engine.pin_executors {
+            tracing::warn!(
+                spin_us = config.spin_us,
+                "executors are not pinned (engine.pin_executors = false): they will not poll before sleeping"
+            );
+        }
         // Claim the ports before anything else: if another process (another
         // node, a Redis) listens there, this fails instead of silently
         // sharing the port. Port 0 gets a free port here.

@@ -47,7 +47,7 @@ pub struct BenchReplArgs {
     /// (`tidewal node --spin-us`). 0 by default: the nodes share this
     /// machine's cores with each other and the clients, and a polling node
     /// takes CPU they need (on the 2-core VM, `replicated(1)` at 64 clients
-    /// went from 1.15-1.22x Redis at 0 to 0.87-0.94x at 200).
+    /// went from 1.03-1.22x Redis at 0 to 0.87-0.94x at 200).
     #[arg(long, value_name = "US", default_value_t = 0)]
     spin_us: u64,
     /// Skip Redis even where it is installed.

@@ -846,14 +846,14 @@ impl Reactor {
         self.sys.rush_dispatch(source, &mut 0)
     }
 
-    /// Polls for I/O, but does not change any timer registration.
-    ///
     /// Has the kernel post the completions that `IORING_SETUP_COOP_TASKRUN`
     /// held back, without waiting. (tidewal's patch.)
     pub(crate) fn run_task_work(&self) {
         self.sys.run_task_work();
     }
 
+    /// Polls for I/O, but does not change any timer registration.
+    ///
     /// This doesn't ever sleep, and does not touch the preemption timer.
     pub(crate) fn spin_poll_io(&self) -> io::Result<bool> {
         let mut woke = 0;

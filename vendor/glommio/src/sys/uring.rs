@@ -893,6 +893,8 @@ struct SleepableRing {
     task_queue_stats: AHashMap<TaskQueueHandle, RingIoStats>,
     source_map: Rc<RefCell<SourceMap>>,
     in_kernel: usize,
+    /// Set up with `IORING_SETUP_COOP_TASKRUN`. (tidewal's patch.)
+    coop_taskrun: bool,
 }
 
 /// A ring whose completions do not interrupt the running thread
@@ -901,14 +903,17 @@ struct SleepableRing {
 /// interrupt or tick) instead of sending an inter-processor interrupt for each
 /// one. On older kernels, a ring as before. (tidewal's patch; see
 /// vendor/README.md.)
-fn new_sleepable_ring(size: u32) -> io::Result<iou::IoUring> {
+/// Returns the ring and whether the flag was taken.
+fn new_sleepable_ring(size: u32) -> io::Result<(iou::IoUring, bool)> {
     match iou::IoUring::new_with_flags(
         size,
         iou::SetupFlags::COOP_TASKRUN,
         iou::SetupFeatures::empty(),
     ) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(size),
-        other => other,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Ok((iou::IoUring::new(size)?, false))
+        }
+        other => other.map(|ring| (ring, true)),
     }
 }
 
@@ -920,8 +925,10 @@ impl SleepableRing {
         source_map: Rc<RefCell<SourceMap>>,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
+        let (ring, coop_taskrun) = new_sleepable_ring(size as _)?;
         Ok(SleepableRing {
-            ring: new_sleepable_ring(size as _)?,
+            ring,
+            coop_taskrun,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
@@ -1757,7 +1764,12 @@ impl Reactor {
     /// `IORING_SETUP_COOP_TASKRUN` are posted: a spinning executor makes no
     /// other system call. (tidewal's patch.)
     pub(crate) fn run_task_work(&self) {
-        let fd = self.main_ring.borrow().ring.raw().ring_fd;
+        let main = self.main_ring.borrow();
+        if !main.coop_taskrun {
+            // Completions are posted at once: nothing is held back.
+            return;
+        }
+        let fd = main.ring.raw().ring_fd;
         unsafe {
             uring_sys::syscalls::io_uring_enter(
                 fd,
