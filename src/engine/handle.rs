@@ -1054,7 +1054,13 @@ async fn rewind_shard(
 ) -> Result<Expect, EngineError> {
     let refused =
         |why: String| EngineError::Meta(format!("rewind of shard {shard} to lsn {lsn}: {why}"));
-    let plan = super::rewind::plan_rewind(&opening.dir, opening.wal.log, lsn).map_err(refused)?;
+    // The rewind reads and copies whole segments with plain file calls: on
+    // glommio's blocking thread, so the other shards of this executor go on.
+    let (dir, log) = (opening.dir.clone(), opening.wal.log);
+    let plan = glommio::executor()
+        .spawn_blocking(move || super::rewind::plan_rewind(&dir, log, lsn))
+        .await
+        .map_err(refused)?;
     if let Some(name) = &plan.base_snapshot {
         // The state is rebuilt from it: it must load before the snapshots
         // past the cut are moved aside.
@@ -1072,7 +1078,10 @@ async fn rewind_shard(
             ))
         })?;
     }
-    let rewound = super::rewind::apply_rewind(plan).map_err(refused)?;
+    let rewound = glommio::executor()
+        .spawn_blocking(move || super::rewind::apply_rewind(plan))
+        .await
+        .map_err(refused)?;
     tracing::warn!(shard, lsn, old_end = rewound.old_end, quarantine = %rewound.quarantine.display(),
         files = ?rewound.files, "rewound the log; the records past the cut are kept aside");
     let opened = reopen(opening).await?;
