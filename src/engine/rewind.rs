@@ -17,6 +17,9 @@
 //!    newest first; then renames the cut-back segment over the live one.
 //!    The directory is synced after every step.
 //!
+//! Both use plain file calls; the engine runs them on glommio's blocking
+//! thread, so the executor's other shards keep serving.
+//!
 //! Whatever step a crash interrupts, what the shard directory holds is a
 //! prefix of the old log at least as long as the cut, with the base and no
 //! snapshot past its end: it opens, and serves the old (divergent) state

@@ -22,6 +22,20 @@ pub const FRAME_HEADER_BYTES: usize = 40;
 /// `TWF1`, little-endian: the first bytes of every frame.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TWF1");
 
+/// `start_lsn` of a `Resync` from a downstream that understands `Rewind`
+/// frames and may be rewound. A downstream that predates them sends 0, so
+/// it is never sent a frame kind it does not know.
+pub const RESYNC_MAY_REWIND: u64 = 2;
+/// `start_lsn` of a `Resync` that asks for a snapshot, whatever the
+/// position (the downstream could not rewind).
+pub const RESYNC_SNAPSHOT_ONLY: u64 = 1;
+
+/// Whether a `Resync` with this `start_lsn` lets the upstream answer with a
+/// `Rewind` (only [`RESYNC_MAY_REWIND`] does).
+pub fn resync_may_rewind(start_lsn: u64) -> bool {
+    start_lsn == RESYNC_MAY_REWIND
+}
+
 /// The header of every replication frame. Little-endian, unaligned.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -68,10 +82,11 @@ pub enum FrameKind {
     /// ends after it.
     Refuse = 5,
     /// Downstream → upstream, before its Hellos: re-sync this shard (asked
-    /// for by an operator); no payload. With `start_lsn` 0 the upstream may
-    /// answer with a [`FrameKind::Rewind`] when the epoch histories locate
-    /// where the logs part; with 1, or otherwise, it sends its newest
-    /// snapshot whatever the position.
+    /// for by an operator); no payload. With `start_lsn`
+    /// [`RESYNC_MAY_REWIND`] the upstream may answer with a
+    /// [`FrameKind::Rewind`] when the epoch histories locate where the logs
+    /// part; with any other value it sends its newest snapshot whatever the
+    /// position.
     Resync = 6,
     /// Upstream → downstream: a piece of a snapshot file; `start_lsn` is
     /// the piece's byte offset in the file.
@@ -83,7 +98,7 @@ pub enum FrameKind {
     /// status page says of them), so cascaded replicas appear under their
     /// upstream's upstream.
     Report = 9,
-    /// Upstream → downstream, answering a `Resync` (start 0): the logs part
+    /// Upstream → downstream, answering a `Resync` that allows it: the logs part
     /// at `start_lsn` (where the epoch histories differ, a record boundary
     /// of both). The downstream rewinds its log to it, keeping the records
     /// past it aside, and says Hello again from there; only the divergent
@@ -400,6 +415,16 @@ mod tests {
         let mut out = Vec::new();
         encode_frame(&mut out, kind, 3, 7, 4096, payload);
         out
+    }
+
+    /// A downstream that predates Rewind frames sends Resync with 0: it
+    /// must get a snapshot, never a frame kind it does not know.
+    #[test]
+    fn only_a_resync_that_says_so_may_be_answered_with_a_rewind() {
+        assert!(!resync_may_rewind(0));
+        assert!(!resync_may_rewind(RESYNC_SNAPSHOT_ONLY));
+        assert!(resync_may_rewind(RESYNC_MAY_REWIND));
+        assert!(!resync_may_rewind(u64::MAX));
     }
 
     #[test]

@@ -13,8 +13,8 @@ mod snapshot;
 
 pub use frame::{
     Ack, FRAME_HEADER_BYTES, FRAME_MAGIC, FrameError, FrameHeader, FrameKind, FrameRef,
-    HELLO_HISTORY_MAX, Heartbeat, Hello, NODE_ID_MAX, SnapshotEnd, decode_fixed, decode_frame,
-    encode_frame, frame_header,
+    HELLO_HISTORY_MAX, Heartbeat, Hello, NODE_ID_MAX, RESYNC_MAY_REWIND, RESYNC_SNAPSHOT_ONLY,
+    SnapshotEnd, decode_fixed, decode_frame, encode_frame, frame_header, resync_may_rewind,
 };
 pub use record::{
     CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader, RecordKind,

@@ -229,7 +229,9 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Some((FrameKind::Resync, shard, _, start, _)))) if shard < shard_count => {
-                    resync.insert(shard, start != 0);
+                    // Snapshot only, unless the downstream says it can be
+                    // rewound (one that predates Rewind frames sends 0).
+                    resync.insert(shard, !crate::format::resync_may_rewind(start));
                     None
                 }
                 Ok(Ok(Some((kind, shard, _, _, payload)))) => {
@@ -1002,14 +1004,12 @@ async fn follow_once(
         plan.snapshot_only.clear();
     }
     for s in stats.iter().filter(|s| plan.pending.contains(&s.shard)) {
-        let snapshot_only = u64::from(plan.snapshot_only.contains(&s.shard));
-        hellos.extend(frame(
-            FrameKind::Resync,
-            s.shard,
-            s.epoch,
-            snapshot_only,
-            &[],
-        ));
+        let allows = if plan.snapshot_only.contains(&s.shard) {
+            crate::format::RESYNC_SNAPSHOT_ONLY
+        } else {
+            crate::format::RESYNC_MAY_REWIND
+        };
+        hellos.extend(frame(FrameKind::Resync, s.shard, s.epoch, allows, &[]));
     }
     for s in &stats {
         let hello = Hello {
