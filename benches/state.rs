@@ -4,7 +4,8 @@
 //! random from TIDEWAL_BENCH_KEYS (default 100000); 100-byte values.
 //!
 //! `cargo bench --bench state`. Figures are medians of 3 rounds of
-//! TIDEWAL_BENCH_OPS (default 2000000) operations each.
+//! TIDEWAL_BENCH_OPS (default 2000000) operations each. Memory: the
+//! resident growth while the keys are first inserted, in key order, per key.
 
 use std::time::Instant;
 
@@ -15,6 +16,16 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -39,6 +50,18 @@ fn main() {
         .collect();
     let value = vec![b'x'; 100];
     let mut state = KvState::new();
+    let before = rss_bytes();
+    for i in 0..space {
+        let key = format!("key:{i:012}").into_bytes();
+        state.apply_ops(
+            0,
+            &[Op::Put {
+                key: &key,
+                value: &value,
+            }],
+        );
+    }
+    let per_key = rss_bytes().saturating_sub(before) as f64 / space as f64;
     let (mut inserts, mut gets) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let t = Instant::now();
@@ -52,7 +75,7 @@ fn main() {
         assert_eq!(found as u64, ops);
     }
     println!(
-        "KvState, {} keys, 100-byte values: insert {:.0} ns, get {:.0} ns (median of 3 rounds of {ops})",
+        "KvState, {} keys, 100-byte values: insert {:.0} ns, get {:.0} ns (median of 3 rounds of {ops}); {per_key:.0} resident bytes per key",
         state.len(),
         median(inserts),
         median(gets)
