@@ -1135,8 +1135,10 @@ async fn close_all(
     owned: BTreeMap<u32, Rc<Shard<DmaStorage>>>,
     in_flight: &std::cell::Cell<usize>,
 ) -> Result<(), EngineError> {
+    // A request can wait long (a write for its replicas, up to the commit
+    // timeout): look every millisecond rather than spin the core meanwhile.
     while in_flight.get() > 0 {
-        futures_lite::future::yield_now().await;
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
     let mut result = Ok(());
     for (id, shard) in owned {
