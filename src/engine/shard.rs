@@ -217,9 +217,20 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
     async fn snapshot_now_holding(&self, hold: u64) -> Result<Expect, EngineError> {
         let pos = self.wal.next_position();
         let frozen = self.state.borrow().clone();
-        // Only durable records may be in a snapshot: a no-op record after
-        // them resolves once everything before it is synced.
-        self.wal.append(RecordKind::Noop, &[]).await?;
+        // Only durable records may be in a snapshot: wait until the log is
+        // durable up to `pos` (the flusher writes whatever is staged). Never
+        // by appending a record of its own: a replica's log must hold its
+        // upstream's records and nothing else, or the next batch of them no
+        // longer continues it.
+        if pos.lsn > 0 {
+            self.wal.durable_past(pos.lsn - 1).await;
+        }
+        if let Some(error) = self.wal.failure() {
+            return Err(error.into());
+        }
+        if self.wal.durable_lsn() < pos.lsn {
+            return Err(WalError::Closed.into());
+        }
         write_snapshot(&self.storage, self.log, pos, &frozen).await?;
         let snapshots = list_snapshots(&self.storage).await?;
         for (_, name) in snapshots.iter().skip(SNAPSHOTS_KEPT) {
