@@ -1057,3 +1057,47 @@ fn a_diverged_node_that_cannot_rewind_is_re_synced_from_a_snapshot() {
         "told to rewind first: {log}"
     );
 }
+
+/// A replica takes its own retention snapshots while it streams: they must
+/// not put records of its own in its log (they did, and the next batch from
+/// the upstream was refused as divergent). Snapshots every 64 KiB here, so
+/// a few hundred writes cross many of them.
+#[test]
+fn a_replica_snapshotting_while_it_streams_stays_in_sync() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "1"]);
+    let upstream = primary.listen.to_string();
+    let config = rdir.path().join("replica.toml");
+    std::fs::write(&config, "[retention]\nsnapshot_every_bytes = 65536\n").unwrap();
+    let replica = NodeProcess::start(
+        &rdir.path().join("node"),
+        &[
+            "--shards",
+            "1",
+            "--replica-of",
+            &upstream,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let mut c = primary.client();
+    let value = "v".repeat(1000);
+    for round in 0..6 {
+        for i in 0..100 {
+            let _: () = c.set(format!("k{round}-{i}"), &value).unwrap();
+        }
+        // Give the replica's retention loop (every 500 ms) time to snapshot.
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    wait_converged(&primary, &replica);
+    let s = status(&primary);
+    assert_eq!(s["replicas"][0]["status"], "streaming", "{s}");
+    let snapshots = std::fs::read_dir(rdir.path().join("node").join("shard-0000"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+        .count();
+    assert!(snapshots >= 1, "the replica took no snapshot");
+    let mut r = replica.client();
+    assert_eq!(r.get::<_, String>("k5-99").unwrap(), value);
+}
