@@ -83,7 +83,17 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
         let _: () = c.set(format!("k{i}"), format!("v{i}")).unwrap();
     }
     wait_converged(&primary, &replica);
-    let s = status(&primary);
+    // The replica's log is the primary's; its last ack may still be on the
+    // way (a fresh-clone CI run saw lag_bytes 120 right here): lag must
+    // reach 0 and stay there while idle.
+    let started = Instant::now();
+    let s = loop {
+        let s = status(&primary);
+        if s["replicas"][0]["lag_bytes"] == 0 || started.elapsed() > Duration::from_secs(10) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let replicas = s["replicas"].as_array().unwrap();
     assert_eq!(replicas.len(), 1);
     assert_eq!(replicas[0]["node_id"], "replica-1");
