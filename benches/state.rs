@@ -7,31 +7,12 @@
 //! TIDEWAL_BENCH_OPS (default 2000000) operations each. Memory: the
 //! resident growth while the keys are first inserted, in key order, per key.
 
+mod common;
+
 use std::time::Instant;
 
+use common::{env, median, rss_bytes};
 use tidewal::state::{KvState, Op};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 4096
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() {
     let (space, ops) = (

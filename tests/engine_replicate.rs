@@ -44,6 +44,27 @@ fn catch_up(from: &Engine, to: &Engine, batch: usize) {
     }
 }
 
+/// Asserts that `replica` holds `primary`'s logs (`(lsn, chain)` per shard)
+/// and the same data; returns the primary's stats.
+fn assert_same(primary: &Engine, replica: &Engine) -> Vec<tidewal::engine::ShardStats> {
+    let (p, r) = (
+        block_on(primary.stats()).unwrap(),
+        block_on(replica.stats()).unwrap(),
+    );
+    for (p, r) in p.iter().zip(&r) {
+        assert_eq!(
+            (p.next_lsn, p.chain),
+            (r.next_lsn, r.chain),
+            "shard {}",
+            p.shard
+        );
+        assert_eq!(p.keys, r.keys);
+    }
+    let all = |e: &Engine| block_on(e.scan("", None, usize::MAX)).unwrap();
+    assert_eq!(all(replica), all(primary));
+    p
+}
+
 #[test]
 fn a_replica_engine_converges_and_restarts_the_same() {
     let (pdir, rdir) = (disk_dir(), disk_dir());
@@ -62,21 +83,8 @@ fn a_replica_engine_converges_and_restarts_the_same() {
         }
     }
     catch_up(&primary, &replica, 1 << 20);
-    let (p, r) = (
-        block_on(primary.stats()).unwrap(),
-        block_on(replica.stats()).unwrap(),
-    );
-    for (p, r) in p.iter().zip(&r) {
-        assert_eq!(
-            (p.next_lsn, p.chain),
-            (r.next_lsn, r.chain),
-            "shard {}",
-            p.shard
-        );
-        assert_eq!(p.keys, r.keys);
-    }
+    let p = assert_same(&primary, &replica);
     let all = |e: &Engine| block_on(e.scan("", None, usize::MAX)).unwrap();
-    assert_eq!(all(&replica), all(&primary));
 
     // A batch that does not continue the log (shard 0's first records
     // again) is refused and changes nothing.
@@ -250,18 +258,7 @@ fn a_replica_that_snapshots_between_batches_still_continues_its_upstream() {
         block_on(replica.snapshot()).unwrap();
     }
     catch_up(&primary, &replica, 8192);
-    let (p, r) = (
-        block_on(primary.stats()).unwrap(),
-        block_on(replica.stats()).unwrap(),
-    );
-    for (p, r) in p.iter().zip(&r) {
-        assert_eq!(
-            (p.next_lsn, p.chain),
-            (r.next_lsn, r.chain),
-            "shard {}",
-            p.shard
-        );
-    }
+    assert_same(&primary, &replica);
     block_on(replica.close()).unwrap();
     block_on(primary.close()).unwrap();
 }

@@ -87,6 +87,16 @@ impl Key {
         }
     }
 
+    /// As [`Key::new`], keeping `key` itself (no copy) when it is too long
+    /// to hold in place.
+    fn from_bytes(key: Bytes) -> Key {
+        if key.len() <= INLINE_KEY_BYTES {
+            Key::new(&key)
+        } else {
+            Key::Shared(key)
+        }
+    }
+
     fn as_slice(&self) -> &[u8] {
         match self {
             Key::Inline { len, bytes } => &bytes[..*len as usize],
@@ -219,12 +229,7 @@ impl StateMachine for KvState {
     }
 
     fn restore(&mut self, key: Bytes, value: Bytes, lsn: u64) {
-        let key = if key.len() <= INLINE_KEY_BYTES {
-            Key::new(&key)
-        } else {
-            Key::Shared(key)
-        };
-        self.map.insert(key, value);
+        self.map.insert(Key::from_bytes(key), value);
         self.applied_lsn = lsn;
     }
 }

@@ -94,6 +94,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
+    // Checked before anything runs: a typo must not cost the small runs.
+    let large: Vec<(usize, usize)> = if args.small_only {
+        Vec::new()
+    } else {
+        args.large
+            .iter()
+            .map(|s| parse_large(s))
+            .collect::<anyhow::Result<_>>()?
+    };
     let policy = if args.allow_buffered {
         DirectIo::AllowBuffered
     } else {
@@ -197,14 +206,6 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
         "  {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>7}",
         "record", "appenders", "log", "MB/s", "ceiling", "p99 us", "ratio"
     );
-    let large: Vec<(usize, usize)> = if args.small_only {
-        Vec::new()
-    } else {
-        args.large
-            .iter()
-            .map(|s| parse_large(s))
-            .collect::<anyhow::Result<_>>()?
-    };
     for &(record_bytes, n) in &large {
         for steady in [false, true] {
             let mode = Mode {
@@ -249,7 +250,11 @@ fn parse_large(s: &str) -> anyhow::Result<(usize, usize)> {
     let (bytes, n) = s
         .split_once('x')
         .with_context(|| format!("--large {s:?}: expected RECORD_BYTESxAPPENDERS"))?;
-    let (bytes, n) = (bytes.parse::<usize>()?, n.parse::<usize>()?);
+    let number = |v: &str| {
+        v.parse::<usize>()
+            .with_context(|| format!("--large {s:?}: expected RECORD_BYTESxAPPENDERS"))
+    };
+    let (bytes, n) = (number(bytes)?, number(n)?);
     anyhow::ensure!(bytes > 0 && n > 0, "--large {s:?}: both must be positive");
     Ok((bytes, n))
 }
