@@ -1,0 +1,78 @@
+//! `tidewal bench wal` runs end to end and reports what its README table
+//! and scripts read: the disk's ceiling, and for each run its figure beside
+//! the bar computed from that ceiling. Short runs: this checks the harness,
+//! not the disk (performance is measured by running it, never asserted here).
+
+#[allow(dead_code)]
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
+    let dir = common::disk_dir();
+    let json = dir.path().join("wal.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["bench", "wal", "--seconds", "0.2", "--repeat", "1"])
+        .args(["--concurrency", "1,8", "--large", "4096x4"])
+        .arg("--dir")
+        .arg(dir.path().join("scratch"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run tidewal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("blocking system calls"), "{stdout}");
+    assert!(
+        !dir.path().join("scratch").exists(),
+        "the scratch directory is removed"
+    );
+
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let positive = |v: &serde_json::Value, field: &str| {
+        let x = v[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} in {v}"));
+        assert!(x > 0.0 && x.is_finite(), "{field} = {x} in {v}");
+        x
+    };
+    let sync_us = positive(&doc, "sync_p50_us");
+    positive(&doc, "sequential_mb_per_s");
+    assert_eq!(doc["spin_us"], 200, "the node's default");
+    let runs = doc["runs"].as_array().unwrap();
+    for n in [1, 8] {
+        let run = runs
+            .iter()
+            .find(|r| r["appenders"] == n && r["record_bytes"] == 100)
+            .unwrap_or_else(|| panic!("a run with {n} appenders in {doc}"));
+        let appends = positive(run, "appends_per_s");
+        let bar = positive(run, "bar_appends_per_s");
+        let ratio = positive(run, "ratio_to_bar");
+        // The bar is 0.8 x N / (sync p50) with the p50 measured right before
+        // the run, which is near the one in the header on a quiet disk.
+        assert!(
+            bar > 0.8 * n as f64 / (sync_us * 1e-6) / 10.0,
+            "bar {bar} for {n}"
+        );
+        // One run each (--repeat 1): the ratio is that run's figure over
+        // that run's bar.
+        assert!(
+            (appends / bar - ratio).abs() < 1e-6 * ratio,
+            "ratio {ratio} for {appends}/{bar}"
+        );
+    }
+    for log in ["fresh", "steady"] {
+        let run = runs
+            .iter()
+            .find(|r| r["record_bytes"] == 4096 && r["log"] == log)
+            .unwrap_or_else(|| panic!("a {log} 4 KiB run in {doc}"));
+        positive(run, "mb_per_s");
+        positive(run, "ceiling_mb_per_s");
+        positive(run, "ratio_to_ceiling");
+    }
+}
