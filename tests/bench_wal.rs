@@ -3,7 +3,6 @@
 //! the bar computed from that ceiling. Short runs: this checks the harness,
 //! not the disk (performance is measured by running it, never asserted here).
 
-#[allow(dead_code)]
 mod common;
 
 use std::process::Command;

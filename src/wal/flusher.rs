@@ -1,25 +1,36 @@
 //! The I/O side of group commit: a writer task and a syncer task per shard.
 //!
-//! The writer takes staged runs in LSN order and writes each one (the
-//! partial block before it, rewritten byte-identical, then the run, then
-//! zeros). Writes are strictly one after another: a run shares its first
-//! block with the end of the previous one, and only a write issued after the
-//! previous one completed is sure to land after it.
+//! The writer takes staged runs in LSN order and issues each one's write
+//! (the partial block before it, rewritten byte-identical, then the run,
+//! then zeros). Up to `writes_in_flight` writes are on the device at once,
+//! under one rule: a write never overlaps a write still in flight, since
+//! two writes to the same block may land in either order. So a run that
+//! starts inside the block where the previous one ended waits for it; the
+//! staging side ends a run on a block boundary (a padding record) when it
+//! is written beside others, or fills the batch cap, so that the next one
+//! need not wait. A run written alone (the pipeline is empty, as after a
+//! group commit acknowledged everyone) is issued as two writes, split at a
+//! block boundary, so the appenders of its first half can stage their next
+//! records while the second half is still on the device. That keeps the
+//! device busy without a timer.
 //!
-//! The syncer runs beside it: whenever something written is not yet synced,
-//! it calls `fdatasync` (and, after a rotation, syncs the directory), then
-//! marks everything written before that call durable. So the next run's
-//! write overlaps the previous run's sync, and appenders acked by one sync
-//! stage their next records while the following write is on the device.
+//! Writes may complete in any order; the written LSN moves over the prefix
+//! of completed writes only, and only to a record boundary. The syncer runs
+//! beside the writer: whenever something written is not yet synced, it
+//! calls `fdatasync` (and, after a rotation, syncs the directory), then
+//! marks everything written before that call durable.
 //!
 //! Any error in either task is fatal for the log (see `State::fail`), and no
 //! sync that completes after a failure acknowledges anything.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use glommio::task::JoinHandle;
+
+use bytes::Bytes;
 
 use crate::format::{SEGMENT_HEADER_BLOCK, SegmentHeader, segment_file_name};
 use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
@@ -32,11 +43,17 @@ use super::{WalError, WalOptions};
 /// Zeros for padding writes to a block and for the guard block.
 static ZERO_BLOCK: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
 
-/// What the writer and the syncer share.
+/// Zeros to the end of a block, then a guard block.
+static ZERO_BLOCK_PAIR: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
+
+/// What the writer, its writes in flight and the syncer share.
 struct SyncState<F> {
     /// The segment file being written.
     file: Option<Rc<F>>,
-    /// LSN up to which writes have completed.
+    /// Writes issued and not yet counted as written, in file order.
+    flights: VecDeque<Flight>,
+    next_flight: u64,
+    /// LSN up to which writes have completed (a record boundary).
     written_lsn: u64,
     /// LSN up to which a completed sync covers them.
     synced_lsn: u64,
@@ -44,8 +61,25 @@ struct SyncState<F> {
     dir_sync: bool,
     writer_done: bool,
     syncer: Option<Waker>,
-    /// The writer, waiting for everything written to be synced.
-    drained: Option<Waker>,
+    /// The writer, waiting for a write to complete or to be synced.
+    writer: Option<Waker>,
+}
+
+/// One write on the device.
+struct Flight {
+    id: u64,
+    /// The record boundary its completion (with every write before it)
+    /// makes written.
+    ack_lsn: u64,
+    done: bool,
+}
+
+impl<F> SyncState<F> {
+    fn wake_writer(&mut self) {
+        if let Some(waker) = self.writer.take() {
+            waker.wake();
+        }
+    }
 }
 
 /// Starts the writer and syncer tasks; the handle completes when both end.
@@ -59,12 +93,14 @@ pub(super) fn start<S: Storage + 'static>(
     let durable = state.borrow().durable_lsn();
     let sync = Rc::new(RefCell::new(SyncState {
         file: tail.as_ref().map(|t| t.file.clone()),
+        flights: VecDeque::new(),
+        next_flight: 0,
         written_lsn: durable,
         synced_lsn: durable,
         dir_sync: false,
         writer_done: false,
         syncer: None,
-        drained: None,
+        writer: None,
     }));
     let mut writer = Writer {
         state: state.clone(),
@@ -76,8 +112,10 @@ pub(super) fn start<S: Storage + 'static>(
             base_lsn: t.base_lsn,
             file: t.file,
             end_offset: t.end_offset,
+            covered_end: t.end_offset.next_multiple_of(BLOCK_BYTES),
             block: t.block,
             recycled: false,
+            unguarded: false,
         }),
         spare: SpareState::None,
     };
@@ -96,13 +134,20 @@ struct Current<F> {
     file: Rc<F>,
     /// File offset where the next record goes.
     end_offset: u64,
+    /// File offset up to which issued writes reach (their zeros and guard
+    /// block included): a write starting below it waits for them.
+    covered_end: u64,
     /// Bytes of the block holding `end_offset`, up to it: rewritten as the
     /// prefix of the next write.
     block: Vec<u8>,
     /// Whether the file is a recycled segment, with old records past the
-    /// end: then each write also zeroes the block after its end, so a scan
-    /// always finds unwritten space right after the last record.
+    /// end: then a write also zeroes the block after its end, so a scan
+    /// finds unwritten space right after the last record, unless it ends
+    /// on a block boundary to let the next write go beside it.
     recycled: bool,
+    /// The last write left an older life's bytes right after the end (it
+    /// ended on a boundary without a guard): zeroed when the log closes.
+    unguarded: bool,
 }
 
 enum SpareState {
@@ -123,11 +168,13 @@ struct Writer<S: Storage + 'static> {
 impl<S: Storage + 'static> Writer<S> {
     async fn run(mut self) {
         while let Some(run) = self.next_run().await {
-            if let Err(error) = self.write(&run).await {
+            if let Err(error) = self.issue(run).await {
                 self.state.borrow_mut().fail(error);
                 break;
             }
-            self.state.borrow_mut().keep_recent(run.start, run.bytes);
+        }
+        if let Err(error) = self.close_guard().await {
+            self.state.borrow_mut().fail(error);
         }
         {
             let mut sync = self.sync.borrow_mut();
@@ -142,14 +189,26 @@ impl<S: Storage + 'static> Writer<S> {
     }
 
     /// The next run to write, or `None` once closed and drained, or failed.
+    /// A run that will be written beside others, or split, is padded to a
+    /// block boundary first when it is the last one staged (see
+    /// `State::pad_run`), so that the next run can go beside it too.
     async fn next_run(&self) -> Option<Run> {
         std::future::poll_fn(|cx| {
             let mut st = self.state.borrow_mut();
             if st.failed.is_some() {
                 return Poll::Ready(None);
             }
-            if let Some(run) = st.runs.pop_front() {
+            if let Some(mut run) = st.runs.pop_front() {
                 st.staged_bytes -= run.bytes.len();
+                if st.runs.is_empty() {
+                    let busy = !self.sync.borrow().flights.is_empty();
+                    if busy || run.bytes.len() >= SPLIT_MIN_BYTES {
+                        let before = run.bytes.len();
+                        if st.pad_run(&mut run) {
+                            st.staged_bytes -= run.bytes.len() - before;
+                        }
+                    }
+                }
                 st.wake_space_head();
                 return Poll::Ready(Some(run));
             }
@@ -162,29 +221,35 @@ impl<S: Storage + 'static> Writer<S> {
         .await
     }
 
-    /// Waits until everything written is synced (before a rotation, so that
-    /// one sync never has to cover two files).
-    async fn drained(&self) -> Result<(), IoError> {
+    /// Waits until `ready` holds of the shared state, or the log failed.
+    async fn until(&self, ready: impl Fn(&SyncState<S::File>) -> bool) -> Result<(), IoError> {
         std::future::poll_fn(|cx| {
             if let Some(error) = &self.state.borrow().failed {
                 return Poll::Ready(Err(error.clone()));
             }
             let mut sync = self.sync.borrow_mut();
-            if sync.synced_lsn >= sync.written_lsn {
+            if ready(&sync) {
                 return Poll::Ready(Ok(()));
             }
-            sync.drained = Some(cx.waker().clone());
+            sync.writer = Some(cx.waker().clone());
             Poll::Pending
         })
         .await
     }
 
-    /// Writes one run, then hands it to the syncer.
-    async fn write(&mut self, run: &Run) -> Result<(), IoError> {
+    /// Waits until every write issued has completed and is synced (before a
+    /// rotation, so that one sync never has to cover two files).
+    async fn drained(&self) -> Result<(), IoError> {
+        self.until(|s| s.flights.is_empty() && s.synced_lsn >= s.written_lsn)
+            .await
+    }
+
+    /// Issues the writes of one run. Returns once they are on their way.
+    async fn issue(&mut self, run: Run) -> Result<(), IoError> {
         let mut header = None;
         if self.current.as_ref().map(|c| c.base_lsn) != Some(run.seg_base) {
             self.drained().await?;
-            self.rotate(run).await?;
+            self.rotate(&run).await?;
             let header_of = SegmentHeader::new(
                 self.options.log,
                 run.seg_base,
@@ -193,12 +258,13 @@ impl<S: Storage + 'static> Writer<S> {
             );
             header = Some(header_of.to_block());
         }
-        let current = self.current.as_mut().expect("rotated above");
+        let rotated = header.is_some();
+        let current = self.current.as_ref().expect("rotated above");
         let pos = offset_of(current.base_lsn, run.start.lsn);
         assert_eq!(pos, current.end_offset, "runs are written in LSN order");
-        let (write_pos, prefix) = match &header {
-            Some(block) => (0, block.as_slice()),
-            None => (pos - pos % BLOCK_BYTES, current.block.as_slice()),
+        let (write_pos, prefix) = match header {
+            Some(block) => (0, block),
+            None => (pos - pos % BLOCK_BYTES, current.block.clone()),
         };
         assert_eq!(
             write_pos + prefix.len() as u64,
@@ -207,40 +273,110 @@ impl<S: Storage + 'static> Writer<S> {
         );
         let end = pos + run.bytes.len() as u64;
         let padded_end = end.next_multiple_of(BLOCK_BYTES);
-        let pad = &ZERO_BLOCK[..(padded_end - end) as usize];
-        let guard: &[u8] = if current.recycled && padded_end < self.options.segment_bytes {
-            &ZERO_BLOCK
-        } else {
-            &[]
-        };
-        current
-            .file
-            .write_at(write_pos, &[prefix, &run.bytes, pad, guard])
-            .await?;
+        // A run that ends on a boundary leaves the next block to the next
+        // write, which may be issued before this one completes.
+        let guard =
+            current.recycled && end != padded_end && padded_end < self.options.segment_bytes;
+        let guard_len = if guard { BLOCK_BYTES } else { 0 };
+        let max = self.options.writes_in_flight;
+        self.until(|s| {
+            s.flights.is_empty() || (s.flights.len() < max && write_pos >= current.covered_end)
+        })
+        .await?;
 
         let end_lsn = run.start.lsn + run.bytes.len() as u64;
-        let mut st = self.state.borrow_mut();
-        st.stats.device_bytes += padded_end + guard.len() as u64 - write_pos;
-        st.stats.rotations += u64::from(header.is_some());
-        drop(st);
-        let mut sync = self.sync.borrow_mut();
-        sync.written_lsn = end_lsn;
-        if let Some(waker) = sync.syncer.take() {
-            waker.wake();
-        }
-        drop(sync);
+        let total = padded_end + guard_len - write_pos;
+        // Alone on the device: two writes, split at a block boundary.
+        let alone = self.sync.borrow().flights.is_empty();
+        let split = (alone && max > 1 && run.bytes.len() >= SPLIT_MIN_BYTES)
+            .then(|| write_pos + (total / 2).next_multiple_of(BLOCK_BYTES))
+            .filter(|at| *at < end);
+        let (base_lsn, file) = (current.base_lsn, current.file.clone());
+        let lsn_at = |offset: u64| base_lsn + offset - SEGMENT_HEADER_BLOCK as u64;
 
+        let mut st = self.state.borrow_mut();
+        st.stats.device_bytes += total;
+        st.stats.rotations += u64::from(rotated);
+        let mut chunks = Vec::new();
+        if let Some(at) = split {
+            chunks.push((
+                write_pos,
+                at,
+                st.record_end_at_or_before(lsn_at(at), run.start.lsn),
+            ));
+            chunks.push((at, write_pos + total, end_lsn));
+        } else {
+            chunks.push((write_pos, write_pos + total, end_lsn));
+        }
+        let start = run.start;
+        let bytes = st.keep_recent(start, run.bytes);
+        drop(st);
+
+        let write = Rc::new(WriteBytes {
+            prefix,
+            bytes,
+            zeros: (padded_end - end + guard_len) as usize,
+        });
+        for (from, to, ack_lsn) in chunks {
+            let id = {
+                let mut sync = self.sync.borrow_mut();
+                let id = sync.next_flight;
+                sync.next_flight += 1;
+                sync.flights.push_back(Flight {
+                    id,
+                    ack_lsn,
+                    done: false,
+                });
+                id
+            };
+            let task = WriteTask {
+                state: self.state.clone(),
+                sync: self.sync.clone(),
+                segments: self.segments.clone(),
+                file: file.clone(),
+                base_lsn,
+                write: write.clone(),
+                id,
+                range: (from - write_pos) as usize..(to - write_pos) as usize,
+                pos: from,
+            };
+            glommio::spawn_local(task.run()).detach();
+        }
+
+        let current = self.current.as_mut().expect("rotated above");
         let block_start = end - end % BLOCK_BYTES;
+        let kept = &write.bytes;
         if block_start >= pos {
             current.block.clear();
             current
                 .block
-                .extend_from_slice(&run.bytes[(block_start - pos) as usize..]);
+                .extend_from_slice(&kept[(block_start - pos) as usize..]);
         } else {
-            current.block.extend_from_slice(&run.bytes);
+            current.block.extend_from_slice(kept);
         }
         current.end_offset = end;
-        self.segments.set_end(current.base_lsn, end_lsn);
+        current.covered_end = padded_end + guard_len;
+        current.unguarded = current.recycled && !guard;
+        Ok(())
+    }
+
+    /// Once the last write completed: zeroes the block after the end of a
+    /// recycled segment whose last write left an older life's bytes there,
+    /// so the log reopens `Intact`. (A crash before it leaves a torn tail to
+    /// cut, as any crash may.)
+    async fn close_guard(&mut self) -> Result<(), IoError> {
+        self.until(|s| s.flights.is_empty()).await?;
+        let Some(current) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let at = current.end_offset;
+        if !current.unguarded || at + BLOCK_BYTES > self.options.segment_bytes {
+            return Ok(());
+        }
+        debug_assert!(at.is_multiple_of(BLOCK_BYTES));
+        current.file.write_at(at, &[&ZERO_BLOCK]).await?;
+        current.file.sync().await?;
+        current.unguarded = false;
         Ok(())
     }
 
@@ -269,8 +405,10 @@ impl<S: Storage + 'static> Writer<S> {
             base_lsn: run.seg_base,
             file,
             end_offset: SEGMENT_HEADER_BLOCK as u64,
+            covered_end: 0,
             block: Vec::new(),
             recycled: recycled.is_some(),
+            unguarded: false,
         });
         self.start_spare();
         Ok(())
@@ -306,6 +444,78 @@ impl<S: Storage + 'static> Writer<S> {
     }
 }
 
+/// A run alone on the device is split in two writes from this size on.
+const SPLIT_MIN_BYTES: usize = 16 << 10;
+
+/// What a run's writes put on the device: the partial block before it, its
+/// records, then zeros to the block boundary and the guard block.
+struct WriteBytes {
+    prefix: Vec<u8>,
+    bytes: Bytes,
+    zeros: usize,
+}
+
+impl WriteBytes {
+    /// The parts covering `range` of the concatenation.
+    fn parts(&self, range: std::ops::Range<usize>) -> Vec<&[u8]> {
+        let zeros = &ZERO_BLOCK_PAIR[..self.zeros];
+        let mut parts = Vec::with_capacity(3);
+        let mut at = 0;
+        for part in [self.prefix.as_slice(), &self.bytes, zeros] {
+            let (from, to) = (range.start.max(at), range.end.min(at + part.len()));
+            if from < to {
+                parts.push(&part[from - at..to - at]);
+            }
+            at += part.len();
+        }
+        parts
+    }
+}
+
+/// One write of a run (the whole run, or one of its two halves).
+struct WriteTask<S: Storage + 'static> {
+    state: Rc<RefCell<State>>,
+    sync: Rc<RefCell<SyncState<S::File>>>,
+    segments: Rc<Segments<S>>,
+    file: Rc<S::File>,
+    base_lsn: u64,
+    write: Rc<WriteBytes>,
+    id: u64,
+    range: std::ops::Range<usize>,
+    pos: u64,
+}
+
+impl<S: Storage + 'static> WriteTask<S> {
+    async fn run(self) {
+        let parts = self.write.parts(self.range.clone());
+        let result = self.file.write_at(self.pos, &parts).await;
+        if let Err(error) = result {
+            self.state.borrow_mut().fail(error);
+            self.sync.borrow_mut().wake_writer();
+            return;
+        }
+        let mut sync = self.sync.borrow_mut();
+        if let Some(flight) = sync.flights.iter_mut().find(|f| f.id == self.id) {
+            flight.done = true;
+        }
+        let mut written = None;
+        while sync.flights.front().is_some_and(|f| f.done) {
+            let flight = sync.flights.pop_front().expect("front exists");
+            written = Some(flight.ack_lsn);
+        }
+        if let Some(lsn) = written
+            && lsn > sync.written_lsn
+        {
+            sync.written_lsn = lsn;
+            self.segments.set_end(self.base_lsn, lsn);
+            if let Some(waker) = sync.syncer.take() {
+                waker.wake();
+            }
+        }
+        sync.wake_writer();
+    }
+}
+
 /// What one sync covers: the file, up to which LSN, and the directory too.
 type SyncJob<F> = (Rc<F>, u64, bool);
 
@@ -328,9 +538,7 @@ async fn run_syncer<S: Storage>(
         .await;
         let mut st = state.borrow_mut();
         let mut s = sync.borrow_mut();
-        if let Some(waker) = s.drained.take() {
-            waker.wake();
-        }
+        s.wake_writer();
         match synced {
             // A sync that completes after a failure acknowledges nothing.
             Ok(()) if st.failed.is_none() => {

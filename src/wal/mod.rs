@@ -59,6 +59,12 @@ pub struct WalOptions {
     pub segment_bytes: u64,
     /// Most record bytes one write + sync carries.
     pub batch_bytes_max: usize,
+    /// Most writes the flusher keeps on the device at once. Above 1, a
+    /// batch written while others are in flight is padded to a block
+    /// boundary (a `Noop` record; see FORMAT.md), so that the next one does
+    /// not share its last block and can be written beside it. 1: one write
+    /// at a time, no padding.
+    pub writes_in_flight: usize,
     /// Most bytes staged and not yet written; appends wait beyond it.
     pub staged_bytes_max: usize,
     pub segment_fill: SegmentFill,
@@ -77,6 +83,7 @@ impl WalOptions {
             epoch: 1,
             segment_bytes: 64 << 20,
             batch_bytes_max: 1 << 20,
+            writes_in_flight: 4,
             staged_bytes_max: 16 << 20,
             segment_fill: SegmentFill::Zeros,
             tail_refetchable: false,
@@ -93,6 +100,7 @@ impl WalOptions {
         let ok = self.segment_bytes.is_multiple_of(4096)
             && self.segment_bytes >= 2 * SEGMENT_HEADER_BLOCK as u64
             && self.batch_bytes_max > 0
+            && self.writes_in_flight > 0
             && self.staged_bytes_max >= self.batch_bytes_max;
         if ok {
             Ok(())

@@ -26,7 +26,7 @@ use crate::format::{
     Decoded, Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, decode_record,
     encode_record,
 };
-use crate::io::{IoError, Storage};
+use crate::io::{BLOCK_BYTES, IoError, Storage};
 
 use super::reader::{OwnedRecord, ReadBatch};
 use zerocopy::FromBytes;
@@ -85,6 +85,10 @@ pub(super) struct Run {
     /// Position of the first record.
     pub start: Expect,
     pub bytes: Vec<u8>,
+    /// Every record was staged here (`submit`), none taken from an upstream
+    /// (`submit_raw`): only then may the log add padding after it, since a
+    /// replica's log must hold exactly its upstream's records.
+    pub local: bool,
 }
 
 /// Counters of the flusher, for benchmarks and metrics.
@@ -96,6 +100,9 @@ pub struct WalStats {
     pub records: u64,
     /// Record bytes made durable.
     pub record_bytes: u64,
+    /// Of `record_bytes`, the `Noop` records that pad a batch to a block
+    /// boundary so that the next write can go beside it.
+    pub pad_bytes: u64,
     /// Bytes handed to the device, with rewritten partial blocks and headers.
     pub device_bytes: u64,
     /// Segments started.
@@ -115,6 +122,7 @@ impl Default for WalStats {
             syncs: 0,
             records: 0,
             record_bytes: 0,
+            pad_bytes: 0,
             device_bytes: 0,
             rotations: 0,
             sync_micros: histogram(),
@@ -162,6 +170,9 @@ pub(super) struct State {
     epochs: Vec<(u64, u64)>,
 }
 
+/// The body of a padding record: zeros, at most a block and a header's worth.
+static PAD_ZEROS: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
+
 /// Wakers waiting for the durable LSN kept at most (see `durable_past`).
 const WATCHERS_MAX: usize = 1024;
 
@@ -203,8 +214,9 @@ impl State {
     }
 
     /// The run a record of `size` bytes goes into: the open one, or a new
-    /// one (in a new segment when this one is full).
-    fn run_for(&mut self, size: u64) -> &mut Run {
+    /// one (in a new segment when this one is full). `local`: the record is
+    /// staged by `submit`.
+    fn run_for(&mut self, size: u64, local: bool) {
         let capacity = self.options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
         if self.seg_base.is_none() || self.seg_used + size > capacity {
             self.seg_base = Some(self.next.lsn);
@@ -217,6 +229,13 @@ impl State {
             .back()
             .is_some_and(|r| r.seg_base == seg_base && r.bytes.len() + size as usize <= batch_max);
         if !open_run {
+            // A full run is closed on a block boundary, so that the write of
+            // the one after it need not wait for its write.
+            if local && self.pad_last_run() && self.seg_used + size > capacity {
+                self.seg_base = Some(self.next.lsn);
+                self.seg_used = 0;
+            }
+            let seg_base = self.seg_base.expect("set above");
             let bytes = self
                 .free
                 .pop()
@@ -226,11 +245,71 @@ impl State {
                 seg_base,
                 start,
                 bytes,
+                local,
             });
         }
         self.seg_used += size;
         self.staged_bytes += size as usize;
-        self.runs.back_mut().expect("pushed above")
+        let run = self.runs.back_mut().expect("pushed above");
+        run.local &= local;
+    }
+
+    /// Ends the last staged run (popped by the writer, or still queued) on
+    /// a block boundary with a `Noop` record, so that the next run starts
+    /// one and its write can go beside this one's. Does nothing when the
+    /// log writes one batch at a time, the run holds records of an upstream,
+    /// it ends on a boundary already, or the padding would not fit in the
+    /// segment. Returns whether it padded.
+    pub fn pad_run(&mut self, run: &mut Run) -> bool {
+        if self.options.writes_in_flight < 2
+            || !run.local
+            || self.seg_base != Some(run.seg_base)
+            || run.start.lsn + run.bytes.len() as u64 != self.next.lsn
+        {
+            return false;
+        }
+        let offset = super::scan::offset_of(run.seg_base, self.next.lsn);
+        let capacity = self.options.segment_bytes - SEGMENT_HEADER_BLOCK as u64;
+        let mut gap = offset.next_multiple_of(BLOCK_BYTES) - offset;
+        if gap == 0 {
+            return false;
+        }
+        if gap < RECORD_HEADER_BYTES as u64 {
+            gap += BLOCK_BYTES;
+        }
+        if self.seg_used + gap > capacity {
+            return false;
+        }
+        let body = &PAD_ZEROS[..gap as usize - RECORD_HEADER_BYTES];
+        let Expect { lsn, chain, epoch } = self.next;
+        let checksum = encode_record(
+            &mut run.bytes,
+            RecordKind::Noop,
+            epoch,
+            lsn,
+            chain,
+            self.durable_lsn,
+            body,
+        );
+        self.next = Expect {
+            lsn: lsn + gap,
+            chain: checksum,
+            epoch,
+        };
+        self.seg_used += gap;
+        self.staged_bytes += gap as usize;
+        self.stats.pad_bytes += gap;
+        true
+    }
+
+    /// [`State::pad_run`] on the last run still queued.
+    fn pad_last_run(&mut self) -> bool {
+        let Some(mut run) = self.runs.pop_back() else {
+            return false;
+        };
+        let padded = self.pad_run(&mut run);
+        self.runs.push_back(run);
+        padded
     }
 
     /// Records that the bytes up to `next` are staged, and tells the flusher.
@@ -285,8 +364,10 @@ impl State {
         }
     }
 
-    /// Keeps a written batch (records starting at `start`) for readers.
-    pub fn keep_recent(&mut self, start: Expect, mut bytes: Vec<u8>) {
+    /// Keeps a batch being written (records starting at `start`) for
+    /// readers, who see only its durable records; returns its bytes, shared,
+    /// for the write.
+    pub fn keep_recent(&mut self, start: Expect, mut bytes: Vec<u8>) -> Bytes {
         // A large batch is moved in (copying it would cost about what its
         // write did) and charged at its capacity; a small one is copied, so
         // its buffer goes back to staging with its capacity.
@@ -301,13 +382,14 @@ impl State {
             (kept, charge)
         };
         self.recent_bytes += charge;
-        self.recent.push_back((start, kept, charge));
+        self.recent.push_back((start, kept.clone(), charge));
         while self.recent_bytes > RECENT_BYTES_MAX {
             let Some((_, old, charge)) = self.recent.pop_front() else {
                 break;
             };
             self.recent_bytes -= charge;
-            // A moved-in buffer no sender still holds is staging's again.
+            // A moved-in buffer no sender or write still holds is staging's
+            // again.
             if charge >= RECENT_MOVE_BYTES
                 && let Ok(mut old) = old.try_into_mut()
             {
@@ -315,6 +397,17 @@ impl State {
                 old.clear();
                 self.recycle(Vec::from(old));
             }
+        }
+        kept
+    }
+
+    /// The end of the last staged record that ends at or before `lsn`, or
+    /// `floor` (a record boundary below every such record) if none does.
+    pub fn record_end_at_or_before(&self, lsn: u64, floor: u64) -> u64 {
+        let i = self.waiters.partition_point(|(end, _)| *end <= lsn);
+        match i.checked_sub(1) {
+            Some(i) => self.waiters[i].0.max(floor),
+            None => floor,
         }
     }
 
@@ -443,9 +536,11 @@ impl<S: Storage + 'static> Writer<S> {
             });
         }
         let size = (RECORD_HEADER_BYTES + body.len()) as u64;
+        // First: opening a run may pad the one before, which moves `next`.
+        st.run_for(size, true);
         let (lsn, chain, epoch) = (st.next.lsn, st.next.chain, st.options.epoch);
         let durable_lsn = st.durable_lsn;
-        let run = st.run_for(size);
+        let run = st.runs.back_mut().expect("run_for opened one");
         let checksum = encode_record(&mut run.bytes, kind, epoch, lsn, chain, durable_lsn, body);
         let end_lsn = lsn + size;
         st.staged(Expect {
@@ -524,8 +619,10 @@ impl<S: Storage + 'static> Writer<S> {
             let header = crate::format::RecordHeader::ref_from_prefix(bytes)
                 .map(|(h, _)| *h)
                 .expect("decoded above");
+            st.run_for(size as u64, false);
             let lsn = st.next.lsn;
-            st.run_for(size as u64).bytes.extend_from_slice(bytes);
+            let run = st.runs.back_mut().expect("run_for opened one");
+            run.bytes.extend_from_slice(bytes);
             st.staged(Expect {
                 lsn: lsn + size as u64,
                 chain: header.checksum.get(),

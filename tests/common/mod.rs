@@ -137,6 +137,17 @@ pub async fn read_all_records<S: tidewal::Storage + 'static>(
     }
 }
 
+/// The records appended with `RecordKind::Data`, in order: what
+/// [`read_all_records`] returns without the `Noop` records the log adds to
+/// pad a batch to a block boundary.
+pub async fn read_data_records<S: tidewal::Storage + 'static>(
+    wal: &tidewal::Wal<S>,
+) -> Vec<tidewal::wal::OwnedRecord> {
+    let mut records = read_all_records(wal).await;
+    records.retain(|r| r.kind == tidewal::format::RecordKind::Data);
+    records
+}
+
 /// A storage backend plus the means to tamper with its files behind the
 /// log's back, so a test can run on the fault backend and on the real disk.
 #[allow(async_fn_in_trait)]

@@ -539,7 +539,10 @@ async fn append_run(
     let syncs = (stats.syncs - before.syncs).max(1);
     Ok(AppendRun {
         appends_per_s: total as f64 / elapsed,
-        mb_per_s: (stats.record_bytes - before.record_bytes) as f64 / 1e6 / elapsed,
+        // The records appended, not the padding the log added.
+        mb_per_s: (total * (record_bytes + tidewal::format::RECORD_HEADER_BYTES) as u64) as f64
+            / 1e6
+            / elapsed,
         p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
         p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
         p999_us: hist.value_at_quantile(0.999) as f64 / 1000.0,
