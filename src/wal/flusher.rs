@@ -286,11 +286,14 @@ impl<S: Storage + 'static> Writer<S> {
 
         let end_lsn = run.start.lsn + run.bytes.len() as u64;
         let total = padded_end + guard_len - write_pos;
-        // Alone on the device: two writes, split at a block boundary.
+        // Alone on the device: SPLIT_PARTS writes (if as many may be in
+        // flight), split at block boundaries before the end of the records.
         let alone = self.sync.borrow().flights.is_empty();
-        let split = (alone && max > 1 && run.bytes.len() >= SPLIT_MIN_BYTES)
-            .then(|| write_pos + (total / 2).next_multiple_of(BLOCK_BYTES))
-            .filter(|at| *at < end);
+        let parts = if alone && run.bytes.len() >= SPLIT_MIN_BYTES {
+            (run.bytes.len() / (SPLIT_MIN_BYTES / 2)).clamp(1, max.min(SPLIT_PARTS))
+        } else {
+            1
+        } as u64;
         let (base_lsn, file) = (current.base_lsn, current.file.clone());
         let lsn_at = |offset: u64| base_lsn + offset - SEGMENT_HEADER_BLOCK as u64;
 
@@ -298,16 +301,17 @@ impl<S: Storage + 'static> Writer<S> {
         st.stats.device_bytes += total;
         st.stats.rotations += u64::from(rotated);
         let mut chunks = Vec::new();
-        if let Some(at) = split {
-            chunks.push((
-                write_pos,
-                at,
-                st.record_end_at_or_before(lsn_at(at), run.start.lsn),
-            ));
-            chunks.push((at, write_pos + total, end_lsn));
-        } else {
-            chunks.push((write_pos, write_pos + total, end_lsn));
+        let mut from = write_pos;
+        for i in 1..parts {
+            let at = write_pos + (total * i / parts).next_multiple_of(BLOCK_BYTES);
+            if at <= from || at >= end {
+                continue;
+            }
+            let ack = st.record_end_at_or_before(lsn_at(at), run.start.lsn);
+            chunks.push((from, at, ack));
+            from = at;
         }
+        chunks.push((from, write_pos + total, end_lsn));
         let start = run.start;
         let bytes = st.keep_recent(start, run.bytes);
         drop(st);
@@ -444,8 +448,15 @@ impl<S: Storage + 'static> Writer<S> {
     }
 }
 
-/// A run alone on the device is split in two writes from this size on.
+/// A run alone on the device is split from this size on.
 const SPLIT_MIN_BYTES: usize = 16 << 10;
+
+/// Writes a run alone on the device is split into. Measured on the
+/// development VM (alternating runs, medians of 3): splitting from 16 KiB
+/// gave 256 appenders 0.78-0.79 of the bar against 0.66-0.76 unsplit, and
+/// 64 KiB records 0.50-0.55 of the ceiling against 0.31-0.32; four parts
+/// did no better than two.
+const SPLIT_PARTS: usize = 2;
 
 /// What a run's writes put on the device: the partial block before it, its
 /// records, then zeros to the block boundary and the guard block.
