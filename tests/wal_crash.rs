@@ -26,8 +26,9 @@ struct Seen {
 async fn one_run(seed: u64, stats: &mut BTreeMap<String, u64>) {
     let mut rng = Rng(seed);
     let mut options = small_options();
-    options.segment_bytes = [16 << 10, 64 << 10][rng.below(2) as usize];
-    options.batch_bytes_max = [1 << 10, 4 << 10, 8 << 10][rng.below(3) as usize];
+    options.segment_bytes = [16 << 10, 64 << 10, 256 << 10][rng.below(3) as usize];
+    // Batches of 16 KiB and more written alone are split in two writes.
+    options.batch_bytes_max = [1 << 10, 4 << 10, 8 << 10, 32 << 10][rng.below(4) as usize];
     options.staged_bytes_max = options.batch_bytes_max * 4;
     // Several writes in flight may land in any order: a power cut may keep
     // a later one and lose an earlier one.
@@ -85,6 +86,7 @@ async fn one_run(seed: u64, stats: &mut BTreeMap<String, u64>) {
         }
         c.await;
     }
+    *stats.entry("writes beside others".into()).or_default() += wal.stats().writes_beside;
     drop(wal);
     let cut = rng.power_cut();
     storage.power_cut(cut);
@@ -201,6 +203,7 @@ fn crash_recovery_keeps_every_acked_append() {
                 "runs with acked appends",
                 "multi-segment",
                 "pad records kept",
+                "writes beside others",
             ] {
                 assert!(
                     stats.get(case).copied().unwrap_or(0) > 0,

@@ -219,6 +219,7 @@ impl Engine {
                     wal.segment_bytes = options.segment_bytes;
                     wal.tail_refetchable = options.tail_refetchable;
                     wal.batch_bytes_max = options.batch_bytes_max;
+                    wal.writes_in_flight = options.wal_writes_in_flight;
                     wal.staged_bytes_max = wal.staged_bytes_max.max(options.batch_bytes_max);
                     (s, dir.join(format!("shard-{s:04}")), wal)
                 })

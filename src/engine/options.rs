@@ -22,6 +22,11 @@ pub struct Options {
     pub segment_bytes: u64,
     /// Most record bytes one WAL write + sync carries.
     pub batch_bytes_max: usize,
+    /// Most WAL writes of a shard on the device at once
+    /// (`WalOptions::writes_in_flight`): above 1, busy batches are padded to
+    /// a block boundary so the next can be written beside them. 1: one write
+    /// at a time, no padding.
+    pub wal_writes_in_flight: usize,
     /// Run where O_DIRECT is not in effect (tmpfs), with buffered I/O.
     pub allow_buffered_io: bool,
     /// Pin executor `i` to core `i` (off lets the OS place them).
@@ -48,6 +53,7 @@ impl Default for Options {
             commit_level: CommitLevel::Local,
             segment_bytes: 64 << 20,
             batch_bytes_max: 1 << 20,
+            wal_writes_in_flight: 4,
             allow_buffered_io: false,
             pin_executors: true,
             spin_before_park_us: 0,
@@ -146,6 +152,9 @@ impl Options {
         if self.batch_bytes_max == 0 {
             return Err(OptionsError("batch_bytes_max must be positive".into()));
         }
+        if self.wal_writes_in_flight == 0 {
+            return Err(OptionsError("wal_writes_in_flight must be positive".into()));
+        }
         Ok(())
     }
 }
@@ -163,6 +172,16 @@ mod tests {
         let err = Options::from_toml("shard_cuont = 8").unwrap_err();
         assert!(err.to_string().contains("shard_cuont"), "{err}");
         assert!(Options::from_toml("segment_bytes = \"big\"").is_err());
+        let one_write = Options::from_toml("wal_writes_in_flight = 1").unwrap();
+        assert_eq!(one_write.wal_writes_in_flight, 1);
+        assert!(one_write.check().is_ok());
+        let none = Options::from_toml("wal_writes_in_flight = 0").unwrap();
+        assert!(
+            none.check()
+                .unwrap_err()
+                .to_string()
+                .contains("wal_writes_in_flight")
+        );
         let text = toml::to_string(&Options::default().with_shard_count(3)).unwrap();
         assert_eq!(Options::from_toml(&text).unwrap().shard_count, 3);
     }

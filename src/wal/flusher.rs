@@ -188,37 +188,57 @@ impl<S: Storage + 'static> Writer<S> {
         }
     }
 
-    /// The next run to write, or `None` once closed and drained, or failed.
-    /// A run that will be written beside others, or split, is padded to a
-    /// block boundary first when it is the last one staged (see
-    /// `State::pad_run`), so that the next run can go beside it too.
+    /// The next run to write, once it can be issued, or `None` once closed
+    /// and drained, or failed. A run stays staged (and keeps growing) while
+    /// its write would have to wait for those in flight: it could only be
+    /// issued after them anyway. A run that will be written beside others,
+    /// or split, is padded to a block boundary first when it is the last one
+    /// staged (see `State::pad_run`), so that the next run can go beside it.
     async fn next_run(&self) -> Option<Run> {
         std::future::poll_fn(|cx| {
             let mut st = self.state.borrow_mut();
             if st.failed.is_some() {
                 return Poll::Ready(None);
             }
-            if let Some(mut run) = st.runs.pop_front() {
-                st.staged_bytes -= run.bytes.len();
-                if st.runs.is_empty() {
-                    let busy = !self.sync.borrow().flights.is_empty();
-                    if busy || run.bytes.len() >= SPLIT_MIN_BYTES {
-                        let before = run.bytes.len();
-                        if st.pad_run(&mut run) {
-                            st.staged_bytes -= run.bytes.len() - before;
-                        }
-                    }
+            let Some(front) = st.runs.front() else {
+                if st.closed {
+                    return Poll::Ready(None);
                 }
-                st.wake_space_head();
-                return Poll::Ready(Some(run));
+                st.flusher = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            let mut sync = self.sync.borrow_mut();
+            let busy = !sync.flights.is_empty();
+            if busy && !self.may_go_beside(front, sync.flights.len()) {
+                sync.writer = Some(cx.waker().clone());
+                return Poll::Pending;
             }
-            if st.closed {
-                return Poll::Ready(None);
+            drop(sync);
+            let mut run = st.runs.pop_front().expect("front exists");
+            st.staged_bytes -= run.bytes.len();
+            if st.runs.is_empty() && (busy || run.bytes.len() >= SPLIT_MIN_BYTES) {
+                let before = run.bytes.len();
+                if st.pad_run(&mut run) {
+                    st.staged_bytes -= run.bytes.len() - before;
+                }
             }
-            st.flusher = Some(cx.waker().clone());
-            Poll::Pending
+            st.wake_space_head();
+            Poll::Ready(Some(run))
         })
         .await
+    }
+
+    /// Whether `run`'s write may be issued while `in_flight` writes are on
+    /// the device: a slot is free, it does not start a segment, and it
+    /// starts past every block they cover.
+    fn may_go_beside(&self, run: &Run, in_flight: usize) -> bool {
+        let Some(current) = &self.current else {
+            return false;
+        };
+        let pos = offset_of(current.base_lsn, run.start.lsn);
+        in_flight < self.options.writes_in_flight
+            && current.base_lsn == run.seg_base
+            && pos - pos % BLOCK_BYTES >= current.covered_end
     }
 
     /// Waits until `ready` holds of the shared state, or the log failed.
@@ -312,6 +332,7 @@ impl<S: Storage + 'static> Writer<S> {
             from = at;
         }
         chunks.push((from, write_pos + total, end_lsn));
+        st.stats.writes_beside += chunks.len() as u64 - u64::from(alone);
         let start = run.start;
         let bytes = st.keep_recent(start, run.bytes);
         drop(st);

@@ -105,6 +105,8 @@ pub struct WalStats {
     pub pad_bytes: u64,
     /// Bytes handed to the device, with rewritten partial blocks and headers.
     pub device_bytes: u64,
+    /// Writes issued while another write of the log was on the device.
+    pub writes_beside: u64,
     /// Segments started.
     pub rotations: u64,
     /// Duration of each sync (the `fdatasync`, or with O_DSYNC writes the
@@ -124,6 +126,7 @@ impl Default for WalStats {
             record_bytes: 0,
             pad_bytes: 0,
             device_bytes: 0,
+            writes_beside: 0,
             rotations: 0,
             sync_micros: histogram(),
             batch_records: histogram(),
@@ -169,6 +172,13 @@ pub(super) struct State {
     /// `(epoch, first lsn)` of each epoch of the log, oldest first.
     epochs: Vec<(u64, u64)>,
 }
+
+/// A run is padded only with at most 1/PAD_RATIO_MAX of its own length.
+/// Measured with 256 appenders of 100-byte records (batches of about
+/// 17 KiB, alternating runs): 0.76-0.81 of the bar at 4, 0.56-0.62 at 8,
+/// where batches went unpadded half the time and the two groups of
+/// appenders merged; 4 KiB records one per batch are never padded.
+const PAD_RATIO_MAX: u64 = 4;
 
 /// The body of a padding record: zeros, at most a block and a header's worth.
 static PAD_ZEROS: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
@@ -259,7 +269,8 @@ impl State {
     /// one and its write can go beside this one's. Does nothing when the
     /// log writes one batch at a time, the run holds records of an upstream,
     /// it ends on a boundary already, or the padding would not fit in the
-    /// segment. Returns whether it padded.
+    /// segment or cost more than a quarter of the run. Returns whether it
+    /// padded.
     pub fn pad_run(&mut self, run: &mut Run) -> bool {
         if self.options.writes_in_flight < 2
             || !run.local
@@ -277,7 +288,9 @@ impl State {
         if gap < RECORD_HEADER_BYTES as u64 {
             gap += BLOCK_BYTES;
         }
-        if self.seg_used + gap > capacity {
+        // Padding costs log space and replication bytes: at most a quarter
+        // of the run (a run of one 4 KiB record would double).
+        if self.seg_used + gap > capacity || gap * PAD_RATIO_MAX > run.bytes.len() as u64 {
             return false;
         }
         let body = &PAD_ZEROS[..gap as usize - RECORD_HEADER_BYTES];
