@@ -291,8 +291,19 @@ fn padded_batches_in_recycled_segments_reopen_intact() {
 fn disk_backend_padded_batches_reopen_intact() {
     let dir = disk_dir();
     let p = path(&dir);
+    let log_dir = p.clone();
     run(move || async move {
         let storage = DmaStorage::open(&p, DirectIo::Require).await.unwrap();
         padded_batches_reopen_intact(storage).await
     });
+    // `wal inspect` lists the padding as no-op records of an intact log.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["wal", "inspect"])
+        .arg(&log_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("log intact"), "{stdout}");
+    assert!(stdout.contains("noop"), "{stdout}");
 }
