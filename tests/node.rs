@@ -485,6 +485,16 @@ fn admin_endpoint_reports_what_happened() {
     assert_eq!(value("tidewal_keys{"), 50.0);
     assert!(value("tidewal_wal_syncs_total") >= 1.0);
     assert!(value("tidewal_wal_record_bytes_total") > 50.0 * 32.0);
+    // Padding is counted within the record bytes (none here: one client).
+    assert!(
+        metrics.contains("tidewal_wal_pad_bytes_total{"),
+        "{metrics}"
+    );
+    assert!(value("tidewal_wal_pad_bytes_total") < value("tidewal_wal_record_bytes_total"));
+    assert!(
+        metrics.contains("tidewal_wal_writes_beside_total{"),
+        "{metrics}"
+    );
     assert_eq!(
         value("tidewal_wal_batch_records_count"),
         value("tidewal_wal_syncs_total")

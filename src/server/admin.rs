@@ -647,6 +647,17 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         Unit::Bytes,
         per_shard(&|s| s.wal.device_bytes),
     );
+    registry.register_with_unit(
+        "wal_pad",
+        "Of the record bytes, padding records that end a batch on a block boundary so the next write can go beside it",
+        Unit::Bytes,
+        per_shard(&|s| s.wal.pad_bytes),
+    );
+    registry.register(
+        "wal_writes_beside",
+        "WAL writes issued while another write of the shard was on the device",
+        per_shard(&|s| s.wal.writes_beside),
+    );
     registry.register(
         "wal_rotations",
         "Segments started",

@@ -115,12 +115,13 @@ pub(super) async fn render(
         let failed = stats.iter().filter(|s| s.failure.is_some()).count();
         let _ = write!(
             out,
-            "# Persistence\r\nloading:0\r\naof_enabled:1\r\ncommit_level:{level}\r\nwal_durable_lsn:{}\r\nwal_head_lsn:{}\r\nwal_syncs:{}\r\nwal_records:{}\r\nwal_record_bytes:{}\r\nwal_device_bytes:{}\r\nwal_segments:{}\r\nwal_sync_p50_us:{}\r\nwal_sync_p99_us:{}\r\nshards_failed:{failed}\r\n\r\n",
+            "# Persistence\r\nloading:0\r\naof_enabled:1\r\ncommit_level:{level}\r\nwal_durable_lsn:{}\r\nwal_head_lsn:{}\r\nwal_syncs:{}\r\nwal_records:{}\r\nwal_record_bytes:{}\r\nwal_pad_bytes:{}\r\nwal_device_bytes:{}\r\nwal_segments:{}\r\nwal_sync_p50_us:{}\r\nwal_sync_p99_us:{}\r\nshards_failed:{failed}\r\n\r\n",
             stats.iter().map(|s| s.durable_lsn).sum::<u64>(),
             stats.iter().map(|s| s.next_lsn).sum::<u64>(),
             sum(&stats, |s| s.wal.syncs),
             sum(&stats, |s| s.wal.records),
             sum(&stats, |s| s.wal.record_bytes),
+            sum(&stats, |s| s.wal.pad_bytes),
             sum(&stats, |s| s.wal.device_bytes),
             stats.iter().map(|s| s.segments).sum::<usize>(),
             sync_quantile(&stats, 0.5),
