@@ -5,10 +5,10 @@
 //! then zeros). Up to `writes_in_flight` writes are on the device at once,
 //! under one rule: a write never overlaps a write still in flight, since
 //! two writes to the same block may land in either order. So a run that
-//! starts inside the block where the previous one ended waits for it; the
-//! staging side ends a run on a block boundary (a padding record) when it
-//! is written beside others, or fills the batch cap, so that the next one
-//! need not wait. A run written alone (the pipeline is empty, as after a
+//! starts inside the block where the previous one ended waits for it (it
+//! stays staged, and keeps growing); the staging side ends a run on a block
+//! boundary (a padding record) when it is written beside others, is large,
+//! or fills the batch cap, so that the next one need not wait. A run written alone (the pipeline is empty, as after a
 //! group commit acknowledged everyone) is issued as two writes, split at a
 //! block boundary, so the appenders of its first half can stage their next
 //! records while the second half is still on the device. That keeps the
@@ -37,14 +37,8 @@ use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
 
 use super::scan::offset_of;
 use super::segment::{SegmentMeta, Segments, Tail, prepare_spare};
-use super::writer::{Run, State};
+use super::writer::{Run, State, ZEROS};
 use super::{WalError, WalOptions};
-
-/// Zeros for padding writes to a block and for the guard block.
-static ZERO_BLOCK: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
-
-/// Zeros to the end of a block, then a guard block.
-static ZERO_BLOCK_PAIR: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
 
 /// What the writer, its writes in flight and the syncer share.
 struct SyncState<F> {
@@ -215,13 +209,11 @@ impl<S: Storage + 'static> Writer<S> {
             }
             drop(sync);
             let mut run = st.runs.pop_front().expect("front exists");
-            st.staged_bytes -= run.bytes.len();
             if st.runs.is_empty() && (busy || run.bytes.len() >= SPLIT_MIN_BYTES) {
-                let before = run.bytes.len();
-                if st.pad_run(&mut run) {
-                    st.staged_bytes -= run.bytes.len() - before;
-                }
+                st.pad_run(&mut run);
             }
+            // The padding, too, was counted as staged.
+            st.staged_bytes -= run.bytes.len();
             st.wake_space_head();
             Poll::Ready(Some(run))
         })
@@ -299,16 +291,17 @@ impl<S: Storage + 'static> Writer<S> {
             current.recycled && end != padded_end && padded_end < self.options.segment_bytes;
         let guard_len = if guard { BLOCK_BYTES } else { 0 };
         let max = self.options.writes_in_flight;
-        self.until(|s| {
-            s.flights.is_empty() || (s.flights.len() < max && write_pos >= current.covered_end)
-        })
-        .await?;
+        let in_flight = self.sync.borrow().flights.len();
+        debug_assert!(
+            in_flight == 0 || self.may_go_beside(&run, in_flight),
+            "next_run takes a run only once its write can go"
+        );
 
         let end_lsn = run.start.lsn + run.bytes.len() as u64;
         let total = padded_end + guard_len - write_pos;
         // Alone on the device: SPLIT_PARTS writes (if as many may be in
         // flight), split at block boundaries before the end of the records.
-        let alone = self.sync.borrow().flights.is_empty();
+        let alone = in_flight == 0;
         let parts = if alone && run.bytes.len() >= SPLIT_MIN_BYTES {
             (run.bytes.len() / (SPLIT_MIN_BYTES / 2)).clamp(1, max.min(SPLIT_PARTS))
         } else {
@@ -399,7 +392,10 @@ impl<S: Storage + 'static> Writer<S> {
             return Ok(());
         }
         debug_assert!(at.is_multiple_of(BLOCK_BYTES));
-        current.file.write_at(at, &[&ZERO_BLOCK]).await?;
+        current
+            .file
+            .write_at(at, &[&ZEROS[..BLOCK_BYTES as usize]])
+            .await?;
         current.file.sync().await?;
         current.unguarded = false;
         Ok(())
@@ -490,7 +486,7 @@ struct WriteBytes {
 impl WriteBytes {
     /// The parts covering `range` of the concatenation.
     fn parts(&self, range: std::ops::Range<usize>) -> Vec<&[u8]> {
-        let zeros = &ZERO_BLOCK_PAIR[..self.zeros];
+        let zeros = &ZEROS[..self.zeros];
         let mut parts = Vec::with_capacity(3);
         let mut at = 0;
         for part in [self.prefix.as_slice(), &self.bytes, zeros] {

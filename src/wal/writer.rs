@@ -180,8 +180,9 @@ pub(super) struct State {
 /// appenders merged; 4 KiB records one per batch are never padded.
 const PAD_RATIO_MAX: u64 = 4;
 
-/// The body of a padding record: zeros, at most a block and a header's worth.
-static PAD_ZEROS: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
+/// Zeros: a padding record's body (less than two blocks), and what a write
+/// puts after its records (to the block boundary, then a guard block).
+pub(super) static ZEROS: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
 
 /// Wakers waiting for the durable LSN kept at most (see `durable_past`).
 const WATCHERS_MAX: usize = 1024;
@@ -293,7 +294,7 @@ impl State {
         if self.seg_used + gap > capacity || gap * PAD_RATIO_MAX > run.bytes.len() as u64 {
             return false;
         }
-        let body = &PAD_ZEROS[..gap as usize - RECORD_HEADER_BYTES];
+        let body = &ZEROS[..gap as usize - RECORD_HEADER_BYTES];
         let Expect { lsn, chain, epoch } = self.next;
         let checksum = encode_record(
             &mut run.bytes,
