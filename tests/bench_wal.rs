@@ -73,5 +73,8 @@ fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
         positive(run, "mb_per_s");
         positive(run, "ceiling_mb_per_s");
         positive(run, "ratio_to_ceiling");
+        // At least one 4 KiB record per write.
+        let per_write = run["kib_per_write"].as_f64().expect("kib_per_write");
+        assert!(per_write >= 4.0, "kib_per_write {per_write} in {run}");
     }
 }

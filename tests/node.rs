@@ -495,6 +495,10 @@ fn admin_endpoint_reports_what_happened() {
         metrics.contains("tidewal_wal_writes_beside_total{"),
         "{metrics}"
     );
+    // One client, one write at a time: at least one write per commit
+    // batch, and none beside another.
+    assert!(value("tidewal_wal_writes_total") >= value("tidewal_wal_syncs_total"));
+    assert_eq!(value("tidewal_wal_writes_beside_total"), 0.0);
     assert_eq!(
         value("tidewal_wal_batch_records_count"),
         value("tidewal_wal_syncs_total")

@@ -17,8 +17,9 @@ pub use frame::{
     SnapshotEnd, decode_fixed, decode_frame, encode_frame, frame_header, resync_may_rewind,
 };
 pub use record::{
-    CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader, RecordKind,
-    RecordRef, decode_record, encode_record, plausible_durable_floor_at, record_checksum,
+    ByteSink, CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader,
+    RecordKind, RecordRef, decode_record, encode_record, plausible_durable_floor_at,
+    record_checksum,
 };
 pub use segment::{
     FORMAT_VERSION, LogId, SEGMENT_HEADER_BLOCK, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,

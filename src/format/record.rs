@@ -152,7 +152,7 @@ pub fn record_checksum(chain: u32, header_tail: &[u8], body: &[u8]) -> u32 {
 /// while the log was durable up to `durable_lsn`, appending header and body
 /// to `out`. Returns the new record's checksum, the chain for the next one.
 pub fn encode_record(
-    out: &mut Vec<u8>,
+    out: &mut impl ByteSink,
     kind: RecordKind,
     epoch: u64,
     lsn: u64,
@@ -174,9 +174,21 @@ pub fn encode_record(
     };
     let checksum = record_checksum(chain, &header.as_bytes()[4..], body);
     header.checksum = U32::new(checksum);
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(body);
+    out.put(header.as_bytes());
+    out.put(body);
     checksum
+}
+
+/// Where [`encode_record`] appends: a `Vec<u8>`, or the log's block-aligned
+/// staging buffer ([`crate::io::AlignedBuf`]).
+pub trait ByteSink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl ByteSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
 }
 
 /// Decodes the record at the start of `buf`, which must sit where `expect`

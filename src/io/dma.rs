@@ -3,6 +3,7 @@
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use glommio::io::{DmaFile, OpenOptions};
 
 use super::{BLOCK_BYTES, IoError, READ_CHUNK_BYTES, Storage, StorageFile};
@@ -223,6 +224,19 @@ impl DmaFileHandle {
     fn err(&self, op: &'static str, err: glommio::GlommioError<()>) -> IoError {
         IoError::new(op, self.path.clone(), err.into())
     }
+
+    /// A short O_DIRECT write is treated as a failed one: the caller never
+    /// acks past it, so no retry is attempted here.
+    fn check_written(&self, written: usize, len: usize) -> Result<(), IoError> {
+        if written == len {
+            return Ok(());
+        }
+        Err(IoError::new(
+            "write",
+            self.path.clone(),
+            std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"),
+        ))
+    }
 }
 
 impl StorageFile for DmaFileHandle {
@@ -243,16 +257,24 @@ impl StorageFile for DmaFileHandle {
             .write_at(buf, pos)
             .await
             .map_err(|e| self.err("write", e))?;
-        if written != padded {
-            // A short O_DIRECT write is treated as a failed one: the caller
-            // never acks past it, so no retry is attempted here.
-            return Err(IoError::new(
-                "write",
-                self.path.clone(),
-                std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"),
-            ));
+        self.check_written(written, padded)
+    }
+
+    async fn write_shared(&self, pos: u64, bytes: Bytes) -> Result<(), IoError> {
+        let block = BLOCK_BYTES as usize;
+        if !(bytes.as_ptr() as usize).is_multiple_of(block) || !bytes.len().is_multiple_of(block) {
+            return self.write_at(pos, &[&bytes]).await;
         }
-        Ok(())
+        assert_eq!(pos % BLOCK_BYTES, 0, "unaligned write at {pos}");
+        let len = bytes.len();
+        // No copy: the device reads the shared bytes, which stay alive and
+        // unchanged until the write completes.
+        let written = self
+            .file
+            .write_foreign_at(bytes, pos)
+            .await
+            .map_err(|e| self.err("write", e))?;
+        self.check_written(written, len)
     }
 
     async fn read_at(&self, pos: u64, len: usize) -> Result<Vec<u8>, IoError> {

@@ -18,11 +18,15 @@
 //! Both are single-threaded (one executor per core owns its files), so the
 //! trait uses `async fn` without `Send` bounds.
 
+mod aligned;
 mod dma;
 mod fault;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
+pub use aligned::{AlignedBuf, SharedBuf};
 pub use dma::{DirectIo, DmaFileHandle, DmaStorage, SyncMode};
 pub use fault::{FaultFile, FaultOp, FaultStorage, PowerCut};
 
@@ -82,6 +86,13 @@ pub trait Storage {
 pub trait StorageFile {
     /// Writes the concatenation of `parts` at `pos`, zero-padded to a block.
     async fn write_at(&self, pos: u64, parts: &[&[u8]]) -> Result<(), IoError>;
+    /// Writes `bytes` at `pos`, zero-padded to a block, as `write_at` does.
+    /// Bytes that start on a block boundary and fill whole blocks (a slice
+    /// of an [`AlignedBuf`]) may be handed to the device as they are, with
+    /// no copy; the default copies.
+    async fn write_shared(&self, pos: u64, bytes: Bytes) -> Result<(), IoError> {
+        self.write_at(pos, &[&bytes]).await
+    }
     /// Reads up to `len` bytes at `pos`; shorter only at the end of the file.
     async fn read_at(&self, pos: u64, len: usize) -> Result<Vec<u8>, IoError>;
     /// `fdatasync`: what was written is durable when this returns Ok.

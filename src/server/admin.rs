@@ -654,6 +654,11 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         per_shard(&|s| s.wal.pad_bytes),
     );
     registry.register(
+        "wal_writes",
+        "WAL writes issued (one per batch, or two when a batch is split)",
+        per_shard(&|s| s.wal.writes),
+    );
+    registry.register(
         "wal_writes_beside",
         "WAL writes issued while another write of the shard was on the device",
         per_shard(&|s| s.wal.writes_beside),

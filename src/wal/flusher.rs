@@ -33,7 +33,7 @@ use glommio::task::JoinHandle;
 use bytes::Bytes;
 
 use crate::format::{SEGMENT_HEADER_BLOCK, SegmentHeader, segment_file_name};
-use crate::io::{BLOCK_BYTES, IoError, Storage, StorageFile};
+use crate::io::{BLOCK_BYTES, IoError, SharedBuf, Storage, StorageFile};
 
 use super::scan::offset_of;
 use super::segment::{SegmentMeta, Segments, Tail, prepare_spare};
@@ -209,11 +209,11 @@ impl<S: Storage + 'static> Writer<S> {
             }
             drop(sync);
             let mut run = st.runs.pop_front().expect("front exists");
-            if st.runs.is_empty() && (busy || run.bytes.len() >= SPLIT_MIN_BYTES) {
+            if st.runs.is_empty() && (busy || run.len() >= SPLIT_MIN_BYTES) {
                 st.pad_run(&mut run);
             }
             // The padding, too, was counted as staged.
-            st.staged_bytes -= run.bytes.len();
+            st.staged_bytes -= run.len();
             st.wake_space_head();
             Poll::Ready(Some(run))
         })
@@ -271,39 +271,46 @@ impl<S: Storage + 'static> Writer<S> {
             header = Some(header_of.to_block());
         }
         let rotated = header.is_some();
+        let in_flight = self.sync.borrow().flights.len();
+        debug_assert!(
+            in_flight == 0 || self.may_go_beside(&run, in_flight),
+            "next_run takes a run only once its write can go"
+        );
         let current = self.current.as_ref().expect("rotated above");
         let pos = offset_of(current.base_lsn, run.start.lsn);
         assert_eq!(pos, current.end_offset, "runs are written in LSN order");
-        let (write_pos, prefix) = match header {
-            Some(block) => (0, block),
-            None => (pos - pos % BLOCK_BYTES, current.block.clone()),
-        };
-        assert_eq!(
-            write_pos + prefix.len() as u64,
-            pos,
-            "prefix reaches the write position"
-        );
-        let end = pos + run.bytes.len() as u64;
+        let Run {
+            start,
+            mut buf,
+            lead,
+            ..
+        } = run;
+        let records_len = buf.len() - lead;
+        // What goes before the first record: the header block, or the
+        // block's earlier records, rewritten byte-identical.
+        let prefix = header.as_deref().unwrap_or(&current.block);
+        let write_pos = pos - prefix.len() as u64;
+        assert_eq!(prefix.len(), lead, "the run left room for its prefix");
+        assert_eq!(write_pos % BLOCK_BYTES, 0, "writes start on a block");
+        buf[..lead].copy_from_slice(prefix);
+        let end = pos + records_len as u64;
         let padded_end = end.next_multiple_of(BLOCK_BYTES);
         // A run that ends on a boundary leaves the next block to the next
         // write, which may be issued before this one completes.
         let guard =
             current.recycled && end != padded_end && padded_end < self.options.segment_bytes;
         let guard_len = if guard { BLOCK_BYTES } else { 0 };
+        buf.extend_zeros((padded_end - end + guard_len) as usize);
         let max = self.options.writes_in_flight;
-        let in_flight = self.sync.borrow().flights.len();
-        debug_assert!(
-            in_flight == 0 || self.may_go_beside(&run, in_flight),
-            "next_run takes a run only once its write can go"
-        );
 
-        let end_lsn = run.start.lsn + run.bytes.len() as u64;
+        let end_lsn = start.lsn + records_len as u64;
         let total = padded_end + guard_len - write_pos;
+        debug_assert_eq!(total, buf.len() as u64);
         // Alone on the device: SPLIT_PARTS writes (if as many may be in
         // flight), split at block boundaries before the end of the records.
         let alone = in_flight == 0;
-        let parts = if alone && run.bytes.len() >= SPLIT_MIN_BYTES {
-            (run.bytes.len() / (SPLIT_MIN_BYTES / 2)).clamp(1, max.min(SPLIT_PARTS))
+        let parts = if alone && records_len >= SPLIT_MIN_BYTES {
+            (records_len / (SPLIT_MIN_BYTES / 2)).clamp(1, max.min(SPLIT_PARTS))
         } else {
             1
         } as u64;
@@ -320,21 +327,19 @@ impl<S: Storage + 'static> Writer<S> {
             if at <= from || at >= end {
                 continue;
             }
-            let ack = st.record_end_at_or_before(lsn_at(at), run.start.lsn);
+            let ack = st.record_end_at_or_before(lsn_at(at), start.lsn);
             chunks.push((from, at, ack));
             from = at;
         }
         chunks.push((from, write_pos + total, end_lsn));
+        st.stats.writes += chunks.len() as u64;
         st.stats.writes_beside += chunks.len() as u64 - u64::from(alone);
-        let start = run.start;
-        let bytes = st.keep_recent(start, run.bytes);
+        let (whole, owner) = buf.share();
+        let records = whole.slice(lead..lead + records_len);
+        let owner = st.keep_recent(start, records.clone(), owner);
         drop(st);
 
-        let write = Rc::new(WriteBytes {
-            prefix,
-            bytes,
-            zeros: (padded_end - end + guard_len) as usize,
-        });
+        let write = Rc::new(WriteBytes { whole, owner });
         for (from, to, ack_lsn) in chunks {
             let id = {
                 let mut sync = self.sync.borrow_mut();
@@ -363,7 +368,7 @@ impl<S: Storage + 'static> Writer<S> {
 
         let current = self.current.as_mut().expect("rotated above");
         let block_start = end - end % BLOCK_BYTES;
-        let kept = &write.bytes;
+        let kept = &records;
         if block_start >= pos {
             current.block.clear();
             current
@@ -476,28 +481,13 @@ const SPLIT_MIN_BYTES: usize = 16 << 10;
 const SPLIT_PARTS: usize = 2;
 
 /// What a run's writes put on the device: the partial block before it, its
-/// records, then zeros to the block boundary and the guard block.
+/// records, then zeros to the block boundary and the guard block, in one
+/// block-aligned buffer shared with the recent cache.
 struct WriteBytes {
-    prefix: Vec<u8>,
-    bytes: Bytes,
-    zeros: usize,
-}
-
-impl WriteBytes {
-    /// The parts covering `range` of the concatenation.
-    fn parts(&self, range: std::ops::Range<usize>) -> Vec<&[u8]> {
-        let zeros = &ZEROS[..self.zeros];
-        let mut parts = Vec::with_capacity(3);
-        let mut at = 0;
-        for part in [self.prefix.as_slice(), &self.bytes, zeros] {
-            let (from, to) = (range.start.max(at), range.end.min(at + part.len()));
-            if from < to {
-                parts.push(&part[from - at..to - at]);
-            }
-            at += part.len();
-        }
-        parts
-    }
+    whole: Bytes,
+    /// The buffer, to give back to staging after the last write, unless the
+    /// recent cache keeps it.
+    owner: Option<SharedBuf>,
 }
 
 /// One write of a run (the whole run, or one of its two halves).
@@ -515,8 +505,15 @@ struct WriteTask<S: Storage + 'static> {
 
 impl<S: Storage + 'static> WriteTask<S> {
     async fn run(self) {
-        let parts = self.write.parts(self.range.clone());
-        let result = self.file.write_at(self.pos, &parts).await;
+        let bytes = self.write.whole.slice(self.range.clone());
+        let result = self.file.write_shared(self.pos, bytes).await;
+        // The last write of the run gives its buffer back.
+        if let Some(WriteBytes { whole, owner }) = Rc::into_inner(self.write) {
+            drop(whole);
+            if let Some(buf) = owner.and_then(SharedBuf::reclaim) {
+                self.state.borrow_mut().recycle(buf);
+            }
+        }
         if let Err(error) = result {
             self.state.borrow_mut().fail(error);
             self.sync.borrow_mut().wake_writer();

@@ -26,7 +26,7 @@ use crate::format::{
     Decoded, Expect, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BLOCK, decode_record,
     encode_record,
 };
-use crate::io::{BLOCK_BYTES, IoError, Storage};
+use crate::io::{AlignedBuf, BLOCK_BYTES, IoError, SharedBuf, Storage};
 
 use super::reader::{OwnedRecord, ReadBatch};
 use zerocopy::FromBytes;
@@ -84,7 +84,13 @@ pub(super) struct Run {
     pub seg_base: u64,
     /// Position of the first record.
     pub start: Expect,
-    pub bytes: Vec<u8>,
+    /// The run laid out as it is written: `lead` bytes for what comes
+    /// before its first record in the write (the segment header block, or
+    /// the earlier records of the block it starts in; filled in when the
+    /// run is issued), then its records. Block-aligned memory, so the write
+    /// takes it without a copy.
+    pub buf: AlignedBuf,
+    pub lead: usize,
     /// Every record was staged here (`submit`), none taken from an upstream
     /// (`submit_raw`): only then may the log add padding after it, since a
     /// replica's log must hold exactly its upstream's records.
@@ -105,7 +111,10 @@ pub struct WalStats {
     pub pad_bytes: u64,
     /// Bytes handed to the device, with rewritten partial blocks and headers.
     pub device_bytes: u64,
-    /// Writes issued while another write of the log was on the device.
+    /// Writes issued (a batch takes one, or two when split).
+    pub writes: u64,
+    /// Of `writes`, those issued while another write of the log was on the
+    /// device.
     pub writes_beside: u64,
     /// Segments started.
     pub rotations: u64,
@@ -126,6 +135,7 @@ impl Default for WalStats {
             record_bytes: 0,
             pad_bytes: 0,
             device_bytes: 0,
+            writes: 0,
             writes_beside: 0,
             rotations: 0,
             sync_micros: histogram(),
@@ -159,18 +169,27 @@ pub(super) struct State {
     /// back-pressure.
     pub space: VecDeque<(u64, Waker)>,
     next_ticket: u64,
-    pub free: Vec<Vec<u8>>,
+    pub free: Vec<AlignedBuf>,
     /// The batches written most recently, newest last, as shared bytes
-    /// (a small batch copied once, a large one moved in): what
-    /// replication sends while it keeps up,
-    /// without reading the disk and without a copy per replica.
-    /// Each with the bytes of memory it is charged for.
-    recent: VecDeque<(Expect, Bytes, usize)>,
+    /// (a small batch copied once, a large one shared with its write):
+    /// what replication sends while it keeps up, without reading the disk
+    /// and without a copy per replica.
+    recent: VecDeque<Recent>,
     recent_bytes: usize,
     /// Tasks waiting for the durable LSN to move (replication senders).
     watchers: Vec<Waker>,
     /// `(epoch, first lsn)` of each epoch of the log, oldest first.
     epochs: Vec<(u64, u64)>,
+}
+
+/// A batch kept for replication.
+struct Recent {
+    start: Expect,
+    bytes: Bytes,
+    /// Bytes of memory it is charged for.
+    charge: usize,
+    /// The staging buffer it shares, taken back once nothing reads it.
+    owner: Option<SharedBuf>,
 }
 
 /// A run is padded only with at most 1/PAD_RATIO_MAX of its own length.
@@ -190,11 +209,20 @@ const WATCHERS_MAX: usize = 1024;
 /// Bytes of recent batches kept in memory for replication.
 const RECENT_BYTES_MAX: usize = 8 << 20;
 
-/// Batches at least this large are moved into the recent cache, not copied.
+/// Batches at least this large are kept in the recent cache by sharing
+/// their staging buffer (copying one would cost about what its write did);
+/// smaller ones are copied, so the buffer returns to staging.
 const RECENT_MOVE_BYTES: usize = 256 << 10;
 
 /// Emptied staging buffers kept for reuse.
 const FREE_BUFFERS_MAX: usize = 4;
+
+impl Run {
+    /// Bytes of its records.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.lead
+    }
+}
 
 impl State {
     fn check_open(&self) -> Result<(), WalError> {
@@ -238,7 +266,7 @@ impl State {
         let open_run = self
             .runs
             .back()
-            .is_some_and(|r| r.seg_base == seg_base && r.bytes.len() + size as usize <= batch_max);
+            .is_some_and(|r| r.seg_base == seg_base && r.len() + size as usize <= batch_max);
         if !open_run {
             // A full run is closed on a block boundary, so that the write of
             // the one after it need not wait for its write.
@@ -247,15 +275,27 @@ impl State {
                 self.seg_used = 0;
             }
             let seg_base = self.seg_base.expect("set above");
-            let bytes = self
-                .free
-                .pop()
-                .unwrap_or_else(|| Vec::with_capacity(batch_max.min(size as usize * 16)));
             let start = self.next;
+            // The write starts at the block holding the first record, or at
+            // the segment header for a segment's first run.
+            let offset = super::scan::offset_of(seg_base, start.lsn);
+            let lead = if start.lsn == seg_base {
+                SEGMENT_HEADER_BLOCK
+            } else {
+                (offset % BLOCK_BYTES) as usize
+            };
+            let mut buf = self.free.pop().unwrap_or_else(|| {
+                // Room for the zeros and guard block the write adds.
+                let records = batch_max.min(size as usize * 16);
+                AlignedBuf::with_capacity(lead + records + 2 * BLOCK_BYTES as usize)
+            });
+            buf.clear();
+            buf.extend_zeros(lead);
             self.runs.push_back(Run {
                 seg_base,
                 start,
-                bytes,
+                buf,
+                lead,
                 local,
             });
         }
@@ -276,7 +316,7 @@ impl State {
         if self.options.writes_in_flight < 2
             || !run.local
             || self.seg_base != Some(run.seg_base)
-            || run.start.lsn + run.bytes.len() as u64 != self.next.lsn
+            || run.start.lsn + run.len() as u64 != self.next.lsn
         {
             return false;
         }
@@ -291,13 +331,13 @@ impl State {
         }
         // Padding costs log space and replication bytes: at most a quarter
         // of the run (a run of one 4 KiB record would double).
-        if self.seg_used + gap > capacity || gap * PAD_RATIO_MAX > run.bytes.len() as u64 {
+        if self.seg_used + gap > capacity || gap * PAD_RATIO_MAX > run.len() as u64 {
             return false;
         }
         let body = &ZEROS[..gap as usize - RECORD_HEADER_BYTES];
         let Expect { lsn, chain, epoch } = self.next;
         let checksum = encode_record(
-            &mut run.bytes,
+            &mut run.buf,
             RecordKind::Noop,
             epoch,
             lsn,
@@ -378,41 +418,53 @@ impl State {
         }
     }
 
-    /// Keeps a batch being written (records starting at `start`) for
-    /// readers, who see only its durable records; returns its bytes, shared,
-    /// for the write.
-    pub fn keep_recent(&mut self, start: Expect, mut bytes: Vec<u8>) -> Bytes {
-        // A large batch is moved in (copying it would cost about what its
-        // write did) and charged at its capacity; a small one is copied, so
-        // its buffer goes back to staging with its capacity.
-        let (kept, charge) = if bytes.len() >= RECENT_MOVE_BYTES {
-            let charge = bytes.capacity();
-            (Bytes::from(bytes), charge)
+    /// Keeps a batch being written (records starting at `start`, a slice
+    /// of the shared staging buffer `owner`) for readers, who see only its
+    /// durable records. A large batch is kept as it is, and charged the
+    /// buffer's capacity; a small one is copied (charged its length), and
+    /// `owner` is handed back so the buffer returns to staging once its
+    /// write completes.
+    pub fn keep_recent(
+        &mut self,
+        start: Expect,
+        records: Bytes,
+        owner: SharedBuf,
+    ) -> Option<SharedBuf> {
+        if records.len() >= RECENT_MOVE_BYTES {
+            let charge = owner.capacity();
+            self.push_recent(Recent {
+                start,
+                bytes: records,
+                charge,
+                owner: Some(owner),
+            });
+            None
         } else {
-            let kept = Bytes::copy_from_slice(&bytes);
-            bytes.clear();
-            self.recycle(bytes);
-            let charge = kept.len();
-            (kept, charge)
-        };
-        self.recent_bytes += charge;
-        self.recent.push_back((start, kept.clone(), charge));
+            let bytes = Bytes::copy_from_slice(&records);
+            self.push_recent(Recent {
+                start,
+                charge: bytes.len(),
+                bytes,
+                owner: None,
+            });
+            Some(owner)
+        }
+    }
+
+    fn push_recent(&mut self, batch: Recent) {
+        self.recent_bytes += batch.charge;
+        self.recent.push_back(batch);
         while self.recent_bytes > RECENT_BYTES_MAX {
-            let Some((_, old, charge)) = self.recent.pop_front() else {
+            let Some(old) = self.recent.pop_front() else {
                 break;
             };
-            self.recent_bytes -= charge;
-            // A moved-in buffer no sender or write still holds is staging's
-            // again.
-            if charge >= RECENT_MOVE_BYTES
-                && let Ok(mut old) = old.try_into_mut()
-            {
-                // Emptied first: the conversion copies what is left.
-                old.clear();
-                self.recycle(Vec::from(old));
+            self.recent_bytes -= old.charge;
+            drop(old.bytes);
+            // A buffer no sender or write still holds is staging's again.
+            if let Some(buf) = old.owner.and_then(SharedBuf::reclaim) {
+                self.recycle(buf);
             }
         }
-        kept
     }
 
     /// The end of the last staged record that ends at or before `lsn`, or
@@ -428,19 +480,20 @@ impl State {
     /// Keeps an emptied staging buffer for a later run, unless it grew far
     /// past a batch (one oversized record): reused, it would be charged its
     /// whole capacity in the recent cache again and again.
-    pub fn recycle(&mut self, bytes: Vec<u8>) {
-        let fits = bytes.capacity() <= 2 * self.options.batch_bytes_max;
+    pub fn recycle(&mut self, buf: AlignedBuf) {
+        let batches = 2 * self.options.batch_bytes_max + 4 * BLOCK_BYTES as usize;
+        let fits = buf.capacity() <= AlignedBuf::capacity_for(batches);
         if fits && self.free.len() < FREE_BUFFERS_MAX {
-            self.free.push(bytes);
+            self.free.push(buf);
         }
     }
 
     /// Durable records from `from`, about `max_bytes`, out of the recent
     /// batches: `None` when `from` is not among them (read the disk).
     fn read_recent(&self, from: Expect, max_bytes: usize) -> Option<ReadBatch> {
-        let (start, bytes, _) =
-            self.recent.iter().rev().find(|(start, b, _)| {
-                start.lsn <= from.lsn && from.lsn < start.lsn + b.len() as u64
+        let Recent { start, bytes, .. } =
+            self.recent.iter().rev().find(|r| {
+                r.start.lsn <= from.lsn && from.lsn < r.start.lsn + r.bytes.len() as u64
             })?;
         let first = (from.lsn - start.lsn) as usize;
         let mut at = first;
@@ -555,7 +608,7 @@ impl<S: Storage + 'static> Writer<S> {
         let (lsn, chain, epoch) = (st.next.lsn, st.next.chain, st.options.epoch);
         let durable_lsn = st.durable_lsn;
         let run = st.runs.back_mut().expect("run_for opened one");
-        let checksum = encode_record(&mut run.bytes, kind, epoch, lsn, chain, durable_lsn, body);
+        let checksum = encode_record(&mut run.buf, kind, epoch, lsn, chain, durable_lsn, body);
         let end_lsn = lsn + size;
         st.staged(Expect {
             lsn: end_lsn,
@@ -636,7 +689,7 @@ impl<S: Storage + 'static> Writer<S> {
             st.run_for(size as u64, false);
             let lsn = st.next.lsn;
             let run = st.runs.back_mut().expect("run_for opened one");
-            run.bytes.extend_from_slice(bytes);
+            run.buf.extend_from_slice(bytes);
             st.staged(Expect {
                 lsn: lsn + size as u64,
                 chain: header.checksum.get(),

@@ -82,6 +82,8 @@ struct AppendRun {
     p99_us: f64,
     p999_us: f64,
     records_per_sync: f64,
+    /// Device bytes per write (a batch is one write, or two when split).
+    kib_per_write: f64,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -214,8 +216,8 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
     );
     println!("and recycled as new segments");
     println!(
-        "  {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>7}",
-        "record", "appenders", "log", "MB/s", "ceiling", "p99 us", "ratio"
+        "  {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>9} {:>7}",
+        "record", "appenders", "log", "MB/s", "ceiling", "p99 us", "KiB/write", "ratio"
     );
     for &(record_bytes, n) in &large {
         for steady in [false, true] {
@@ -236,15 +238,16 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
             let (r, ceiling, ratio) = (median_run(&runs), median(&ceilings), median(&ratios));
             let log = if steady { "steady" } else { "fresh" };
             println!(
-                "  {:>6}KiB {n:>9} {log:>7} {:>10.0} {ceiling:>10.0} {:>9.1} {ratio:>7.2}",
+                "  {:>6}KiB {n:>9} {log:>7} {:>10.0} {ceiling:>10.0} {:>9.1} {:>9.0} {ratio:>7.2}",
                 record_bytes / 1024,
                 r.mb_per_s,
                 r.p99_us,
+                r.kib_per_write,
             );
             rows.push(
                 json!({"appenders": n, "record_bytes": record_bytes, "log": log,
                 "mb_per_s": r.mb_per_s, "p99_us": r.p99_us, "ceiling_mb_per_s": ceiling,
-                "ratio_to_ceiling": ratio}),
+                "kib_per_write": r.kib_per_write, "ratio_to_ceiling": ratio}),
             );
         }
     }
@@ -298,6 +301,7 @@ fn median_run(runs: &[AppendRun]) -> AppendRun {
         p99_us: m(|r| r.p99_us),
         p999_us: m(|r| r.p999_us),
         records_per_sync: m(|r| r.records_per_sync),
+        kib_per_write: m(|r| r.kib_per_write),
     }
 }
 
@@ -552,5 +556,8 @@ async fn append_run(
         p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
         p999_us: hist.value_at_quantile(0.999) as f64 / 1000.0,
         records_per_sync: (stats.records - before.records) as f64 / syncs as f64,
+        kib_per_write: (stats.device_bytes - before.device_bytes) as f64
+            / 1024.0
+            / (stats.writes - before.writes).max(1) as f64,
     })
 }

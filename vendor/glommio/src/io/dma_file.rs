@@ -372,6 +372,26 @@ impl DmaFile {
         enhanced_try!(source.collect_rw().await, "Writing", self.file).map_err(Into::into)
     }
 
+    /// Equivalent to [`DmaFile::write_at`] for memory the caller allocated
+    /// (tidewal's patch): a buffer shared with readers is written without
+    /// first being copied into a [`DmaBuffer`]. `buf` is kept alive, and
+    /// must not change, until the write completes. Its start and length
+    /// must meet the file's Direct I/O alignment, or the write fails with
+    /// `EINVAL`.
+    pub async fn write_foreign_at<B: AsRef<[u8]> + 'static>(
+        &self,
+        buf: B,
+        pos: u64,
+    ) -> Result<usize> {
+        let source = self.file.reactor.upgrade().unwrap().write_dma(
+            self.as_raw_fd(),
+            DmaSource::Foreign(crate::sys::ForeignBuffer(Box::new(buf))),
+            pos,
+            self.pollable,
+        );
+        enhanced_try!(source.collect_rw().await, "Writing", self.file).map_err(Into::into)
+    }
+
     /// Reads from a specific position in the file and returns the buffer.
     ///
     /// The position must be aligned to for Direct I/O. In most platforms

@@ -366,6 +366,20 @@ impl Drop for SleepNotifier {
 pub(crate) enum DmaSource {
     Owned(DmaBuffer),
     Shared(Rc<DmaBuffer>),
+    // Memory the caller allocated (aligned for O_DIRECT), kept
+    // alive and unchanged until the write completes. (tidewal's patch.)
+    Foreign(ForeignBuffer),
+}
+
+/// Caller-owned bytes handed to a write (see `DmaFile::write_foreign_at`).
+pub(crate) struct ForeignBuffer(pub(crate) Box<dyn AsRef<[u8]>>);
+
+impl std::fmt::Debug for ForeignBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignBuffer")
+            .field("len", &(*self.0).as_ref().len())
+            .finish()
+    }
 }
 
 impl DmaSource {
@@ -373,6 +387,7 @@ impl DmaSource {
         match self {
             DmaSource::Owned(buffer) => buffer.uring_buffer_id(),
             DmaSource::Shared(buffer) => buffer.uring_buffer_id(),
+            DmaSource::Foreign(_) => None,
         }
     }
 }
@@ -384,6 +399,7 @@ impl Deref for DmaSource {
         match &self {
             Self::Owned(buffer) => buffer.as_bytes(),
             Self::Shared(buffer) => buffer.as_bytes(),
+            Self::Foreign(buffer) => (*buffer.0).as_ref(),
         }
     }
 }
