@@ -206,7 +206,8 @@ impl RedisPair {
             .arg(d.join("redis.log"));
             cmd.args(&extra);
             children.push(
-                cmd.stdout(Stdio::null())
+                crate::cluster::stop_with_parent(&mut cmd)
+                    .stdout(Stdio::null())
                     .spawn()
                     .context("starting redis-server")?,
             );

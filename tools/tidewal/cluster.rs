@@ -24,7 +24,8 @@ impl NodeChild {
     pub fn start(name: &str, dir: &Path, extra: &[String]) -> anyhow::Result<NodeChild> {
         std::fs::create_dir_all(dir)?;
         let log = std::fs::File::create(dir.join("node.log"))?;
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        let mut child = stop_with_parent(&mut command)
             .arg("node")
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -107,6 +108,20 @@ impl Drop for NodeChild {
         if let Ok(None) = self.child.try_wait() {
             self.terminate();
         }
+    }
+}
+
+/// Makes the process `command` starts get SIGTERM (a clean stop, for a
+/// node or a Redis server) when this one dies, so that a harness killed by
+/// a signal leaves no server running on its scratch data.
+pub fn stop_with_parent(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        })
     }
 }
 
@@ -267,11 +282,144 @@ pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
 /// Where the demo and the benchmark put their nodes' data: under
 /// `target/` when run from the repository (a real disk, where O_DIRECT
 /// works; `/tmp` is often tmpfs), else the system's temporary directory.
+///
+/// The directory is removed when the returned guard drops, which a run
+/// killed by a signal (Ctrl-C, `timeout`) never does: a replication
+/// benchmark leaves gigabytes behind. So each directory names its owner in
+/// an `owner.pid` file, and this first removes the directories of the same
+/// prefix whose owner is no longer running.
 pub fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
     let base = if Path::new("target").is_dir() {
         PathBuf::from("target")
     } else {
         std::env::temp_dir()
     };
-    Ok(tempfile::Builder::new().prefix(prefix).tempdir_in(base)?)
+    let (removed, bytes) = remove_stale_scratch(&base, prefix);
+    if removed > 0 {
+        println!(
+            "removed {removed} scratch director{} of interrupted runs under {} ({:.1} GB)",
+            if removed == 1 { "y" } else { "ies" },
+            base.display(),
+            bytes as f64 / 1e9
+        );
+    }
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(base)?;
+    std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
+    Ok(dir)
+}
+
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the directories `base/{prefix}*` whose `owner.pid` names a
+/// process that no longer exists, after stopping any PostgreSQL server
+/// still running on them. Returns how many, and their bytes.
+/// Directories without the file (another tool's, or an older run's) are
+/// left alone.
+fn remove_stale_scratch(base: &Path, prefix: &str) -> (usize, u64) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return (0, 0);
+    };
+    let (mut removed, mut bytes) = (0, 0);
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let named = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(prefix));
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let Some(pid) = owner.filter(|_| named) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 || process_exists(pid) {
+            continue;
+        }
+        stop_postmasters(&path, 3);
+        let size = dir_bytes(&path);
+        if std::fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+            bytes += size;
+        }
+    }
+    (removed, bytes)
+}
+
+/// Stops the PostgreSQL servers (`postmaster.pid`) under `dir`, down to
+/// `depth` levels: `pg_ctl` detaches them, so they outlive a harness that
+/// was killed. SIGQUIT is PostgreSQL's immediate shutdown.
+fn stop_postmasters(dir: &Path, depth: usize) {
+    let pid = std::fs::read_to_string(dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next()?.trim().parse::<i32>().ok());
+    if let Some(pid) = pid.filter(|&p| p > 0 && process_exists(p)) {
+        // SAFETY: a signal to the server recorded in its own pid file.
+        unsafe { libc::kill(pid, libc::SIGQUIT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_exists(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if depth == 0 {
+        return;
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            stop_postmasters(&entry.path(), depth - 1);
+        }
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    // EPERM: it exists, owned by someone else.
+    alive || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_of_a_dead_owner_is_removed_and_a_live_ones_kept() {
+        let base = tempfile::tempdir().unwrap();
+        let make = |name: &str, owner: Option<String>| {
+            let dir = base.path().join(name);
+            std::fs::create_dir_all(dir.join("data")).unwrap();
+            std::fs::write(dir.join("data/seg"), vec![0u8; 1000]).unwrap();
+            if let Some(pid) = owner {
+                std::fs::write(dir.join(OWNER_FILE), pid).unwrap();
+            }
+            dir
+        };
+        // A child that has exited and been reaped: its pid names no process.
+        let mut child = Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        let dead = make("bench-a", Some(child.id().to_string()));
+        let live = make("bench-b", Some(std::process::id().to_string()));
+        let unowned = make("bench-c", None);
+        let other = make("other-d", Some(child.id().to_string()));
+        let owner_bytes = child.id().to_string().len() as u64;
+        assert_eq!(
+            remove_stale_scratch(base.path(), "bench-"),
+            (1, 1000 + owner_bytes)
+        );
+        assert!(!dead.exists());
+        assert!(live.exists() && unowned.exists() && other.exists());
+    }
 }
