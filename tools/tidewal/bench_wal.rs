@@ -508,15 +508,16 @@ async fn append_run(
             let (wal, merged, body, stop) =
                 (wal.clone(), merged.clone(), body.clone(), stop.clone());
             glommio::spawn_local(async move {
-                let mut hist = histogram();
+                // One histogram for all: one per appender (213 KB each at
+                // this precision) made every record a cache miss, 8% of
+                // the executor's samples at 256 appenders.
                 let mut count = 0u64;
                 while !stop.get() {
                     let t = Instant::now();
                     wal.append(RecordKind::Data, &body).await?;
-                    hist.record(t.elapsed().as_nanos() as u64)?;
+                    merged.borrow_mut().record(t.elapsed().as_nanos() as u64)?;
                     count += 1;
                 }
-                merged.borrow_mut().add(&hist)?;
                 anyhow::Ok(count)
             })
         })
