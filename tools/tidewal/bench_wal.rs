@@ -61,7 +61,7 @@ pub struct BenchArgs {
     #[arg(long)]
     large_only: bool,
     /// The large-record runs, as RECORD_BYTESxAPPENDERS.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["4096x64".to_string(), "65536x16".to_string(), "65536x64".to_string()])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["4096x64".to_string(), "4096x256".to_string(), "65536x16".to_string(), "65536x64".to_string()])]
     large: Vec<String>,
     /// Microseconds the executor keeps polling before it sleeps, as
     /// `tidewal node --spin-us` (same default). 0: it sleeps at once, and
