@@ -70,6 +70,13 @@ pub trait Storage {
     /// Creates a file (truncating one that exists). The name is durable only
     /// after [`Storage::sync_dir`].
     async fn create(&self, name: &str) -> Result<Self::File, IoError>;
+    /// Creates a file as [`Storage::create`] does, but whose writes become
+    /// durable only at [`StorageFile::sync`], never one by one (no
+    /// `O_DSYNC`): for a file written whole and then synced once, as a
+    /// zero-filled spare segment is.
+    async fn create_sync_at_end(&self, name: &str) -> Result<Self::File, IoError> {
+        self.create(name).await
+    }
     /// The names of the files in the directory, sorted.
     async fn list(&self) -> Result<Vec<String>, IoError>;
     /// Removes a file; durable after [`Storage::sync_dir`].
@@ -120,15 +127,21 @@ pub async fn read_all<F: StorageFile>(file: &F) -> Result<Vec<u8>, IoError> {
 
 /// Writes `len` zero bytes from offset 0 in 1 MiB writes, then syncs: a file
 /// whose every block is written, so later `fdatasync`s need no journal commit
-/// for unwritten-extent conversion.
+/// for unwritten-extent conversion. The writes share one aligned buffer of
+/// zeros (no copy per write).
 pub async fn zero_fill<F: StorageFile>(file: &F, len: u64) -> Result<(), IoError> {
-    const CHUNK: usize = 1 << 20;
-    let zeros = vec![0u8; CHUNK];
+    const CHUNK: u64 = 1 << 20;
+    let mut zeros = AlignedBuf::with_capacity(CHUNK as usize);
+    zeros.extend_zeros(CHUNK as usize);
+    let (zeros, _) = zeros.share();
+    let write = |pos: u64| {
+        let n = CHUNK.min(len - pos) as usize;
+        file.write_shared(pos, zeros.slice(..n))
+    };
     let mut pos = 0;
     while pos < len {
-        let n = CHUNK.min((len - pos) as usize);
-        file.write_at(pos, &[&zeros[..n]]).await?;
-        pos += n as u64;
+        write(pos).await?;
+        pos = (pos + CHUNK).min(len);
     }
     file.sync().await
 }

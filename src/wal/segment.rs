@@ -340,7 +340,7 @@ pub(super) async fn prepare_spare<S: Storage>(
 ) -> Result<String, WalError> {
     let tmp = format!("{seq:020}{TMP_SUFFIX}");
     let name = format!("{seq:020}{SPARE_SUFFIX}");
-    let file = storage.create(&tmp).await?;
+    let file = storage.create_sync_at_end(&tmp).await?;
     match fill {
         SegmentFill::Zeros => zero_fill(&file, segment_bytes).await?,
         SegmentFill::Allocate => {
