@@ -247,6 +247,23 @@ mod tests {
     }
 
     #[test]
+    fn a_large_buffer_is_whole_huge_pages_and_grows_as_one() {
+        let mut buf = AlignedBuf::with_capacity((1 << 20) + 1);
+        assert_eq!(buf.capacity(), HUGE_BYTES);
+        assert_eq!(AlignedBuf::capacity_for((1 << 20) + 1), HUGE_BYTES);
+        assert_eq!(buf.as_ptr() as usize % HUGE_BYTES, 0);
+        let chunk: Vec<u8> = (0..=255).collect();
+        for _ in 0..(HUGE_BYTES / 256 + 1) {
+            buf.extend_from_slice(&chunk);
+        }
+        assert_eq!(buf.capacity(), 2 * HUGE_BYTES);
+        assert_eq!(buf.as_ptr() as usize % HUGE_BYTES, 0);
+        assert!(buf.chunks(256).all(|c| c == &chunk[..]));
+        // Half a huge page or less stays in blocks.
+        assert_eq!(AlignedBuf::capacity_for(HUGE_BYTES / 2), HUGE_BYTES / 2);
+    }
+
+    #[test]
     fn shared_bytes_give_the_buffer_back_only_once_dropped() {
         let mut buf = AlignedBuf::with_capacity(2 * ALIGN);
         buf.extend_from_slice(b"records");
