@@ -78,3 +78,28 @@ fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
         assert!(per_write >= 4.0, "kib_per_write {per_write} in {run}");
     }
 }
+
+#[test]
+fn a_second_run_over_the_same_directory_is_refused_and_touches_nothing() {
+    let dir = common::disk_dir();
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let theirs = scratch.join("00000000000000000000.wal");
+    std::fs::write(&theirs, b"a running benchmark's segment").unwrap();
+    // As a first run holds it.
+    let _held = tidewal::io::lock_dir(&scratch).unwrap().expect("free");
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["bench", "wal", "--seconds", "0.1", "--repeat", "1"])
+        .args(["--small-only", "--concurrency", "1"])
+        .arg("--dir")
+        .arg(&scratch)
+        .output()
+        .expect("run tidewal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("another `tidewal bench wal` is using"),
+        "{stderr}"
+    );
+    assert!(theirs.exists(), "the first run's files are left alone");
+}

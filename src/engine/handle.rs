@@ -739,19 +739,10 @@ fn allowed_cpus() -> Vec<usize> {
 
 /// Takes an exclusive `flock` on `dir/LOCK`, held as long as the file is open.
 fn lock_dir(dir: &Path) -> Result<File, EngineError> {
-    use std::os::unix::io::AsRawFd;
     let path = dir.join("LOCK");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| EngineError::Meta(format!("{}: {e}", path.display())))?;
-    // SAFETY: flock on a descriptor we own; no memory is touched.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(EngineError::Locked(dir.display().to_string()));
-    }
-    Ok(file)
+    crate::io::lock_dir(dir)
+        .map_err(|e| EngineError::Meta(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| EngineError::Locked(dir.display().to_string()))
 }
 
 fn load_or_create_meta(dir: &Path, options: &Options, executors: u32) -> Result<Meta, EngineError> {

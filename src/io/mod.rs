@@ -110,6 +110,21 @@ pub trait StorageFile {
     async fn allocate(&self, len: u64) -> Result<(), IoError>;
 }
 
+/// Takes an exclusive `flock` on `dir/LOCK`, held as long as the returned
+/// file is open; `None` when another process (or another open of it) holds
+/// it. Two logs over one directory would overwrite each other's segments.
+pub fn lock_dir(dir: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    // SAFETY: flock on a descriptor we own; no memory is touched.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok(locked.then_some(file))
+}
+
 /// Reads a whole file in chunks of at most [`READ_CHUNK_BYTES`].
 pub async fn read_all<F: StorageFile>(file: &F) -> Result<Vec<u8>, IoError> {
     let len = file.file_size().await?;

@@ -92,6 +92,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(".tidewal-bench"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A second run over the same directory would delete this one's log and
+    // ceiling files under it.
+    let _lock = tidewal::io::lock_dir(&dir)
+        .with_context(|| format!("locking {}", dir.display()))?
+        .with_context(|| format!("another `tidewal bench wal` is using {}", dir.display()))?;
     let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(0))
         .spin_before_park(Duration::from_micros(args.spin_us))
         .make()
