@@ -82,7 +82,7 @@ struct AppendRun {
     p99_us: f64,
     p999_us: f64,
     records_per_sync: f64,
-    /// Device bytes per write (a batch is one write, or two when split).
+    /// Device KiB per write (a batch is one write, or two when split).
     kib_per_write: f64,
 }
 
