@@ -477,7 +477,8 @@ const SPLIT_MIN_BYTES: usize = 16 << 10;
 /// development VM (alternating runs, medians of 3): splitting from 16 KiB
 /// gave 256 appenders 0.78-0.79 of the bar against 0.66-0.76 unsplit, and
 /// 64 KiB records 0.50-0.55 of the ceiling against 0.31-0.32; four parts
-/// did no better than two.
+/// did no better than two, and three did worse (256 appenders 0.53-0.59
+/// against 0.76-0.80, three alternating invocations).
 const SPLIT_PARTS: usize = 2;
 
 /// What a run's writes put on the device: the partial block before it, its
