@@ -185,11 +185,7 @@ fn a_shard_rewinds_to_a_record_boundary_and_keeps_the_suffix_aside() {
         .find(|e| e.file_name().to_string_lossy().starts_with("quarantine-"))
         .unwrap()
         .path();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(["wal", "inspect"])
-        .arg(&quarantine)
-        .output()
-        .unwrap();
+    let out = common::wal_inspect(&quarantine, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&before.next_lsn.to_string()), "{text}");

@@ -297,11 +297,7 @@ fn disk_backend_padded_batches_reopen_intact() {
         padded_batches_reopen_intact(storage).await
     });
     // `wal inspect` lists the padding as no-op records of an intact log.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(["wal", "inspect"])
-        .arg(&log_dir)
-        .output()
-        .unwrap();
+    let out = wal_inspect(&log_dir, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("log intact"), "{stdout}");

@@ -121,14 +121,7 @@ fn inspect_reports_what_recovery_refuses() {
             wal.close().await.unwrap();
         })
     };
-    let inspect = |summary: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"));
-        cmd.args(["wal", "inspect"]).arg(&p);
-        if summary {
-            cmd.arg("--summary");
-        }
-        cmd.output().unwrap()
-    };
+    let inspect = |summary: bool| wal_inspect(&p, if summary { &["--summary"] } else { &[] });
     let ok = inspect(false);
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{stdout}");

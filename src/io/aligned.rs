@@ -64,11 +64,6 @@ impl AlignedBuf {
         self.len = 0;
     }
 
-    /// Shortens the buffer to `len` bytes (no effect if it is shorter).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Appends `bytes`, growing (by at least doubling) when full.
     pub fn extend_from_slice(&mut self, bytes: &[u8]) {
         self.reserve(bytes.len());
@@ -240,8 +235,6 @@ mod tests {
         }
         assert_eq!(&buf[..], &expect[..]);
         assert!(buf.capacity().is_multiple_of(ALIGN));
-        buf.truncate(5);
-        assert_eq!(&buf[..], &expect[..5]);
         buf.clear();
         assert!(buf.is_empty());
     }

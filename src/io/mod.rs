@@ -149,14 +149,11 @@ pub async fn zero_fill<F: StorageFile>(file: &F, len: u64) -> Result<(), IoError
     let mut zeros = AlignedBuf::with_capacity(CHUNK as usize);
     zeros.extend_zeros(CHUNK as usize);
     let (zeros, _) = zeros.share();
-    let write = |pos: u64| {
-        let n = CHUNK.min(len - pos) as usize;
-        file.write_shared(pos, zeros.slice(..n))
-    };
     let mut pos = 0;
     while pos < len {
-        write(pos).await?;
-        pos = (pos + CHUNK).min(len);
+        let n = CHUNK.min(len - pos);
+        file.write_shared(pos, zeros.slice(..n as usize)).await?;
+        pos += n;
     }
     file.sync().await
 }

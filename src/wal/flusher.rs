@@ -368,14 +368,13 @@ impl<S: Storage + 'static> Writer<S> {
 
         let current = self.current.as_mut().expect("rotated above");
         let block_start = end - end % BLOCK_BYTES;
-        let kept = &records;
         if block_start >= pos {
             current.block.clear();
             current
                 .block
-                .extend_from_slice(&kept[(block_start - pos) as usize..]);
+                .extend_from_slice(&records[(block_start - pos) as usize..]);
         } else {
-            current.block.extend_from_slice(kept);
+            current.block.extend_from_slice(&records);
         }
         current.end_offset = end;
         current.covered_end = padded_end + guard_len;

@@ -2,8 +2,9 @@
 //!
 //! An append encodes its record straight into the open staging run (its LSN
 //! and chain are fixed right there, in call order) and registers a waiter for
-//! its end LSN. The flusher (`flusher.rs`) writes runs one at a time and syncs
-//! beside them; while that is in flight, new appends fill the next run. So
+//! its end LSN. The flusher (`flusher.rs`) writes runs in LSN order, up to
+//! `writes_in_flight` at once, and syncs beside them; while they are on the
+//! device, new appends fill the next run. So
 //! batches grow with load and no timer is involved. When a sync returns,
 //! `durable_lsn` advances and the waiters at or below it are resolved in order.
 //!
@@ -199,8 +200,8 @@ struct Recent {
 /// appenders merged; 4 KiB records one per batch are never padded.
 const PAD_RATIO_MAX: u64 = 4;
 
-/// Zeros: a padding record's body (less than two blocks), and what a write
-/// puts after its records (to the block boundary, then a guard block).
+/// Zeros: a padding record's body (less than two blocks), and the block the
+/// flusher zeroes after a recycled segment's end when the log closes.
 pub(super) static ZEROS: [u8; 2 * BLOCK_BYTES as usize] = [0; 2 * BLOCK_BYTES as usize];
 
 /// Wakers waiting for the durable LSN kept at most (see `durable_past`).

@@ -114,6 +114,16 @@ impl Rng {
 }
 
 /// How many randomized runs to do: `TIDEWAL_<NAME>` or the default.
+/// Runs `tidewal wal inspect DIR` with `extra` arguments.
+pub fn wal_inspect(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["wal", "inspect"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run tidewal wal inspect")
+}
+
 pub fn runs(name: &str, default: u64) -> u64 {
     std::env::var(format!("TIDEWAL_{name}"))
         .ok()

@@ -505,13 +505,13 @@ async fn append_run(
     let body = vec![0x42u8; record_bytes];
     wal.append(RecordKind::Data, &body).await?; // the first segment exists
     let before = wal.stats();
-    let merged = Rc::new(RefCell::new(histogram()));
+    let latency = Rc::new(RefCell::new(histogram()));
     let stop = Rc::new(std::cell::Cell::new(false));
     let start = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let (wal, merged, body, stop) =
-                (wal.clone(), merged.clone(), body.clone(), stop.clone());
+            let (wal, latency, body, stop) =
+                (wal.clone(), latency.clone(), body.clone(), stop.clone());
             glommio::spawn_local(async move {
                 // One histogram for all: one per appender (213 KB each at
                 // this precision) made every record a cache miss, 8% of
@@ -520,7 +520,7 @@ async fn append_run(
                 while !stop.get() {
                     let t = Instant::now();
                     wal.append(RecordKind::Data, &body).await?;
-                    merged.borrow_mut().record(t.elapsed().as_nanos() as u64)?;
+                    latency.borrow_mut().record(t.elapsed().as_nanos() as u64)?;
                     count += 1;
                 }
                 anyhow::Ok(count)
@@ -550,7 +550,7 @@ async fn append_run(
     let stats = wal.stats();
     let wal = Rc::try_unwrap(wal).map_err(|_| anyhow::anyhow!("log still shared"))?;
     wal.close().await?;
-    let hist = merged.borrow();
+    let hist = latency.borrow();
     let syncs = (stats.syncs - before.syncs).max(1);
     Ok(AppendRun {
         appends_per_s: total as f64 / elapsed,
