@@ -72,9 +72,19 @@ impl Future for Pending {
             return Poll::Ready(Err(WalError::Failed(error.clone())));
         }
         // Waiters are in LSN order, one per record: find ours by its end.
-        match st.waiters.binary_search_by_key(&end_lsn, |(lsn, _)| *lsn) {
-            Ok(i) => st.waiters[i].1 = Some(cx.waker().clone()),
-            Err(_) => return Poll::Ready(Err(WalError::Closed)),
+        // Usually it is the last (polled right after it was staged).
+        let waiters = &mut st.waiters;
+        let i = match waiters.back() {
+            Some((lsn, _)) if *lsn == end_lsn => waiters.len() - 1,
+            _ => match waiters.binary_search_by_key(&end_lsn, |(lsn, _)| *lsn) {
+                Ok(i) => i,
+                Err(_) => return Poll::Ready(Err(WalError::Closed)),
+            },
+        };
+        match &mut waiters[i].1 {
+            // Polled again by the same task: keep the waker it has.
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
         }
         Poll::Pending
     }
