@@ -1,5 +1,7 @@
 //! What the benches share: settings from the environment, medians, and the
 //! process's resident memory.
+// Each bench uses part of it.
+#![allow(dead_code)]
 
 /// `name` from the environment as a number, else `default`.
 pub fn env(name: &str, default: u64) -> u64 {

@@ -282,7 +282,7 @@ impl Engine {
 
     /// The shard that owns `key`.
     pub fn shard_of(&self, key: &[u8]) -> u32 {
-        crc32c::crc32c(key) % self.inner.shard_count
+        crate::format::crc32c(key) % self.inner.shard_count
     }
 
     fn route(&self, shard: u32) -> &mailbox::Sender<Request> {

@@ -144,7 +144,7 @@ pub enum FrameError {
 }
 
 fn masked_crc(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes) ^ super::CHECKSUM_MASK
+    super::crc32c(bytes) ^ super::CHECKSUM_MASK
 }
 
 /// Appends one frame (header and payload) to `out`.

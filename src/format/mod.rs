@@ -6,11 +6,13 @@
 //! return a value, "incomplete", or a typed error saying where and what. They
 //! never panic on input, which is what makes them fuzzable.
 
+mod crc;
 mod frame;
 mod record;
 mod segment;
 mod snapshot;
 
+pub use crc::{crc32c, crc32c_append};
 pub use frame::{
     Ack, FRAME_HEADER_BYTES, FRAME_MAGIC, FrameError, FrameHeader, FrameKind, FrameRef,
     HELLO_HISTORY_MAX, Heartbeat, Hello, NODE_ID_MAX, RESYNC_MAY_REWIND, RESYNC_SNAPSHOT_ONLY,

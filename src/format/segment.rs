@@ -75,7 +75,7 @@ impl SegmentHeader {
     }
 
     fn compute_checksum(&self) -> u32 {
-        crc32c::crc32c(&self.as_bytes()[..SEGMENT_HEADER_BYTES - 4]) ^ CHECKSUM_MASK
+        super::crc32c(&self.as_bytes()[..SEGMENT_HEADER_BYTES - 4]) ^ CHECKSUM_MASK
     }
 
     /// The whole header block, zero-padded to [`SEGMENT_HEADER_BLOCK`].

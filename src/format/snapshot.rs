@@ -102,7 +102,7 @@ impl SnapshotHeader {
     }
 
     fn compute_checksum(&self) -> u32 {
-        crc32c::crc32c(&self.as_bytes()[..size_of::<Self>() - 4]) ^ CHECKSUM_MASK
+        super::crc32c(&self.as_bytes()[..size_of::<Self>() - 4]) ^ CHECKSUM_MASK
     }
 
     /// Parses and verifies a header that must belong to `log`.
@@ -134,7 +134,7 @@ pub fn encode_snapshot_block(out: &mut Vec<u8>, index: u64, payload: &[u8]) {
         length: U32::new(payload.len() as u32),
         checksum: U32::new(0),
     };
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h.as_bytes()[..12]), payload) ^ CHECKSUM_MASK;
+    let crc = super::crc32c_append(super::crc32c(&h.as_bytes()[..12]), payload) ^ CHECKSUM_MASK;
     h.checksum = U32::new(crc);
     let start = out.len();
     out.extend_from_slice(h.as_bytes());
@@ -152,7 +152,7 @@ pub fn decode_snapshot_block(block: &[u8], index: u64) -> Result<&[u8], FormatEr
         .get(..len)
         .filter(|_| len <= SNAPSHOT_PAYLOAD_BYTES)
         .ok_or(bad("snapshot block length out of range"))?;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h.as_bytes()[..12]), payload) ^ CHECKSUM_MASK;
+    let crc = super::crc32c_append(super::crc32c(&h.as_bytes()[..12]), payload) ^ CHECKSUM_MASK;
     if crc != h.checksum.get() {
         return Err(bad("snapshot block checksum mismatch"));
     }

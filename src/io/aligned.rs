@@ -186,6 +186,10 @@ impl crate::format::ByteSink for AlignedBuf {
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
     }
+    fn last_mut(&mut self, len: usize) -> &mut [u8] {
+        let start = self.len - len;
+        &mut self[start..]
+    }
 }
 
 impl std::ops::Deref for AlignedBuf {
