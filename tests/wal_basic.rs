@@ -230,6 +230,49 @@ fn back_pressure_keeps_issue_order() {
     });
 }
 
+/// Staged appends may be awaited in any order, each by its own task, and
+/// polled more than once: every task is woken with its own receipt once a
+/// sync covers its record, whether its waiter is the newest (the usual
+/// case, looked at first) or an older one.
+#[test]
+fn staged_appends_wake_their_own_tasks() {
+    use futures_lite::future::poll_once;
+    use std::time::Duration;
+    run(|| async {
+        let wal = Wal::open(FaultStorage::new(), small_options())
+            .await
+            .unwrap();
+        let mut pending: Vec<_> = (0..5)
+            .map(|i| wal.submit(RecordKind::Data, &body(0, i, 50)).unwrap())
+            .collect();
+        let receipts: Vec<_> = pending.iter().map(|p| p.receipt()).collect();
+        // Nothing is durable yet (the flusher has not run): a poll waits.
+        assert!(
+            poll_once(&mut pending[2]).await.is_none(),
+            "not durable yet"
+        );
+        // One task per append, started oldest first, so the first to wait
+        // are the ones whose waiters are not the newest. A waker kept on
+        // the wrong waiter would leave a task asleep until the timeout.
+        let tasks: Vec<_> = pending
+            .into_iter()
+            .map(|p| glommio::spawn_local(p).detach())
+            .collect();
+        let got = glommio::timer::timeout(Duration::from_secs(10), async {
+            let mut got = Vec::new();
+            for task in tasks {
+                got.push(task.await.expect("task ran").unwrap());
+            }
+            Ok(got)
+        })
+        .await
+        .expect("every task woken");
+        assert_eq!(got, receipts);
+        assert_eq!(wal.durable_lsn(), receipts[4].end_lsn);
+        wal.close().await.unwrap();
+    });
+}
+
 /// Batches written beside others are padded to a block boundary with
 /// `Noop` records, the readers still see every record in order, and a log
 /// whose last write was such a batch, in a recycled segment (an older
