@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::process::Command;
 
 use common::disk_dir;
-use common::node::{NodeProcess, raw, tool};
+use common::node::{NodeProcess, config_file, raw, tool};
 use redis::Commands;
 
 #[test]
@@ -365,14 +365,13 @@ fn redis_cli_and_redis_benchmark_work() {
 #[test]
 fn config_file_limits_and_refusals() {
     let dir = disk_dir();
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        dir.path(),
+        "node.toml",
         "shards = 2\ncommit_level = \"local\"\n[limits]\nconnections_max = 3\n",
-    )
-    .unwrap();
+    );
     let data = dir.path().join("data");
-    let node = NodeProcess::start(&data, &["--config", config.to_str().unwrap()]);
+    let node = NodeProcess::start(&data, &["--config", &config]);
     let held: Vec<_> = (0..3).map(|_| node.client()).collect();
     let refused = raw(node.listen, b"PING\r\n");
     assert!(String::from_utf8_lossy(&refused).contains("max number of clients"));
@@ -396,9 +395,9 @@ fn config_file_limits_and_refusals() {
     assert!(String::from_utf8_lossy(&taken.stderr).contains("cannot listen"));
 
     // Bad config: unknown key, bad address, bad level.
-    std::fs::write(&config, "listne = \"x\"\n").unwrap();
+    let config = config_file(dir.path(), "node.toml", "listne = \"x\"\n");
     let bad = Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(["node", "--config", config.to_str().unwrap()])
+        .args(["node", "--config", &config])
         .output()
         .unwrap();
     assert!(!bad.status.success());

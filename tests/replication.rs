@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::node::NodeProcess;
+use common::node::{NodeProcess, config_file};
 use common::{disk_dir, quarantined};
 use redis::Commands;
 use serde_json::Value;
@@ -672,17 +672,13 @@ fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
 #[test]
 fn a_replica_held_back_past_retention_or_wiped_resyncs_from_a_snapshot() {
     let (pdir, rdir) = (disk_dir(), disk_dir());
-    let config = pdir.path().join("primary.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        pdir.path(),
+        "primary.toml",
         "[retention]\nsnapshot_every_bytes = 262144\ndownstream_bytes_max = 524288\n[engine]\nsegment_bytes = 262144\n",
-    )
-    .unwrap();
-    let data = pdir.path().join("data");
-    let primary = NodeProcess::start(
-        &data,
-        &["--shards", "2", "--config", config.to_str().unwrap()],
     );
+    let data = pdir.path().join("data");
+    let primary = NodeProcess::start(&data, &["--shards", "2", "--config", &config]);
     let upstream = primary.listen.to_string();
     let mut c = primary.client();
     let value = "r".repeat(1000);
@@ -989,14 +985,13 @@ fn a_diverged_node_that_cannot_rewind_is_re_synced_from_a_snapshot() {
     // The old primary snapshots often and releases its log behind them, so
     // that after a split brain nothing at or below the fork remains to
     // rebuild its state from: a rewind is impossible there.
-    let config = pdir.path().join("node.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        pdir.path(),
+        "node.toml",
         "[retention]\nsnapshot_every_bytes = 262144\n[engine]\nsegment_bytes = 262144\n",
-    )
-    .unwrap();
+    );
     let data = pdir.path().join("data");
-    let flags = ["--shards", "1", "--config", config.to_str().unwrap()];
+    let flags = ["--shards", "1", "--config", &config];
     let primary = NodeProcess::start(&data, &flags);
     let a = NodeProcess::start(
         adir.path(),
@@ -1077,8 +1072,11 @@ fn a_replica_snapshotting_while_it_streams_stays_in_sync() {
     let (pdir, rdir) = (disk_dir(), disk_dir());
     let primary = NodeProcess::start(pdir.path(), &["--shards", "1"]);
     let upstream = primary.listen.to_string();
-    let config = rdir.path().join("replica.toml");
-    std::fs::write(&config, "[retention]\nsnapshot_every_bytes = 65536\n").unwrap();
+    let config = config_file(
+        rdir.path(),
+        "replica.toml",
+        "[retention]\nsnapshot_every_bytes = 65536\n",
+    );
     let replica = NodeProcess::start(
         &rdir.path().join("node"),
         &[
@@ -1087,7 +1085,7 @@ fn a_replica_snapshotting_while_it_streams_stays_in_sync() {
             "--replica-of",
             &upstream,
             "--config",
-            config.to_str().unwrap(),
+            &config,
         ],
     );
     let mut c = primary.client();

@@ -6,6 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Writes `toml` to `dir/name`: the path, as `--config` takes it.
+pub fn config_file(dir: &Path, name: &str, toml: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, toml).expect("write the config file");
+    path.to_str().expect("a UTF-8 path").to_string()
+}
+
 /// A running node process; killed when dropped.
 pub struct NodeProcess {
     pub child: Child,
