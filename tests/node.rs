@@ -498,6 +498,10 @@ fn admin_endpoint_reports_what_happened() {
     // batch, and none beside another.
     assert!(value("tidewal_wal_writes_total") >= value("tidewal_wal_syncs_total"));
     assert_eq!(value("tidewal_wal_writes_beside_total"), 0.0);
+    // No replica, so nothing reads the log by position.
+    assert!(metrics.contains("tidewal_wal_reads_from_disk_total{"));
+    assert_eq!(value("tidewal_wal_reads_from_memory_total"), 0.0);
+    assert_eq!(value("tidewal_wal_reads_from_disk_total"), 0.0);
     assert_eq!(
         value("tidewal_wal_batch_records_count"),
         value("tidewal_wal_syncs_total")

@@ -83,6 +83,9 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
         let _: () = c.set(format!("k{i}"), format!("v{i}")).unwrap();
     }
     wait_converged(&primary, &replica);
+    // A replica that keeps up is sent the primary's recent batches from
+    // memory, not read back from its disk.
+    assert!(primary.metric("tidewal_wal_reads_from_memory_total") > 0.0);
     // The replica's log is the primary's; its last ack may still be on the
     // way (a fresh-clone CI run saw lag_bytes 120 right here): lag must
     // reach 0 and stay there while idle.

@@ -138,6 +138,10 @@ fn large_batches_read_back_the_same_from_memory_and_disk() {
         }
         let records = read_data_records(&wal).await;
         assert_eq!(records.len(), 16 * 40);
+        // 40 MiB of records: the oldest are past what memory keeps.
+        let stats = wal.stats();
+        assert!(stats.reads_from_disk > 0, "some reads went to the disk");
+        assert!(stats.reads_from_memory > 0, "the newest came from memory");
         let mut next = [0; 16];
         for r in &records {
             let (who, seq) = parse_body(&r.body).expect("a body as appended");

@@ -668,6 +668,16 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         "Segments started",
         per_shard(&|s| s.wal.rotations),
     );
+    registry.register(
+        "wal_reads_from_memory",
+        "Reads of the WAL by position (replication) served from the recent batches in memory",
+        per_shard(&|s| s.wal.reads_from_memory),
+    );
+    registry.register(
+        "wal_reads_from_disk",
+        "Reads of the WAL by position (replication) that went to the segments on disk",
+        per_shard(&|s| s.wal.reads_from_disk),
+    );
     let lsn = |f: &dyn Fn(&ShardStats) -> u64| {
         let family = Family::<ShardLabel, Gauge>::default();
         for s in stats {

@@ -337,8 +337,13 @@ impl<S: Storage + 'static> Wal<S> {
         // Recent batches are still in memory: a replica that keeps up is
         // served from there, without a disk read.
         if let Some(batch) = self.writer.read_recent(from, max_bytes) {
+            // Not counted: nothing durable to read yet (a caught-up reader).
+            if !batch.records.is_empty() {
+                self.writer.count_read(true);
+            }
             return Ok(batch);
         }
+        self.writer.count_read(false);
         reader::read(&self.segments, from, self.durable_lsn(), max_bytes).await
     }
 

@@ -129,6 +129,12 @@ pub struct WalStats {
     pub writes_beside: u64,
     /// Segments started.
     pub rotations: u64,
+    /// Reads by LSN (a replication sender's) that returned records from
+    /// the recent batches kept in memory.
+    pub reads_from_memory: u64,
+    /// Reads by LSN that went to the segments on disk: the reader was
+    /// further behind than the recent batches reach.
+    pub reads_from_disk: u64,
     /// Duration of each sync (the `fdatasync`, or with O_DSYNC writes the
     /// confirmation, and the directory sync with it), in
     /// microseconds.
@@ -149,6 +155,8 @@ impl Default for WalStats {
             writes: 0,
             writes_beside: 0,
             rotations: 0,
+            reads_from_memory: 0,
+            reads_from_disk: 0,
             sync_micros: histogram(),
             batch_records: histogram(),
         }
@@ -805,6 +813,16 @@ impl<S: Storage + 'static> Writer<S> {
 
     pub fn stats(&self) -> WalStats {
         self.state.borrow().stats.clone()
+    }
+
+    /// Counts a read by LSN: served from memory, or from the disk.
+    pub fn count_read(&self, from_memory: bool) {
+        let stats = &mut self.state.borrow_mut().stats;
+        if from_memory {
+            stats.reads_from_memory += 1;
+        } else {
+            stats.reads_from_disk += 1;
+        }
     }
 
     pub fn failure(&self) -> Option<WalError> {

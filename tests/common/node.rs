@@ -116,6 +116,19 @@ impl NodeProcess {
     pub fn get(&self, path: &str) -> (u16, String) {
         self.http(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
     }
+
+    /// The sum over every series of the Prometheus metric `name` (all its
+    /// shards), read from `/metrics` now.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (status, metrics) = self.get("/metrics");
+        assert_eq!(status, 200);
+        metrics
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
 }
 
 /// Free ports for the addresses `extra` does not set.
