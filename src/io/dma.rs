@@ -289,19 +289,20 @@ impl StorageFile for DmaFileHandle {
     }
 
     async fn read_at(&self, pos: u64, len: usize) -> Result<Vec<u8>, IoError> {
+        // Every chunk is issued at once: one after another, each waited
+        // behind the log's own writes and flushes (a replication sender
+        // catching up from the segments got about 92 MB/s that way).
+        let chunks = (0..len).step_by(READ_CHUNK_BYTES).map(|off| {
+            let want = READ_CHUNK_BYTES.min(len - off);
+            let read = self.file.read_at(pos + off as u64, want);
+            async move { (want, read.await) }
+        });
         let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            let want = READ_CHUNK_BYTES.min(len - out.len());
-            let chunk = self
-                .file
-                .read_at(pos + out.len() as u64, want)
-                .await
-                .map_err(|e| self.err("read", e))?;
-            if chunk.is_empty() {
-                break;
-            }
+        for (want, chunk) in join_all(chunks.collect()).await {
+            let chunk = chunk.map_err(|e| self.err("read", e))?;
             out.extend_from_slice(&chunk);
             if chunk.len() < want {
+                // The file ends here: what follows is not there either.
                 break;
             }
         }
@@ -326,4 +327,31 @@ impl StorageFile for DmaFileHandle {
             .await
             .map_err(|e| self.err("allocate", e))
     }
+}
+
+/// Runs every future at once on this task; their outputs, in order.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
 }

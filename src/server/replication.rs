@@ -43,7 +43,7 @@ use crate::format::{
 /// Largest frame payload either side accepts.
 const PAYLOAD_MAX: usize = 4 << 20;
 /// Bytes of records one `Records` frame carries, about.
-const BATCH_BYTES: usize = 256 << 10;
+const BATCH_BYTES: usize = 1 << 20;
 /// The command that turns a client connection into a replication stream.
 pub(super) const STREAM_COMMAND: &[u8] = b"TIDEWAL.STREAM";
 
