@@ -152,6 +152,38 @@ fn large_batches_read_back_the_same_from_memory_and_disk() {
     });
 }
 
+/// A read of many 128 KiB chunks (issued all at once) returns the file's
+/// bytes in order, from any offset, and only what exists at its end.
+#[test]
+fn disk_reads_of_many_chunks_come_back_in_order() {
+    use tidewal::io::StorageFile;
+    let dir = disk_dir();
+    let p = path(&dir);
+    run(move || async move {
+        let storage = DmaStorage::open(&p, DirectIo::Require).await.unwrap();
+        let file = storage.create("chunks").await.unwrap();
+        let len = 700 << 10;
+        let bytes: Vec<u8> = (0..len).map(|i| (i / 4096 * 7 + i % 251) as u8).collect();
+        file.write_at(0, &[&bytes]).await.unwrap();
+        file.sync().await.unwrap();
+        for (pos, want) in [(0, len), (4096, 600 << 10), (100, (300 << 10) + 7), (0, 1)] {
+            let got = file.read_at(pos as u64, want).await.unwrap();
+            assert_eq!(got.len(), want, "read of {want} at {pos}");
+            assert!(got == bytes[pos..pos + want], "bytes of {want} at {pos}");
+        }
+        // Past the end: the rest of the file, nothing more.
+        let size = file.file_size().await.unwrap();
+        for want in [6000, 100_000, 1 << 20] {
+            let got = file.read_at((len - 5000) as u64, want).await.unwrap();
+            assert!(
+                got == bytes[len - 5000..],
+                "the tail: {} bytes, file {size}",
+                got.len()
+            );
+        }
+    });
+}
+
 #[test]
 fn oversized_record_is_refused() {
     run(|| async {

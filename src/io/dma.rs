@@ -302,7 +302,11 @@ impl StorageFile for DmaFileHandle {
             let chunk = chunk.map_err(|e| self.err("read", e))?;
             out.extend_from_slice(&chunk);
             if chunk.len() < want {
-                // The file ends here: what follows is not there either.
+                // The file ends here. glommio 0.9 returns an unaligned read
+                // that reaches the end up to a sector past it (zeros): keep
+                // only what the file holds.
+                let size = self.file_size().await?;
+                out.truncate(size.saturating_sub(pos).min(out.len() as u64) as usize);
                 break;
             }
         }
