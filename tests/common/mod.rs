@@ -113,7 +113,6 @@ impl Rng {
     }
 }
 
-/// How many randomized runs to do: `TIDEWAL_<NAME>` or the default.
 /// Runs `tidewal wal inspect DIR` with `extra` arguments.
 pub fn wal_inspect(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
@@ -124,6 +123,7 @@ pub fn wal_inspect(dir: &std::path::Path, extra: &[&str]) -> std::process::Outpu
         .expect("run tidewal wal inspect")
 }
 
+/// How many randomized runs to do: `TIDEWAL_<NAME>` or the default.
 pub fn runs(name: &str, default: u64) -> u64 {
     std::env::var(format!("TIDEWAL_{name}"))
         .ok()
