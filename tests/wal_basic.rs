@@ -382,3 +382,122 @@ fn disk_backend_padded_batches_reopen_intact() {
     assert!(stdout.contains("log intact"), "{stdout}");
     assert!(stdout.contains("noop"), "{stdout}");
 }
+
+/// A zero fill asks its pace before each write: 1 MiB writes when told
+/// `Fast`, 128 KiB when `Gentle`, nothing until the future resolves when
+/// told `Wait` (then it asks again at the same offset). The file ends up
+/// all zeros, as long as asked.
+#[test]
+fn zero_fill_goes_at_the_pace_it_is_told() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::time::Duration;
+    use tidewal::io::{ZeroPace, zero_fill};
+    const MIB: u64 = 1 << 20;
+    run(|| async {
+        let storage = FaultStorage::new();
+        let file = storage.create("z").await.unwrap();
+        let asked = Rc::new(RefCell::new(Vec::new()));
+        let waited = Rc::new(std::cell::Cell::new(false));
+        let pace = {
+            let (asked, waited) = (asked.clone(), waited.clone());
+            move |at: u64| {
+                asked.borrow_mut().push(at);
+                if at < MIB {
+                    ZeroPace::Fast
+                } else if at == MIB + (128 << 10) && !waited.get() {
+                    let waited = waited.clone();
+                    ZeroPace::Wait(Box::pin(async move {
+                        glommio::timer::sleep(Duration::from_millis(5)).await;
+                        waited.set(true);
+                    }))
+                } else {
+                    ZeroPace::Gentle
+                }
+            }
+        };
+        let len = MIB + 3 * (128 << 10) + 4096;
+        zero_fill(&file, len, pace).await.unwrap();
+        assert!(waited.get(), "the fill waited when told to");
+        let k = 128 << 10;
+        assert_eq!(
+            *asked.borrow(),
+            vec![0, MIB, MIB + k, MIB + k, MIB + 2 * k, MIB + 3 * k]
+        );
+        let contents = storage.contents("z").unwrap();
+        assert_eq!(contents.len() as u64, len);
+        assert!(contents.iter().all(|&b| b == 0));
+    });
+}
+
+/// A log that writes slowly does not have its next segment zero-filled at
+/// the device's full speed: the zeros keep a lead of about 16 MiB over the
+/// current segment's use and then follow the log. A log that outgrows the
+/// lead still rotates into the spare, and closing does not wait for the
+/// log: the spare is finished at once, whole and all zeros.
+#[test]
+fn spare_zeros_follow_a_slow_log() {
+    use std::time::Duration;
+    const MIB: usize = 1 << 20;
+    run(|| async {
+        let storage = FaultStorage::new();
+        let mut options = small_options();
+        options.segment_bytes = 64 << 20;
+        options.batch_bytes_max = 1 << 20;
+        options.staged_bytes_max = 4 << 20;
+        // The first segment exists (it is prepared at once, as the log has
+        // none); the spare for the next one is being zero-filled.
+        let wal = Wal::open(storage.clone(), options).await.unwrap();
+        wal.append(RecordKind::Data, b"first").await.unwrap();
+        let tmp_len = |storage: &FaultStorage| -> usize {
+            storage
+                .file_names()
+                .iter()
+                .filter(|n| n.ends_with(".spare.tmp"))
+                .map(|n| storage.contents(n).unwrap().len())
+                .sum()
+        };
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        let idle = tmp_len(&storage);
+        assert!(
+            (16 * MIB..=18 * MIB).contains(&idle),
+            "zeros stop at their lead while the log is idle: {idle}"
+        );
+        // 4 MiB more of log: the zeros follow it.
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..64 {
+            wal.append(RecordKind::Data, &chunk).await.unwrap();
+        }
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        let followed = tmp_len(&storage);
+        assert!(
+            (idle + 3 * MIB..=idle + 6 * MIB).contains(&followed),
+            "zeros follow the log: {idle} then {followed}"
+        );
+        // Past the end of the segment: the log rotates into the spare.
+        for _ in 0..1100 {
+            wal.append(RecordKind::Data, &chunk).await.unwrap();
+        }
+        assert_eq!(wal.segment_count(), 2, "rotated once");
+        // The next spare reaches its lead and waits for the log; closing
+        // finishes it without waiting for the log.
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        assert!(tmp_len(&storage) < 32 * MIB, "the next spare waits");
+        glommio::timer::timeout(Duration::from_secs(20), async {
+            wal.close().await.unwrap();
+            Ok(())
+        })
+        .await
+        .expect("close does not wait for the log");
+        assert_eq!(tmp_len(&storage), 0, "no spare left half made");
+        let spares: Vec<_> = storage
+            .file_names()
+            .into_iter()
+            .filter(|n| n.ends_with(".spare"))
+            .collect();
+        assert_eq!(spares.len(), 1, "{spares:?}");
+        let spare = storage.contents(&spares[0]).unwrap();
+        assert_eq!(spare.len(), 64 << 20);
+        assert!(spare.iter().all(|&b| b == 0));
+    });
+}

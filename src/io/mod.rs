@@ -140,18 +140,51 @@ pub async fn read_all<F: StorageFile>(file: &F) -> Result<Vec<u8>, IoError> {
     Ok(out)
 }
 
-/// Writes `len` zero bytes from offset 0 in 1 MiB writes, then syncs: a file
-/// whose every block is written, so later `fdatasync`s need no journal commit
-/// for unwritten-extent conversion. The writes share one aligned buffer of
-/// zeros (no copy per write).
-pub async fn zero_fill<F: StorageFile>(file: &F, len: u64) -> Result<(), IoError> {
-    const CHUNK: u64 = 1 << 20;
-    let mut zeros = AlignedBuf::with_capacity(CHUNK as usize);
-    zeros.extend_zeros(CHUNK as usize);
+/// Bytes per write of a zero fill that is needed soon.
+const ZERO_FILL_FAST: u64 = 1 << 20;
+/// Bytes per write of a zero fill that is ahead (see [`zero_fill`]).
+pub const ZERO_FILL_GENTLE: u64 = 128 << 10;
+
+/// How a zero fill goes on, asked before each of its writes.
+pub enum ZeroPace {
+    /// Needed soon: 1 MiB writes, as fast as the device takes them.
+    Fast,
+    /// Ahead: 128 KiB writes.
+    Gentle,
+    /// Far enough ahead: wait for this, then ask again.
+    Wait(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>),
+}
+
+/// Writes `len` zero bytes from offset 0, then syncs: a file whose every
+/// block is written, so later `fdatasync`s need no journal commit for
+/// unwritten-extent conversion. The writes share one aligned buffer of zeros
+/// (no copy per write).
+///
+/// Before each write, `pace(offset)` says how to go on. Unless the file is
+/// needed soon, the zeros go in small writes, and not back to back: on a
+/// device without FUA every O_DSYNC write of a log beside it ends in a
+/// cache flush, which also has to carry the zeros written since the last
+/// one, so zeros written at the device's full speed show up as stalls in
+/// the log's commits.
+pub async fn zero_fill<F: StorageFile>(
+    file: &F,
+    len: u64,
+    pace: impl Fn(u64) -> ZeroPace,
+) -> Result<(), IoError> {
+    let mut zeros = AlignedBuf::with_capacity(ZERO_FILL_FAST as usize);
+    zeros.extend_zeros(ZERO_FILL_FAST as usize);
     let (zeros, _) = zeros.share();
     let mut pos = 0;
     while pos < len {
-        let n = CHUNK.min(len - pos);
+        let chunk = match pace(pos) {
+            ZeroPace::Fast => ZERO_FILL_FAST,
+            ZeroPace::Gentle => ZERO_FILL_GENTLE,
+            ZeroPace::Wait(until) => {
+                until.await;
+                continue;
+            }
+        };
+        let n = chunk.min(len - pos);
         file.write_shared(pos, zeros.slice(..n as usize)).await?;
         pos += n;
     }

@@ -33,11 +33,13 @@ use glommio::task::JoinHandle;
 use bytes::Bytes;
 
 use crate::format::{SEGMENT_HEADER_BLOCK, SegmentHeader, segment_file_name};
-use crate::io::{BLOCK_BYTES, IoError, SharedBuf, Storage, StorageFile};
+use crate::io::{
+    BLOCK_BYTES, IoError, SharedBuf, Storage, StorageFile, ZERO_FILL_GENTLE, ZeroPace,
+};
 
 use super::scan::offset_of;
 use super::segment::{SegmentMeta, Segments, Tail, prepare_spare};
-use super::writer::{Run, State, ZEROS};
+use super::writer::{Run, State, ZEROS, durable_past};
 use super::{WalError, WalOptions};
 
 /// What the writer, its writes in flight and the syncer share.
@@ -448,9 +450,11 @@ impl<S: Storage + 'static> Writer<S> {
                 .map_err(wal_to_io),
             SpareState::None => {
                 let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
-                prepare_spare(&*self.storage, next_spare_seq(), bytes, fill)
-                    .await
-                    .map_err(wal_to_io)
+                prepare_spare(&*self.storage, next_spare_seq(), bytes, fill, |_| {
+                    ZeroPace::Fast
+                })
+                .await
+                .map_err(wal_to_io)
             }
         }
     }
@@ -463,11 +467,44 @@ impl<S: Storage + 'static> Writer<S> {
         }
         let (storage, seq) = (self.storage.clone(), next_spare_seq());
         let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
+        // The spare is needed when staging leaves the segment being written
+        // (none yet: at once), or the log closes (close waits for it). Its
+        // zeros go fast while their lead over that segment's use is short
+        // (a fast log, or one that waits for them), and once it is long
+        // they go no faster than the log.
+        let (state, base) = (
+            self.state.clone(),
+            self.current.as_ref().map(|c| c.base_lsn),
+        );
+        let pace = move |zeroed: u64| {
+            let st = state.borrow();
+            let Some(base) = base.filter(|_| !st.closed && st.failed.is_none()) else {
+                return ZeroPace::Fast;
+            };
+            let used = st.next_lsn().saturating_sub(base);
+            let lead = zeroed as i64 - used as i64;
+            if lead < SPARE_LEAD_BYTES / 4 {
+                ZeroPace::Fast
+            } else if lead < SPARE_LEAD_BYTES {
+                ZeroPace::Gentle
+            } else {
+                // Go on once the log has used as much as one write zeroes.
+                let at = st.next_lsn() + ZERO_FILL_GENTLE;
+                ZeroPace::Wait(Box::pin(durable_past(state.clone(), at)))
+            }
+        };
         let task =
-            glommio::spawn_local(async move { prepare_spare(&*storage, seq, bytes, fill).await });
+            glommio::spawn_local(
+                async move { prepare_spare(&*storage, seq, bytes, fill, pace).await },
+            );
         self.spare = SpareState::Preparing(task.detach());
     }
 }
+
+/// The lead a spare's zeros keep over the use of the segment being written:
+/// below a quarter of it they go fast, beyond it they wait for the log (see
+/// `zero_fill`).
+const SPARE_LEAD_BYTES: i64 = 16 << 20;
 
 /// A run alone on the device is split from this size on.
 const SPLIT_MIN_BYTES: usize = 16 << 10;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::format::{Expect, parse_segment_file_name, segment_file_name};
-use crate::io::{BLOCK_BYTES, Storage, StorageFile, read_all, zero_fill};
+use crate::io::{BLOCK_BYTES, Storage, StorageFile, ZeroPace, read_all, zero_fill};
 
 use super::recovery::{Case, Refusal, decide};
 use super::scan::{SegmentScan, offset_of, scan_segment};
@@ -331,18 +331,20 @@ async fn remove_stale_temporaries<S: Storage>(storage: &S) -> Result<(), WalErro
 }
 
 /// Makes a spare segment file: create, fill, sync, then rename into place.
-/// Returns its name.
+/// Returns its name. `pace` is asked, as zeros are written, how soon the
+/// log may need the spare (see `zero_fill`).
 pub(super) async fn prepare_spare<S: Storage>(
     storage: &S,
     seq: u64,
     segment_bytes: u64,
     fill: SegmentFill,
+    pace: impl Fn(u64) -> ZeroPace,
 ) -> Result<String, WalError> {
     let tmp = format!("{seq:020}{TMP_SUFFIX}");
     let name = format!("{seq:020}{SPARE_SUFFIX}");
     let file = storage.create_sync_at_end(&tmp).await?;
     match fill {
-        SegmentFill::Zeros => zero_fill(&file, segment_bytes).await?,
+        SegmentFill::Zeros => zero_fill(&file, segment_bytes, pace).await?,
         SegmentFill::Allocate => {
             file.allocate(segment_bytes).await?;
             file.sync().await?;

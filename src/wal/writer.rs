@@ -271,6 +271,11 @@ impl State {
         self.wake_space_head();
     }
 
+    /// LSN where the next staged record goes.
+    pub(super) fn next_lsn(&self) -> u64 {
+        self.next.lsn
+    }
+
     /// The run a record of `size` bytes goes into: the open one, or a new
     /// one (in a new segment when this one is full). `local`: the record is
     /// staged by `submit`.
@@ -787,20 +792,7 @@ impl<S: Storage + 'static> Writer<S> {
     /// Resolves once the durable LSN passes `lsn`, or the log fails or
     /// closes.
     pub fn durable_past(&self, lsn: u64) -> impl Future<Output = ()> + 'static {
-        let state = self.state.clone();
-        std::future::poll_fn(move |cx| {
-            let mut st = state.borrow_mut();
-            if st.durable_lsn > lsn || st.failed.is_some() || st.closed {
-                return Poll::Ready(());
-            }
-            if st.watchers.len() >= WATCHERS_MAX {
-                // Left by waits that timed out while nothing was written:
-                // wake them (harmless) so the list stays small.
-                st.wake_watchers();
-            }
-            st.watchers.push(cx.waker().clone());
-            Poll::Pending
-        })
+        durable_past(self.state.clone(), lsn)
     }
 
     pub fn next_position(&self) -> Expect {
@@ -837,6 +829,7 @@ impl<S: Storage + 'static> Writer<S> {
                 waker.wake();
             }
             st.wake_space_head();
+            st.wake_watchers();
         }
         let task = self.task.borrow_mut().take();
         if let Some(task) = task {
@@ -859,7 +852,28 @@ impl<S: Storage + 'static> Drop for Writer<S> {
             waker.wake();
         }
         st.wake_space_head();
+        st.wake_watchers();
     }
+}
+
+/// Resolves once the durable LSN passes `lsn`, or the log fails or closes.
+pub(super) fn durable_past(
+    state: Rc<RefCell<State>>,
+    lsn: u64,
+) -> impl Future<Output = ()> + 'static {
+    std::future::poll_fn(move |cx| {
+        let mut st = state.borrow_mut();
+        if st.durable_lsn > lsn || st.failed.is_some() || st.closed {
+            return Poll::Ready(());
+        }
+        if st.watchers.len() >= WATCHERS_MAX {
+            // Left by waits that timed out while nothing was written:
+            // wake them (harmless) so the list stays small.
+            st.wake_watchers();
+        }
+        st.watchers.push(cx.waker().clone());
+        Poll::Pending
+    })
 }
 
 /// The future of [`Writer::wait_for_space`]; leaves the line when dropped.
