@@ -43,6 +43,11 @@ fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
     let sync_us = positive(&doc, "sync_p50_us");
     positive(&doc, "sequential_mb_per_s");
     assert_eq!(doc["spin_us"], 200, "the node's default");
+    assert_eq!(
+        doc["cpu"].as_u64(),
+        Some(tidewal::engine::allowed_cpus()[0] as u64),
+        "the first core it may run on, by default"
+    );
     let runs = doc["runs"].as_array().unwrap();
     for n in [1, 8] {
         let run = runs
@@ -102,4 +107,25 @@ fn a_second_run_over_the_same_directory_is_refused_and_touches_nothing() {
         "{stderr}"
     );
     assert!(theirs.exists(), "the first run's files are left alone");
+}
+
+/// `--cpu` picks the executor's core; a core the process may not run on is
+/// refused with the cores it may, before anything is created.
+#[test]
+fn a_core_the_process_may_not_run_on_is_refused() {
+    let dir = common::disk_dir();
+    let scratch = dir.path().join("scratch");
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["bench", "wal", "--cpu", "100000", "--small-only"])
+        .arg("--dir")
+        .arg(&scratch)
+        .output()
+        .expect("run tidewal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--cpu 100000: this process may run on cores"),
+        "{stderr}"
+    );
+    assert!(!scratch.exists(), "nothing was created");
 }

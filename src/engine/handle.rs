@@ -725,7 +725,7 @@ impl Drop for Inner {
 }
 
 /// The CPUs this process may run on (a container's cpuset need not start at 0).
-fn allowed_cpus() -> Vec<usize> {
+pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the zeroed set we own.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let ok =

@@ -12,6 +12,6 @@ mod options;
 mod rewind;
 mod shard;
 
-pub use handle::{Answer, BatchAtomicity, BatchOp, Engine, ShardStats, block_on};
+pub use handle::{Answer, BatchAtomicity, BatchOp, Engine, ShardStats, allowed_cpus, block_on};
 pub use options::{Options, OptionsError};
 pub use shard::{CommitLevel, EngineError, OpenReport, Shard, ShardReceipt, Update};
