@@ -489,6 +489,9 @@ impl<S: Storage + 'static> Writer<S> {
                 ZeroPace::Gentle
             } else {
                 // Go on once the log has used as much as one write zeroes.
+                // This never holds up the rotation that needs the spare:
+                // the writer rotates only after everything staged in this
+                // segment is durable, which is more than 16 MiB past here.
                 let at = st.next_lsn() + ZERO_FILL_GENTLE;
                 ZeroPace::Wait(Box::pin(durable_past(state.clone(), at)))
             }
