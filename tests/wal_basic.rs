@@ -383,10 +383,11 @@ fn disk_backend_padded_batches_reopen_intact() {
     assert!(stdout.contains("noop"), "{stdout}");
 }
 
-/// A zero fill asks its pace before each write: 1 MiB writes when told
-/// `Fast`, 128 KiB when `Gentle`, nothing until the future resolves when
-/// told `Wait` (then it asks again at the same offset). The file ends up
-/// all zeros, as long as asked.
+/// A zero fill asks its pace before each write: two 1 MiB writes at once
+/// when told `Urgent` (one, short, at the end of the file), one when
+/// `Fast`, 128 KiB when `Gentle`, and nothing until the future resolves
+/// when told `Wait` (then it asks again at the same offset). The file ends
+/// up all zeros, as long as asked.
 #[test]
 fn zero_fill_goes_at_the_pace_it_is_told() {
     use std::cell::RefCell;
@@ -394,6 +395,7 @@ fn zero_fill_goes_at_the_pace_it_is_told() {
     use std::time::Duration;
     use tidewal::io::{ZeroPace, zero_fill};
     const MIB: u64 = 1 << 20;
+    const K: u64 = 128 << 10;
     run(|| async {
         let storage = FaultStorage::new();
         let file = storage.create("z").await.unwrap();
@@ -403,26 +405,35 @@ fn zero_fill_goes_at_the_pace_it_is_told() {
             let (asked, waited) = (asked.clone(), waited.clone());
             move |at: u64| {
                 asked.borrow_mut().push(at);
-                if at < MIB {
-                    ZeroPace::Fast
-                } else if at == MIB + (128 << 10) && !waited.get() {
-                    let waited = waited.clone();
-                    ZeroPace::Wait(Box::pin(async move {
-                        glommio::timer::sleep(Duration::from_millis(5)).await;
-                        waited.set(true);
-                    }))
-                } else {
-                    ZeroPace::Gentle
+                match at {
+                    _ if at < 2 * MIB => ZeroPace::Urgent,
+                    _ if at < 3 * MIB => ZeroPace::Fast,
+                    _ if at == 3 * MIB + K && !waited.get() => {
+                        let waited = waited.clone();
+                        ZeroPace::Wait(Box::pin(async move {
+                            glommio::timer::sleep(Duration::from_millis(5)).await;
+                            waited.set(true);
+                        }))
+                    }
+                    _ if at == 3 * MIB + 3 * K => ZeroPace::Urgent,
+                    _ => ZeroPace::Gentle,
                 }
             }
         };
-        let len = MIB + 3 * (128 << 10) + 4096;
+        let len = 3 * MIB + 3 * K + 4096;
         zero_fill(&file, len, pace).await.unwrap();
         assert!(waited.get(), "the fill waited when told to");
-        let k = 128 << 10;
         assert_eq!(
             *asked.borrow(),
-            vec![0, MIB, MIB + k, MIB + k, MIB + 2 * k, MIB + 3 * k]
+            vec![
+                0,
+                2 * MIB,
+                3 * MIB,
+                3 * MIB + K,
+                3 * MIB + K,
+                3 * MIB + 2 * K,
+                3 * MIB + 3 * K
+            ]
         );
         let contents = storage.contents("z").unwrap();
         assert_eq!(contents.len() as u64, len);

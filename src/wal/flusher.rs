@@ -451,7 +451,7 @@ impl<S: Storage + 'static> Writer<S> {
             SpareState::None => {
                 let (bytes, fill) = (self.options.segment_bytes, self.options.segment_fill);
                 prepare_spare(&*self.storage, next_spare_seq(), bytes, fill, |_| {
-                    ZeroPace::Fast
+                    ZeroPace::Urgent
                 })
                 .await
                 .map_err(wal_to_io)
@@ -479,11 +479,13 @@ impl<S: Storage + 'static> Writer<S> {
         let pace = move |zeroed: u64| {
             let st = state.borrow();
             let Some(base) = base.filter(|_| !st.closed && st.failed.is_none()) else {
-                return ZeroPace::Fast;
+                return ZeroPace::Urgent;
             };
             let used = st.next_lsn().saturating_sub(base);
             let lead = zeroed as i64 - used as i64;
-            if lead < SPARE_LEAD_BYTES / 4 {
+            if lead < 0 {
+                ZeroPace::Urgent
+            } else if lead < SPARE_LEAD_BYTES / 4 {
                 ZeroPace::Fast
             } else if lead < SPARE_LEAD_BYTES {
                 ZeroPace::Gentle
