@@ -511,6 +511,12 @@ fn admin_endpoint_reports_what_happened() {
         value("tidewal_wal_syncs_total")
     );
     assert!(metrics.contains("tidewal_wal_sync_duration_seconds_bucket{le=\"0.001\"}"));
+    // Every write's latency, once each (none is in flight now).
+    assert_eq!(
+        value("tidewal_wal_write_duration_seconds_count"),
+        value("tidewal_wal_writes_total")
+    );
+    assert!(value("tidewal_wal_write_duration_seconds_sum") > 0.0);
     assert_eq!(value("tidewal_connections "), 1.0);
     assert!(metrics.trim_end().ends_with("# EOF"));
     let (status, body) = node.get("/readyz");

@@ -548,7 +548,14 @@ struct WriteTask<S: Storage + 'static> {
 impl<S: Storage + 'static> WriteTask<S> {
     async fn run(self) {
         let bytes = self.write.whole.slice(self.range.clone());
+        let issued = std::time::Instant::now();
         let result = self.file.write_shared(self.pos, bytes).await;
+        let micros = issued.elapsed().as_micros() as u64;
+        self.state
+            .borrow_mut()
+            .stats
+            .write_micros
+            .saturating_record(micros.max(1));
         // The last write of the run gives its buffer back.
         if let Some(WriteBytes { whole, owner }) = Rc::into_inner(self.write) {
             drop(whole);
