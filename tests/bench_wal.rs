@@ -93,15 +93,18 @@ fn a_second_run_over_the_same_directory_is_refused_and_touches_nothing() {
     std::fs::write(&theirs, b"a running benchmark's segment").unwrap();
     // As a first run holds it.
     let _held = tidewal::io::lock_dir(&scratch).unwrap().expect("free");
-    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(["bench", "wal", "--seconds", "0.1", "--repeat", "1"])
-        .args(["--small-only", "--concurrency", "1"])
-        .arg("--dir")
-        .arg(&scratch)
-        .output()
-        .expect("run tidewal");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused(
+        &[
+            "--seconds",
+            "0.1",
+            "--repeat",
+            "1",
+            "--small-only",
+            "--concurrency",
+            "1",
+        ],
+        &scratch,
+    );
     assert!(
         stderr.contains("another `tidewal bench wal` is using"),
         "{stderr}"
@@ -115,17 +118,23 @@ fn a_second_run_over_the_same_directory_is_refused_and_touches_nothing() {
 fn a_core_the_process_may_not_run_on_is_refused() {
     let dir = common::disk_dir();
     let scratch = dir.path().join("scratch");
-    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(["bench", "wal", "--cpu", "100000", "--small-only"])
-        .arg("--dir")
-        .arg(&scratch)
-        .output()
-        .expect("run tidewal");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused(&["--cpu", "100000", "--small-only"], &scratch);
     assert!(
         stderr.contains("--cpu 100000: this process may run on cores"),
         "{stderr}"
     );
     assert!(!scratch.exists(), "nothing was created");
+}
+
+/// Runs `tidewal bench wal ARGS --dir DIR`, which must fail; its stderr.
+fn refused(args: &[&str], dir: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["bench", "wal"])
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .expect("run tidewal");
+    assert!(!out.status.success(), "the run was refused");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
