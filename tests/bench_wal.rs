@@ -13,7 +13,7 @@ fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
     let json = dir.path().join("wal.json");
     let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
         .args(["bench", "wal", "--seconds", "0.2", "--repeat", "1"])
-        .args(["--concurrency", "1,8", "--large", "4096x4"])
+        .args(["--concurrency", "1,8", "--large", "4096x4", "--same-writes"])
         .arg("--dir")
         .arg(dir.path().join("scratch"))
         .arg("--json")
@@ -69,6 +69,7 @@ fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
             (appends / bar - ratio).abs() < 1e-6 * ratio,
             "ratio {ratio} for {appends}/{bar}"
         );
+        same_writes(run, "bar");
     }
     for log in ["fresh", "steady"] {
         let run = runs
@@ -81,6 +82,43 @@ fn bench_wal_reports_each_run_beside_the_disk_ceiling() {
         // At least one 4 KiB record per write.
         let per_write = run["kib_per_write"].as_f64().expect("kib_per_write");
         assert!(per_write >= 4.0, "kib_per_write {per_write} in {run}");
+        same_writes(run, "ceiling");
+    }
+    assert!(
+        stdout.contains("uring, threads (--same-writes)"),
+        "{stdout}"
+    );
+}
+
+/// A row's `--same-writes` figures: one shape per run (one run here), made
+/// again both ways, and the ratios they reach.
+fn same_writes(run: &serde_json::Value, of: &str) {
+    let shapes = run["same_writes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("same_writes in {run}"));
+    assert_eq!(shapes.len(), 1, "one per run: {run}");
+    let shape = &shapes[0];
+    let bytes = shape["write_bytes"].as_u64().expect("write_bytes");
+    assert!(bytes >= 4096 && bytes.is_multiple_of(4096), "{shape}");
+    assert!(
+        shape["in_flight"].as_u64().expect("in_flight") >= 1,
+        "{shape}"
+    );
+    let log_writes = run["writes_per_s"].as_f64().expect("writes_per_s");
+    let log_ratio = run[format!("ratio_to_{of}")].as_f64().unwrap();
+    for way in ["uring", "threads"] {
+        let writes = shape[format!("{way}_writes_per_s")].as_f64().unwrap();
+        assert!(writes > 0.0 && writes.is_finite(), "{way} in {shape}");
+        // The same writes carry what the log's carried per write, over the
+        // same bar: the ratios relate as the writes/s do.
+        let ratio = run[format!("same_writes_{way}_ratio_to_{of}")]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{way} ratio in {run}"));
+        let expected = log_ratio * writes / log_writes;
+        assert!(
+            (ratio - expected).abs() < 1e-6 * expected,
+            "{way}: {ratio} against {expected} in {run}"
+        );
     }
 }
 

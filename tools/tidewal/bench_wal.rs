@@ -14,7 +14,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tidewal::format::{LogId, RecordKind};
-use tidewal::io::SyncMode;
+use tidewal::io::{StorageFile, SyncMode};
 use tidewal::wal::SegmentFill;
 use tidewal::{DirectIo, DmaStorage, Storage, Wal, WalOptions};
 
@@ -77,6 +77,12 @@ pub struct BenchArgs {
     /// lower latency but a polling executor a much higher one.
     #[arg(long)]
     cpu: Option<usize>,
+    /// After each run, make the log's writes again without the log (same
+    /// size, same number in flight), through its own io_uring path and with
+    /// blocking calls from threads, and print the ratios they reach: how
+    /// much of a gap to the bar is the log's and how much the disk's.
+    #[arg(long)]
+    same_writes: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -93,6 +99,22 @@ struct AppendRun {
     records_per_sync: f64,
     /// Device KiB per write (a batch is one write, or two when split).
     kib_per_write: f64,
+    /// Writes the log issued per second.
+    writes_per_s: f64,
+    /// The log's writes on the device at once, on average (the time its
+    /// writes spent in flight over the run's duration).
+    writes_in_flight: f64,
+}
+
+impl AppendRun {
+    /// The log's writes, as the device saw them: (bytes, number in flight).
+    fn write_shape(&self) -> (usize, usize) {
+        let bytes = ((self.kib_per_write * 1024.0) as usize).next_multiple_of(4096);
+        (
+            bytes.max(4096),
+            (self.writes_in_flight.round() as usize).max(1),
+        )
+    }
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -191,14 +213,35 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
         println!("  fio io_uring direct 1 MiB qd1      {fio:8.0} MB/s (cross-check)");
     }
 
+    let same_header = if args.same_writes {
+        println!(
+            "\nuring, threads (--same-writes): after each run, the log's writes (same size, same
+number in flight, made durable the same way) are made again without the log, by as many
+tasks on this executor (io_uring, the log's own path) and by as many threads of blocking
+calls; the columns give the ratio the records they would carry reach. uring is what
+those writes reach on the log's own path with nothing else to do"
+        );
+        format!(" {:>7} {:>7}", "uring", "threads")
+    } else {
+        String::new()
+    };
+
     let mut rows = Vec::new();
     println!(
         "\ndurable appends, {}-byte records (bar: 0.8 x min(N, records per batch cap) / sync p50)",
         args.record_bytes
     );
     println!(
-        "  {:>9} {:>12} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}",
-        "appenders", "appends/s", "p50 us", "p99 us", "p99.9 us", "recs/sync", "bar", "ratio"
+        "  {:>9} {:>12} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}{}",
+        "appenders",
+        "appends/s",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "recs/sync",
+        "bar",
+        "ratio",
+        same_header
     );
     let per_record = args.record_bytes + tidewal::format::RECORD_HEADER_BYTES;
     let small: &[usize] = if args.large_only {
@@ -217,22 +260,37 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
         // it, so a ratio compares two moments of the same noisy disk.
         let effective = n.min(args.batch_bytes_max / per_record).max(1) as f64;
         let (mut runs, mut bars, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut same = SameRatios::default();
         for _ in 0..args.repeat.max(1) {
             let sync_us = disk::sync_latency(&dir, direct, seconds / 2)?;
             let r = append_run(&storage, &args, mode, seconds).await?;
             let bar = 0.8 * effective / (sync_us / 1e6);
+            if args.same_writes {
+                let per_write = r.appends_per_s / r.writes_per_s;
+                same.measure(&storage, &dir, &r, per_write, bar, seconds / 2)
+                    .await?;
+            }
             bars.push(bar);
             ratios.push(r.appends_per_s / bar);
             runs.push(r);
         }
         let (r, bar, ratio) = (median_run(&runs), median(&bars), median(&ratios));
         println!(
-            "  {n:>9} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>12.0} {:>7.2}",
-            r.appends_per_s, r.p50_us, r.p99_us, r.p999_us, r.records_per_sync, bar, ratio
+            "  {n:>9} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>12.0} {:>7.2}{}",
+            r.appends_per_s,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.records_per_sync,
+            bar,
+            ratio,
+            same.cells()
         );
-        rows.push(json!({"appenders": n, "record_bytes": args.record_bytes, "appends_per_s": r.appends_per_s,
+        let mut row = json!({"appenders": n, "record_bytes": args.record_bytes, "appends_per_s": r.appends_per_s,
             "p50_us": r.p50_us, "p99_us": r.p99_us, "p999_us": r.p999_us, "records_per_sync": r.records_per_sync,
-            "bar_appends_per_s": bar, "ratio_to_bar": ratio}));
+            "bar_appends_per_s": bar, "ratio_to_bar": ratio, "writes_per_s": r.writes_per_s});
+        same.add_to(&mut row, "bar");
+        rows.push(row);
     }
 
     println!(
@@ -243,8 +301,16 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
     );
     println!("and recycled as new segments");
     println!(
-        "  {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>9} {:>7}",
-        "record", "appenders", "log", "MB/s", "ceiling", "p99 us", "KiB/write", "ratio"
+        "  {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>9} {:>7}{}",
+        "record",
+        "appenders",
+        "log",
+        "MB/s",
+        "ceiling",
+        "p99 us",
+        "KiB/write",
+        "ratio",
+        same_header
     );
     for &(record_bytes, n) in &large {
         for steady in [false, true] {
@@ -255,9 +321,15 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
                 steady,
             };
             let (mut runs, mut ceilings, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let mut same = SameRatios::default();
             for _ in 0..args.repeat.max(1) {
                 let ceiling = disk::sequential(&dir, direct)?;
                 let r = append_run(&storage, &args, mode, seconds).await?;
+                if args.same_writes {
+                    let per_write = r.mb_per_s / r.writes_per_s;
+                    same.measure(&storage, &dir, &r, per_write, ceiling, seconds / 2)
+                        .await?;
+                }
                 ceilings.push(ceiling);
                 ratios.push(r.mb_per_s / ceiling);
                 runs.push(r);
@@ -265,17 +337,18 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
             let (r, ceiling, ratio) = (median_run(&runs), median(&ceilings), median(&ratios));
             let log = if steady { "steady" } else { "fresh" };
             println!(
-                "  {:>6}KiB {n:>9} {log:>7} {:>10.0} {ceiling:>10.0} {:>9.1} {:>9.0} {ratio:>7.2}",
+                "  {:>6}KiB {n:>9} {log:>7} {:>10.0} {ceiling:>10.0} {:>9.1} {:>9.0} {ratio:>7.2}{}",
                 record_bytes / 1024,
                 r.mb_per_s,
                 r.p99_us,
                 r.kib_per_write,
+                same.cells()
             );
-            rows.push(
-                json!({"appenders": n, "record_bytes": record_bytes, "log": log,
+            let mut row = json!({"appenders": n, "record_bytes": record_bytes, "log": log,
                 "mb_per_s": r.mb_per_s, "p99_us": r.p99_us, "ceiling_mb_per_s": ceiling,
-                "kib_per_write": r.kib_per_write, "ratio_to_ceiling": ratio}),
-            );
+                "kib_per_write": r.kib_per_write, "ratio_to_ceiling": ratio, "writes_per_s": r.writes_per_s});
+            same.add_to(&mut row, "ceiling");
+            rows.push(row);
         }
     }
     if let Some(path) = &args.json {
@@ -329,6 +402,8 @@ fn median_run(runs: &[AppendRun]) -> AppendRun {
         p999_us: m(|r| r.p999_us),
         records_per_sync: m(|r| r.records_per_sync),
         kib_per_write: m(|r| r.kib_per_write),
+        writes_per_s: m(|r| r.writes_per_s),
+        writes_in_flight: m(|r| r.writes_in_flight),
     }
 }
 
@@ -437,6 +512,61 @@ mod disk {
         Ok(hist.value_at_quantile(0.5) as f64 / 1000.0)
     }
 
+    /// Writes per second the disk completes of `bytes`-byte writes,
+    /// `in_flight` at once: as many threads (which inherit the caller's
+    /// core), each overwriting its own region of a written file in order,
+    /// with O_DSYNC writes or (`dsync` false) an `fdatasync` after each.
+    pub fn same_writes(
+        dir: &Path,
+        direct: bool,
+        dsync: bool,
+        bytes: usize,
+        in_flight: usize,
+        duration: Duration,
+    ) -> anyhow::Result<f64> {
+        let region = (32u64 << 20)
+            .max(8 * bytes as u64)
+            .next_multiple_of(bytes as u64);
+        let scratch = Scratch::new(dir, "ceiling-same.dat", region * in_flight as u64, direct)?;
+        let mut options = OpenOptions::new();
+        options.write(true);
+        let mut flags = if dsync { libc::O_DSYNC } else { 0 };
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        options.custom_flags(flags);
+        let start = std::sync::Barrier::new(in_flight);
+        let rates = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..in_flight as u64)
+                .map(|i| {
+                    let (options, start, path) = (&options, &start, &scratch.path);
+                    scope.spawn(move || -> anyhow::Result<f64> {
+                        let file = options.open(path)?;
+                        let buf = Aligned::new(bytes, 0x5a);
+                        start.wait();
+                        let t = Instant::now();
+                        let deadline = t + duration;
+                        let (mut pos, mut count) = (0, 0);
+                        while Instant::now() < deadline {
+                            file.write_all_at(buf.bytes(), i * region + pos)?;
+                            if !dsync {
+                                file.sync_data()?;
+                            }
+                            pos = (pos + bytes as u64) % region;
+                            count += 1;
+                        }
+                        Ok(count as f64 / t.elapsed().as_secs_f64())
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a writer thread panicked"))
+                .collect::<anyhow::Result<Vec<f64>>>()
+        })?;
+        Ok(rates.iter().sum())
+    }
+
     /// MB/s of sequential 1 MiB overwrites of a written file, one at a time,
     /// with the closing `fdatasync` counted.
     pub fn sequential(dir: &Path, direct: bool) -> anyhow::Result<f64> {
@@ -488,6 +618,126 @@ fn fio_sequential(dir: &Path) -> Option<f64> {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let kib_s = doc["jobs"][0]["write"]["bw"].as_f64()?;
     Some(kib_s * 1024.0 / 1e6)
+}
+
+/// A row's `--same-writes` figures: after each run, that run's writes
+/// made again without the log, as ratios to the run's bar.
+#[derive(Default)]
+struct SameRatios {
+    /// Each run's write shape and writes/s, for the JSON.
+    runs: Vec<serde_json::Value>,
+    /// Through the log's own I/O path (this executor, io_uring).
+    uring: Vec<f64>,
+    /// With blocking system calls from as many threads.
+    threads: Vec<f64>,
+}
+
+impl SameRatios {
+    /// Makes writes of the shape `run`'s log made, both ways, and records
+    /// what they would carry (`per_write`: appends, or record MB, per
+    /// write of the log) over `bar`.
+    async fn measure(
+        &mut self,
+        storage: &DmaStorage,
+        dir: &Path,
+        run: &AppendRun,
+        per_write: f64,
+        bar: f64,
+        duration: Duration,
+    ) -> anyhow::Result<()> {
+        let (bytes, in_flight) = run.write_shape();
+        let uring = uring_same_writes(storage, bytes, in_flight, duration).await?;
+        let dsync = storage.sync_mode() == SyncMode::Dsync;
+        let threads =
+            disk::same_writes(dir, storage.direct_io(), dsync, bytes, in_flight, duration)?;
+        self.uring.push(uring * per_write / bar);
+        self.threads.push(threads * per_write / bar);
+        self.runs
+            .push(json!({"write_bytes": bytes, "in_flight": in_flight,
+            "uring_writes_per_s": uring, "threads_writes_per_s": threads}));
+        Ok(())
+    }
+
+    /// The two table cells (medians), or nothing when not measured.
+    fn cells(&self) -> String {
+        if self.uring.is_empty() {
+            return String::new();
+        }
+        format!(
+            " {:>7.2} {:>7.2}",
+            median(&self.uring),
+            median(&self.threads)
+        )
+    }
+
+    /// Adds the medians and each run's figures to a row's JSON; `of` names
+    /// what the ratios are to ("bar" or "ceiling").
+    fn add_to(&self, row: &mut serde_json::Value, of: &str) {
+        if self.uring.is_empty() {
+            return;
+        }
+        row[format!("same_writes_uring_ratio_to_{of}")] = json!(median(&self.uring));
+        row[format!("same_writes_threads_ratio_to_{of}")] = json!(median(&self.threads));
+        row["same_writes"] = json!(self.runs);
+    }
+}
+
+/// Writes per second of `bytes`-byte writes, `in_flight` at once, made
+/// durable as the log's are (`StorageFile::write_shared`, then `sync`, which
+/// with O_DSYNC writes has nothing left to do) by as many tasks on this
+/// executor, each overwriting its own region of a written file in order:
+/// the log's writes with no records to stage, encode or acknowledge.
+async fn uring_same_writes(
+    storage: &DmaStorage,
+    bytes: usize,
+    in_flight: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    const NAME: &str = "ceiling-same-uring.dat";
+    let region = (32u64 << 20)
+        .max(8 * bytes as u64)
+        .next_multiple_of(bytes as u64);
+    let file = Rc::new(storage.create(NAME).await?);
+    let aligned = |len: usize, fill: u8| {
+        let mut buf = tidewal::io::AlignedBuf::with_capacity(len);
+        buf.extend_from_slice(&vec![fill; len]);
+        buf.share().0
+    };
+    let zeros = aligned(1 << 20, 0);
+    for pos in (0..region * in_flight as u64).step_by(zeros.len()) {
+        file.write_shared(pos, zeros.clone()).await?;
+    }
+    file.sync().await?;
+    let data = aligned(bytes, 0x5a);
+    let tasks: Vec<_> = (0..in_flight as u64)
+        .map(|i| {
+            let (file, data) = (file.clone(), data.clone());
+            glommio::spawn_local(async move {
+                let t = Instant::now();
+                let (mut pos, mut count) = (0, 0u64);
+                while t.elapsed() < duration {
+                    file.write_shared(i * region + pos, data.clone()).await?;
+                    file.sync().await?;
+                    pos = (pos + bytes as u64) % region;
+                    count += 1;
+                }
+                anyhow::Ok(count as f64 / t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut rate = 0.0;
+    for task in tasks {
+        rate += task.await?;
+    }
+    drop(file);
+    storage.remove(NAME).await?;
+    Ok(rate)
+}
+
+/// Microseconds a log's writes have spent in flight in total, from its
+/// write-duration histogram.
+fn micros_in_flight(writes: &hdrhistogram::Histogram<u64>) -> f64 {
+    writes.mean() * writes.len() as f64
 }
 
 /// What one append run does.
@@ -592,5 +842,10 @@ async fn append_run(
         kib_per_write: (stats.device_bytes - before.device_bytes) as f64
             / 1024.0
             / (stats.writes - before.writes).max(1) as f64,
+        writes_per_s: (stats.writes - before.writes) as f64 / elapsed,
+        writes_in_flight: (micros_in_flight(&stats.write_micros)
+            - micros_in_flight(&before.write_micros))
+            / 1e6
+            / elapsed,
     })
 }
