@@ -107,11 +107,12 @@ struct AppendRun {
 }
 
 impl AppendRun {
-    /// The log's writes, as the device saw them: (bytes, number in flight).
+    /// The log's writes, as the device saw them: (bytes, number in flight),
+    /// each the nearest whole (blocks, writes) to the run's mean.
     fn write_shape(&self) -> (usize, usize) {
-        let bytes = ((self.kib_per_write * 1024.0) as usize).next_multiple_of(4096);
+        let blocks = (self.kib_per_write / 4.0).round() as usize;
         (
-            bytes.max(4096),
+            blocks.max(1) * 4096,
             (self.writes_in_flight.round() as usize).max(1),
         )
     }
