@@ -198,6 +198,16 @@ pub struct FrameRef<'a> {
     pub consumed: usize,
 }
 
+/// The whole length, header included, of the frame `input` begins with,
+/// once its header has arrived (`None` before): how much room a reader
+/// needs for it. It checks nothing; use it after [`decode_frame`] said the
+/// frame is incomplete, which it says only of a header it verified, with a
+/// length it accepts.
+pub fn frame_len(input: &[u8]) -> Option<usize> {
+    let (header, _) = FrameHeader::read_from_prefix(input).ok()?;
+    Some(FRAME_HEADER_BYTES + header.length.get() as usize)
+}
+
 /// Decodes the frame at the front of `input`: `Ok(None)` when more bytes
 /// are needed. The header is verified before its length is trusted, and a
 /// length over `payload_max` is refused before waiting for the payload.
@@ -415,6 +425,20 @@ mod tests {
         let mut out = Vec::new();
         encode_frame(&mut out, kind, 3, 7, 4096, payload);
         out
+    }
+
+    /// A frame's length is known from its header on: at every cut of an
+    /// incomplete frame past the header, `frame_len` names the whole.
+    #[test]
+    fn a_frames_length_is_known_once_its_header_is_in() {
+        let whole = frame(FrameKind::Records, &[9u8; 1000]);
+        for cut in 0..whole.len() {
+            let part = &whole[..cut];
+            assert!(decode_frame(part, 4096).unwrap().is_none(), "cut {cut}");
+            let expected = (cut >= FRAME_HEADER_BYTES).then_some(whole.len());
+            assert_eq!(frame_len(part), expected, "cut {cut}");
+        }
+        assert_eq!(frame_len(&whole), Some(whole.len()));
     }
 
     /// A downstream that predates Rewind frames sends Resync with 0: it

@@ -16,7 +16,8 @@ pub use crc::{crc32c, crc32c_append};
 pub use frame::{
     Ack, FRAME_HEADER_BYTES, FRAME_MAGIC, FrameError, FrameHeader, FrameKind, FrameRef,
     HELLO_HISTORY_MAX, Heartbeat, Hello, NODE_ID_MAX, RESYNC_MAY_REWIND, RESYNC_SNAPSHOT_ONLY,
-    SnapshotEnd, decode_fixed, decode_frame, encode_frame, frame_header, resync_may_rewind,
+    SnapshotEnd, decode_fixed, decode_frame, encode_frame, frame_header, frame_len,
+    resync_may_rewind,
 };
 pub use record::{
     ByteSink, CHECKSUM_MASK, Decoded, Expect, RECORD_BODY_MAX, RECORD_HEADER_BYTES, RecordHeader,
