@@ -525,9 +525,7 @@ mod disk {
         in_flight: usize,
         duration: Duration,
     ) -> anyhow::Result<f64> {
-        let region = (32u64 << 20)
-            .max(8 * bytes as u64)
-            .next_multiple_of(bytes as u64);
+        let region = super::same_writes_region(bytes);
         let scratch = Scratch::new(dir, "ceiling-same.dat", region * in_flight as u64, direct)?;
         let mut options = OpenOptions::new();
         options.write(true);
@@ -695,9 +693,7 @@ async fn uring_same_writes(
     duration: Duration,
 ) -> anyhow::Result<f64> {
     const NAME: &str = "ceiling-same-uring.dat";
-    let region = (32u64 << 20)
-        .max(8 * bytes as u64)
-        .next_multiple_of(bytes as u64);
+    let region = same_writes_region(bytes);
     let file = Rc::new(storage.create(NAME).await?);
     let aligned = |len: usize, fill: u8| {
         let mut buf = tidewal::io::AlignedBuf::with_capacity(len);
@@ -733,6 +729,14 @@ async fn uring_same_writes(
     drop(file);
     storage.remove(NAME).await?;
     Ok(rate)
+}
+
+/// Bytes of file each writer of `--same-writes` overwrites in turn: 32 MiB,
+/// or eight writes if more, in whole writes.
+fn same_writes_region(bytes: usize) -> u64 {
+    (32u64 << 20)
+        .max(8 * bytes as u64)
+        .next_multiple_of(bytes as u64)
 }
 
 /// Microseconds a log's writes have spent in flight in total, from its
