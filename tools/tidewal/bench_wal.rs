@@ -80,7 +80,9 @@ pub struct BenchArgs {
     /// After each run, make the log's writes again without the log (same
     /// size, same number in flight), through its own io_uring path and with
     /// blocking calls from threads, and print the ratios they reach: how
-    /// much of a gap to the bar is the log's and how much the disk's.
+    /// much of a gap to the bar is the log's and how much the disk's. With
+    /// `--sync-mode fdatasync` each of those writes is followed by its own
+    /// `fdatasync`, where the log's one sync may cover several writes.
     #[arg(long)]
     same_writes: bool,
     /// Also write the results as JSON here.
