@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     counters: Counters,
     next_client_id: AtomicU64,
     last_trim_ms: AtomicU64,
+    /// The last client left within a second of the last trim, so no trim
+    /// ran: the accept loop runs it once the second is over.
+    trim_pending: AtomicBool,
     cursors: std::sync::Mutex<conn::Cursors>,
     /// Replicas streaming from this node, by node id.
     downstreams: std::sync::Mutex<std::collections::BTreeMap<String, replication::Downstream>>,
@@ -306,6 +309,7 @@ impl Node {
             counters: Counters::default(),
             next_client_id: AtomicU64::new(1),
             last_trim_ms: AtomicU64::new(0),
+            trim_pending: AtomicBool::new(false),
             cursors: Default::default(),
             downstreams: Default::default(),
             upstream: Default::default(),
@@ -505,6 +509,9 @@ async fn accept_loop(
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             while !shared.stopping() {
                 glommio::timer::sleep(Duration::from_millis(50)).await;
+                if shared.trim_pending.load(Ordering::Relaxed) {
+                    trim_memory(&shared);
+                }
             }
             None
         })
@@ -565,16 +572,22 @@ impl Drop for ConnectionGuard {
 /// When the last client left, hands the memory their buffers used back to
 /// the system: glibc keeps freed memory in per-thread arenas, so a burst of
 /// connections would otherwise raise the node's footprint for good. At
-/// most once a second (a trim walks the free lists).
+/// most once a second (a trim walks the free lists); a trim that falls
+/// within the second is put off to its end (the accept loop runs it), not
+/// dropped, or the last of several bursts would keep its memory.
 fn trim_memory(shared: &Shared) {
     let now = shared.started.elapsed().as_millis() as u64;
     let last = shared.last_trim_ms.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1000
-        && shared
-            .last_trim_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+    if now.saturating_sub(last) < 1000 {
+        shared.trim_pending.store(true, Ordering::Relaxed);
+        return;
+    }
+    if shared
+        .last_trim_ms
+        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
     {
+        shared.trim_pending.store(false, Ordering::Relaxed);
         // SAFETY: malloc_trim only releases memory that is free.
         unsafe { libc::malloc_trim(0) };
     }
