@@ -238,10 +238,9 @@ impl Engine {
             let ready = ready_tx.clone();
             let mut builder =
                 glommio::LocalExecutorBuilder::new(placement).name(&format!("tidewal-{core}"));
-            if options.spin_before_park_us > 0 {
-                builder = builder.spin_before_park(std::time::Duration::from_micros(
-                    options.spin_before_park_us,
-                ));
+            let spin_us = options.effective_spin_us();
+            if spin_us > 0 {
+                builder = builder.spin_before_park(std::time::Duration::from_micros(spin_us));
             }
             let thread = builder
                 .spawn(move || run_executor(core, shards, policy, sync_mode, rx, ready))

@@ -64,7 +64,9 @@ pub struct NodeConfig {
     /// trip, so a lightly loaded node answers without the wake-up of a
     /// sleeping thread (SET at 1 client against Redis in
     /// `tools/bench-redis.sh`: 0.93x without, 1.10-1.19x with); an idle
-    /// node still sleeps. 0 sleeps at once. Only pinned executors spin.
+    /// node still sleeps. 0 sleeps at once. Only pinned executors spin, and
+    /// not with `[engine] sync_mode = "fdatasync"` (see
+    /// `Options::effective_spin_us`).
     pub spin_us: u64,
     /// Engine options; `shard_count`, `commit_level` and
     /// `spin_before_park_us` come from above.

@@ -284,6 +284,12 @@ impl Node {
                 "executors are not pinned (engine.pin_executors = false): they will not poll before sleeping"
             );
         }
+        if config.spin_us > 0 && config.engine.sync_mode == crate::io::SyncMode::Fdatasync {
+            tracing::info!(
+                spin_us = config.spin_us,
+                "sync_mode = fdatasync: executors do not poll before sleeping (a polling executor keeps the fdatasync waiting)"
+            );
+        }
         // Claim the ports before anything else: if another process (another
         // node, a Redis) listens there, this fails instead of silently
         // sharing the port. Port 0 gets a free port here.

@@ -67,7 +67,8 @@ pub struct BenchArgs {
     large: Vec<String>,
     /// Microseconds the executor keeps polling before it sleeps, as
     /// `tidewal node --spin-us` (same default). 0: it sleeps at once, and
-    /// each completion pays for waking it.
+    /// each completion pays for waking it. With `--sync-mode fdatasync` it
+    /// never polls, as the node's executors do not.
     #[arg(long, default_value_t = 200)]
     spin_us: u64,
     /// Core the log's executor runs on, and with it the ceiling's blocking
@@ -129,8 +130,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(cpu) => cpu,
         None => allowed[0],
     };
+    // As the node's executors poll: never in fdatasync mode (see
+    // `engine::Options::effective_spin_us`).
+    let spin_us = tidewal::engine::Options::new()
+        .with_sync_mode(sync_mode(&args.sync_mode)?)
+        .with_spin_before_park_us(args.spin_us)
+        .effective_spin_us();
     let args = BenchArgs {
         cpu: Some(cpu),
+        spin_us,
         ..args
     };
     let dir = args
@@ -170,14 +178,9 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> anyhow::Result<()> {
     // The log runs with the chosen mode; the disk's ceiling is measured as
     // the issue defines it (a 4 KiB O_DIRECT write, then fdatasync), with
     // plain system calls (see `disk`).
-    let storage =
-        DmaStorage::open(&dir, policy)
-            .await?
-            .with_sync_mode(match args.sync_mode.as_str() {
-                "dsync" => SyncMode::Dsync,
-                "fdatasync" => SyncMode::Fdatasync,
-                other => anyhow::bail!("--sync-mode is dsync or fdatasync, not {other}"),
-            });
+    let storage = DmaStorage::open(&dir, policy)
+        .await?
+        .with_sync_mode(sync_mode(&args.sync_mode)?);
     let direct = storage.direct_io();
     let fill = match args.segment_fill.as_str() {
         "zeros" => SegmentFill::Zeros,
@@ -360,6 +363,15 @@ those writes reach on the log's own path with nothing else to do"
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())
+}
+
+/// Parses `--sync-mode`.
+fn sync_mode(s: &str) -> anyhow::Result<SyncMode> {
+    match s {
+        "dsync" => Ok(SyncMode::Dsync),
+        "fdatasync" => Ok(SyncMode::Fdatasync),
+        other => anyhow::bail!("--sync-mode is dsync or fdatasync, not {other}"),
+    }
 }
 
 /// Parses `RECORD_BYTESxAPPENDERS`, e.g. `65536x16`.
