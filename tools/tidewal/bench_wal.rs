@@ -709,17 +709,12 @@ async fn uring_same_writes(
     const NAME: &str = "ceiling-same-uring.dat";
     let region = same_writes_region(bytes);
     let file = Rc::new(storage.create(NAME).await?);
-    let aligned = |len: usize, fill: u8| {
-        let mut buf = tidewal::io::AlignedBuf::with_capacity(len);
-        buf.extend_from_slice(&vec![fill; len]);
-        buf.share().0
-    };
-    let zeros = aligned(1 << 20, 0);
-    for pos in (0..region * in_flight as u64).step_by(zeros.len()) {
-        file.write_shared(pos, zeros.clone()).await?;
-    }
-    file.sync().await?;
-    let data = aligned(bytes, 0x5a);
+    // Written, as a segment is before it holds records.
+    let len = region * in_flight as u64;
+    tidewal::io::zero_fill(&*file, len, |_| tidewal::io::ZeroPace::Urgent).await?;
+    let mut data = tidewal::io::AlignedBuf::with_capacity(bytes);
+    data.extend_from_slice(&vec![0x5a; bytes]);
+    let (data, _) = data.share();
     let tasks: Vec<_> = (0..in_flight as u64)
         .map(|i| {
             let (file, data) = (file.clone(), data.clone());
