@@ -292,13 +292,16 @@ impl Node {
         }
         // Claim the ports before anything else: if another process (another
         // node, a Redis) listens there, this fails instead of silently
-        // sharing the port. Port 0 gets a free port here.
-        let listen = claim(&config.listen)?;
-        let admin = if config.admin.is_empty() {
+        // sharing the port. Port 0 gets a free port here, held by the
+        // claim until every listener is bound.
+        let listen_claim = claim(&config.listen)?;
+        let listen = listen_claim.addr;
+        let admin_claim = if config.admin.is_empty() {
             None
         } else {
             Some(claim(&config.admin)?)
         };
+        let admin = admin_claim.as_ref().map(|c| c.addr);
         let engine = Engine::open(&config.data_dir, config.engine_options())?;
         let node_id = if config.node_id.is_empty() {
             listen.to_string()
@@ -364,6 +367,8 @@ impl Node {
                 }
             }
         }
+        // The listeners hold the ports now.
+        drop((listen_claim, admin_claim));
         tracing::info!(
             %listen,
             admin = ?admin,
@@ -412,8 +417,21 @@ impl Node {
     }
 }
 
-/// Makes sure nobody else listens on `addr` and returns the address (with
-/// the port chosen for port 0).
+/// A port the node has claimed: `addr` has the port chosen for port 0, and
+/// `socket`, bound there and not listening, keeps it out of other
+/// processes' port-0 binds until the node's listeners are bound.
+struct Claim {
+    addr: SocketAddr,
+    #[allow(dead_code, reason = "held for its binding, never used")]
+    socket: socket2::Socket,
+}
+
+/// Makes sure nobody else listens on `addr` and claims it.
+///
+/// The claim must be held until the listeners are bound: a port 0 chosen
+/// here and let go is free again, and another node's port-0 bind can be
+/// given it; both sets of listeners then bind it (`SO_REUSEPORT`), and the
+/// kernel spreads one port's connections over two processes.
 ///
 /// glommio's listeners set `SO_REUSEPORT`, so a second process binding the
 /// same port would silently share it: a connection to the address tells
@@ -421,7 +439,7 @@ impl Node {
 /// like the listeners: a plain bind would fail for as long as the previous
 /// run's connections linger in TIME_WAIT (up to a minute), so a node could
 /// not restart on its own port.
-fn claim(addr: &str) -> Result<SocketAddr, NodeError> {
+fn claim(addr: &str) -> Result<Claim, NodeError> {
     use std::net::ToSocketAddrs;
     let fail = |error| NodeError::Listen {
         addr: addr.to_string(),
@@ -464,11 +482,12 @@ fn claim(addr: &str) -> Result<SocketAddr, NodeError> {
     socket.set_reuse_address(true).map_err(fail)?;
     socket.set_reuse_port(true).map_err(fail)?;
     socket.bind(&resolved.into()).map_err(fail)?;
-    socket
+    let addr = socket
         .local_addr()
         .map_err(fail)?
         .as_socket()
-        .ok_or_else(|| fail(std::io::Error::other("not an IP address")))
+        .ok_or_else(|| fail(std::io::Error::other("not an IP address")))?;
+    Ok(Claim { addr, socket })
 }
 
 /// Starts accepting clients on this executor.
@@ -596,5 +615,42 @@ fn trim_memory(shared: &Shared) {
         shared.trim_pending.store(false, Ordering::Relaxed);
         // SAFETY: malloc_trim only releases memory that is free.
         unsafe { libc::malloc_trim(0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket() -> socket2::Socket {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap()
+    }
+
+    #[test]
+    fn a_claimed_port_is_kept_from_others_and_open_to_the_nodes_listeners() {
+        let claimed = claim("127.0.0.1:0").expect("claim a free port");
+        assert_ne!(claimed.addr.port(), 0);
+        // Someone else's bind is refused for as long as the claim is held
+        // (a port-0 bind is never given it either).
+        let other = socket();
+        let refused = other
+            .bind(&claimed.addr.into())
+            .expect_err("the port is held");
+        assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse);
+        // The node's own listeners bind it as glommio does, SO_REUSEPORT
+        // alone, and keep it when the claim is let go.
+        let listener = socket();
+        listener.set_reuse_port(true).unwrap();
+        listener
+            .bind(&claimed.addr.into())
+            .expect("a listener binds the claimed port");
+        listener.listen(16).unwrap();
+        let addr = claimed.addr;
+        drop(claimed);
+        std::net::TcpStream::connect(addr).expect("the listener answers");
+        let refused = socket()
+            .bind(&addr.into())
+            .expect_err("the listener holds it");
+        assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse);
     }
 }
