@@ -258,3 +258,39 @@ fn a_replica_that_snapshots_between_batches_still_continues_its_upstream() {
     block_on(replica.close()).unwrap();
     block_on(primary.close()).unwrap();
 }
+
+/// An epoch, once a shard's log has held it, is never started again, even
+/// after a rewind (or a snapshot re-sync) took its records away: a node
+/// promoted later must not carry the number of a history it dropped, which
+/// another node may still hold.
+#[test]
+fn an_epoch_cut_away_by_a_rewind_is_never_begun_again() {
+    let dir = disk_dir();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    for i in 0..100 {
+        block_on(engine.put(format!("a{i:04}"), "before")).unwrap();
+    }
+    let at = block_on(engine.stats()).unwrap()[0].clone();
+    let dropped = block_on(engine.begin_epoch()).unwrap();
+    assert!(dropped > at.epoch);
+    for i in 0..100 {
+        block_on(engine.put(format!("b{i:04}"), "after")).unwrap();
+    }
+    block_on(engine.rewind(0, at.next_lsn)).unwrap();
+    let s = block_on(engine.stats()).unwrap()[0].clone();
+    assert_eq!(s.epoch, at.epoch, "the log holds only the older epoch now");
+    assert_eq!(
+        s.epoch_floor, dropped,
+        "the dropped epoch is kept as the floor"
+    );
+    // Across a restart, too.
+    block_on(engine.close()).unwrap();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    assert_eq!(block_on(engine.stats()).unwrap()[0].epoch_floor, dropped);
+    let next = block_on(engine.begin_epoch()).unwrap();
+    assert!(
+        next > dropped,
+        "epoch {next} begun again after {dropped} was cut away"
+    );
+    block_on(engine.close()).unwrap();
+}

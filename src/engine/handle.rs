@@ -75,6 +75,10 @@ pub struct ShardStats {
     pub executor: u32,
     /// The epoch its new records carry.
     pub epoch: u64,
+    /// The highest epoch its log held before a rewind or a snapshot re-sync
+    /// took records away (0 if none did): no epoch at or below it is begun
+    /// again, though `epoch` may be below it until the log catches up.
+    pub epoch_floor: u64,
     /// Everything below is durable.
     pub durable_lsn: u64,
     /// Where the next record goes: the head of the log.
@@ -512,12 +516,14 @@ impl Engine {
     }
 
     /// Starts a new epoch on every shard, one above the highest any shard
-    /// has seen, and makes it durable: what a replica promoted to primary
-    /// does, so that records of the primary it replaces are refused from
-    /// then on. Returns the new epoch.
+    /// has seen (its log's, or one a rewind or re-sync took away), and
+    /// makes it durable: what a replica promoted to primary does, so that
+    /// records of the primary it replaces are refused from then on. Returns
+    /// the new epoch.
     pub async fn begin_epoch(&self) -> Result<u64, EngineError> {
         let stats = self.stats().await?;
-        let epoch = stats.iter().map(|s| s.epoch).max().unwrap_or(0) + 1;
+        let seen = |s: &ShardStats| s.epoch.max(s.epoch_floor);
+        let epoch = stats.iter().map(seen).max().unwrap_or(0) + 1;
         let waits: Vec<_> = (0..self.inner.shard_count)
             .map(|shard| {
                 self.answer(shard, |reply| Request::BeginEpoch {
@@ -933,6 +939,17 @@ async fn swap_shard(
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
     let old = owned.remove(&shard).ok_or(EngineError::Closed)?;
+    // Before any record is taken away, the highest epoch the log held is
+    // kept: a later promotion must begin an epoch above it.
+    let held = old.wal().next_position().epoch;
+    if held > old.epoch_floor()
+        && let Err(e) = raise_epoch_floor(&opening.dir, held)
+    {
+        owned.insert(shard, old);
+        return Err(EngineError::Meta(format!(
+            "re-sync of shard {shard}: keeping its epoch {held}: {e}"
+        )));
+    }
     match Rc::try_unwrap(old) {
         Ok(old) => {
             // Its log is moved aside below whatever the close says.
@@ -967,6 +984,27 @@ async fn swap_shard(
         }
     }
     result
+}
+
+/// Records `epoch` as the shard's epoch floor (see
+/// [`super::shard::EPOCH_FLOOR_PREFIX`]): the new name is made durable
+/// before the older ones are removed, so a crash leaves one or both, and the
+/// highest counts.
+fn raise_epoch_floor(dir: &Path, epoch: u64) -> std::io::Result<()> {
+    use super::shard::{EPOCH_FLOOR_PREFIX, parse_epoch_floor};
+    File::create(dir.join(format!("{EPOCH_FLOOR_PREFIX}{epoch:020}")))?.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let older = name
+            .to_str()
+            .and_then(parse_epoch_floor)
+            .is_some_and(|e| e < epoch);
+        if older {
+            std::fs::remove_file(dir.join(name))?;
+        }
+    }
+    File::open(dir)?.sync_all()
 }
 
 async fn reopen(opening: &Opening) -> Result<Shard<DmaStorage>, EngineError> {
@@ -1284,6 +1322,7 @@ fn shard_stats(id: u32, executor: u32, shard: &Shard<DmaStorage>) -> ShardStats 
         shard: id,
         executor,
         epoch: next.epoch,
+        epoch_floor: shard.epoch_floor(),
         durable_lsn: wal.durable_lsn(),
         next_lsn: next.lsn,
         chain: next.chain,

@@ -40,6 +40,19 @@ use crate::wal::{Wal, WalError, WalOptions};
 /// continues it (see [`Shard::open`]).
 pub const RESYNC_MARKER: &str = "RESYNC";
 
+/// Prefix of the empty file whose name records the highest epoch the
+/// shard's log held before a rewind or a snapshot re-sync took records away
+/// (`epoch-floor-{epoch:020}`): no epoch at or below it is begun again.
+pub const EPOCH_FLOOR_PREFIX: &str = "epoch-floor-";
+
+/// The epoch named by an epoch-floor file, if `name` is one.
+pub fn parse_epoch_floor(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(EPOCH_FLOOR_PREFIX)?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
 /// Snapshots kept; the WAL is kept from the oldest of them on.
 const SNAPSHOTS_KEPT: usize = 2;
 
@@ -126,6 +139,9 @@ pub struct Shard<S: Storage + Clone + 'static, M: StateMachine = KvState> {
     /// The marker of a re-sync is still on disk and the log has no record:
     /// removed once the first replicated records are durable.
     resync_pending: std::cell::Cell<bool>,
+    /// The highest epoch the log held before records were taken away (see
+    /// [`EPOCH_FLOOR_PREFIX`]); 0 if never.
+    epoch_floor: u64,
 }
 
 impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
@@ -145,7 +161,13 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         // A shard just re-synced from an upstream's snapshot has no log yet:
         // its log starts where that snapshot ends. Only then: anywhere else
         // a missing log is damage, refused below.
-        let resyncing = storage.list().await?.iter().any(|n| n == RESYNC_MARKER);
+        let names = storage.list().await?;
+        let resyncing = names.iter().any(|n| n == RESYNC_MARKER);
+        let epoch_floor = names
+            .iter()
+            .filter_map(|n| parse_epoch_floor(n))
+            .max()
+            .unwrap_or(0);
         let origin = snapshot.as_ref().filter(|_| resyncing).map(|s| s.pos);
         let wal = Wal::open_at(storage.clone(), options, origin).await?;
         if resyncing && wal.segment_count() > 0 {
@@ -194,7 +216,14 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             scratch: RefCell::new(Vec::new()),
             snapshotting: std::cell::Cell::new(false),
             resync_pending: std::cell::Cell::new(resync_pending),
+            epoch_floor,
         })
+    }
+
+    /// The highest epoch its log held before a rewind or a snapshot re-sync
+    /// took records away (0 if none did): a new epoch must be above it.
+    pub fn epoch_floor(&self) -> u64 {
+        self.epoch_floor
     }
 
     /// What opening found.
@@ -474,4 +503,27 @@ async fn finish(
         lsn: receipt.lsn,
         level,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_well_formed_floor_name_counts() {
+        assert_eq!(
+            parse_epoch_floor("epoch-floor-00000000000000000007"),
+            Some(7)
+        );
+        for name in [
+            "epoch-floor-7",
+            "epoch-floor-0000000000000000000x",
+            "epoch-floor-000000000000000000007",
+            "epoch-floor-00000000000000000007.tmp",
+            "00000000000000000000.wal",
+            "RESYNC",
+        ] {
+            assert_eq!(parse_epoch_floor(name), None, "{name}");
+        }
+    }
 }

@@ -204,6 +204,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
             json!({
                 "shard": s.shard,
                 "epoch": s.epoch,
+                "epoch_floor": s.epoch_floor,
                 "head_lsn": s.next_lsn,
                 "chain": s.chain,
                 "durable_lsn": s.durable_lsn,
