@@ -465,6 +465,39 @@ pub(super) fn maybe_recover(shared: &Shared) {
 mod tests {
     use super::*;
 
+    /// A replica that holds shard 0 up to lsn 1000 and shard 1 up to 500.
+    fn holding_replica() -> super::super::replication::Downstream {
+        super::super::replication::Downstream {
+            connected: true,
+            verified: vec![true, true],
+            written: vec![1000, 500],
+            flushed: vec![1000, 500],
+            applied: vec![1000, 500],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_shard_swapped_here_counts_no_replica_until_it_is_verified_again() {
+        let mut all = BTreeMap::new();
+        all.insert("r".to_string(), holding_replica());
+        let write = |shard: u32, lsn: u64| BTreeMap::from([(shard, lsn)]);
+        assert_eq!(holding_in(&all, &write(0, 800), Commit::Replicated(1)), 1);
+        // This node rewound shard 0 (or installed a snapshot there): what
+        // the replica held was of the old log.
+        super::super::replication::forget_positions(&mut all, 0);
+        assert_eq!(holding_in(&all, &write(0, 800), Commit::Replicated(1)), 0);
+        assert_eq!(holding_in(&all, &write(0, 800), Commit::Applied(1)), 0);
+        // The other shard is untouched.
+        assert_eq!(holding_in(&all, &write(1, 400), Commit::Replicated(1)), 1);
+        // Verified again (its link read on from a position whose chain
+        // matches), it counts once its acks say so.
+        all.get_mut("r").unwrap().verified[0] = true;
+        assert_eq!(holding_in(&all, &write(0, 800), Commit::Replicated(1)), 0);
+        all.get_mut("r").unwrap().flushed[0] = 900;
+        assert_eq!(holding_in(&all, &write(0, 800), Commit::Replicated(1)), 1);
+    }
+
     #[test]
     fn levels_parse_and_print_back() {
         for (text, level) in [

@@ -414,12 +414,14 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                     if let Ok(mut d) = shared.downstreams.lock()
                         && let Some(d) = d.get_mut(&key)
                     {
-                        // It holds the snapshot now, and nothing more
-                        // (whatever its old log said).
+                        // Its log continues from the snapshot's position
+                        // once it has installed it, which its ack says:
+                        // until then it holds nothing of ours (whatever its
+                        // old log said), and no write counts it.
                         d.sent[i] = at.lsn;
-                        d.written[i] = at.lsn;
-                        d.flushed[i] = at.lsn;
-                        d.applied[i] = at.lsn;
+                        d.written[i] = 0;
+                        d.flushed[i] = 0;
+                        d.applied[i] = 0;
                         d.verified[i] = true;
                         d.resyncs += 1;
                     }
@@ -559,6 +561,27 @@ fn set_resyncing(shared: &Shared, key: &str, on: bool) {
         && let Some(d) = d.get_mut(key)
     {
         d.resyncing = on;
+    }
+}
+
+/// After this node's `shard` was rewound or replaced by a snapshot: what
+/// its downstreams were known to hold of that shard was of the old log.
+/// None counts for a write until its link reads on from its position,
+/// which happens only where the chain matches the new log there (and so
+/// the downstream holds the new log up to it), and its acks come back.
+fn forget_downstream_positions(shared: &Shared, shard: u32) {
+    if let Ok(mut all) = shared.downstreams.lock() {
+        forget_positions(&mut all, shard);
+    }
+}
+
+pub(super) fn forget_positions(all: &mut BTreeMap<String, Downstream>, shard: u32) {
+    let i = shard as usize;
+    for d in all.values_mut().filter(|d| i < d.verified.len()) {
+        d.verified[i] = false;
+        d.written[i] = 0;
+        d.flushed[i] = 0;
+        d.applied[i] = 0;
     }
 }
 
@@ -1006,7 +1029,19 @@ async fn follow_once(
             .await
             .map_err(|x| x.to_string())?;
     }
-    let stats = shared.engine.stats().await.map_err(|x| x.to_string())?;
+    // ... and durable: the upstream counts the position a Hello gives as
+    // held here (`replicated(k)`, `WAIT`), so records only staged must not
+    // be in it. Nothing else stages records on a replica meanwhile.
+    let stats = loop {
+        let stats = shared.engine.stats().await.map_err(|x| x.to_string())?;
+        if let Some(failure) = stats.iter().find_map(|s| s.failure.clone()) {
+            return Err(failure);
+        }
+        if stats.iter().all(|s| s.durable_lsn >= s.next_lsn) {
+            break stats;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    };
     let mut hellos = Vec::new();
     if shared.resync_requested.swap(false, Ordering::AcqRel) {
         // An operator asked for a re-sync: every shard, by a rewind to
@@ -1226,6 +1261,7 @@ async fn follow_once(
                     .map_err(|x| {
                         format!("shard {shard}: installing the upstream's snapshot: {x}")
                     })?;
+                forget_downstream_positions(shared, shard);
                 expect[i] = installed.lsn;
                 plan.pending.remove(&shard);
                 plan.snapshot_only.remove(&shard);
@@ -1260,6 +1296,7 @@ async fn follow_once(
                             lsn = at.lsn,
                             "rewound to where the log parts from the upstream's; the records past it are kept aside"
                         );
+                        forget_downstream_positions(shared, shard);
                         plan.pending.remove(&shard);
                         rewound.push((shard, at.lsn));
                         if let Ok(mut u) = shared.upstream.lock() {
