@@ -294,3 +294,31 @@ fn an_epoch_cut_away_by_a_rewind_is_never_begun_again() {
     );
     block_on(engine.close()).unwrap();
 }
+
+/// A replica that has seen its upstream in an epoch keeps it, durably,
+/// even when no record of that epoch has reached its log: promoted, it
+/// begins above it.
+#[test]
+fn an_epoch_seen_without_its_records_is_never_begun_again() {
+    let dir = disk_dir();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    block_on(engine.put("k", "v")).unwrap();
+    let at = block_on(engine.stats()).unwrap()[0].clone();
+    let seen = at.epoch + 5;
+    block_on(engine.raise_epoch_floor(0, seen)).unwrap();
+    // Lower is a no-op: the floor only rises.
+    block_on(engine.raise_epoch_floor(0, seen - 1)).unwrap();
+    let s = block_on(engine.stats()).unwrap()[0].clone();
+    assert_eq!((s.epoch, s.epoch_floor), (at.epoch, seen));
+    block_on(engine.close()).unwrap();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    assert_eq!(block_on(engine.stats()).unwrap()[0].epoch_floor, seen);
+    assert_eq!(block_on(engine.begin_epoch()).unwrap(), seen + 1);
+    block_on(engine.close()).unwrap();
+    let floors: Vec<_> = std::fs::read_dir(dir.path().join("shard-0000"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("epoch-floor-"))
+        .collect();
+    assert_eq!(floors.len(), 1, "older floor files are removed");
+}

@@ -910,6 +910,9 @@ fn a_replica_behind_a_failover_catches_up_from_the_promoted_node() {
     let s = status(&b);
     assert!(s["upstream"]["last_error"].is_null(), "{s}");
     assert_eq!(s["epoch"], status(&a)["epoch"]);
+    // The epoch it saw its upstream in is kept: promoted, b would begin
+    // above it.
+    assert_eq!(s["shards"][0]["epoch_floor"], status(&a)["epoch"], "{s}");
 
     // The old primary, run on its own after the failover (a split brain),
     // then pointed at the promoted node: refused, and its divergence is

@@ -152,6 +152,11 @@ enum Request {
         epoch: u64,
         reply: Reply<ShardReceipt>,
     },
+    RaiseEpochFloor {
+        shard: u32,
+        epoch: u64,
+        reply: Reply<()>,
+    },
     ReadLog {
         shard: u32,
         from: Expect,
@@ -523,7 +528,13 @@ impl Engine {
     pub async fn begin_epoch(&self) -> Result<u64, EngineError> {
         let stats = self.stats().await?;
         let seen = |s: &ShardStats| s.epoch.max(s.epoch_floor);
-        let epoch = stats.iter().map(seen).max().unwrap_or(0) + 1;
+        let epoch = stats
+            .iter()
+            .map(seen)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| EngineError::Meta("no epoch is left above the highest seen".into()))?;
         let waits: Vec<_> = (0..self.inner.shard_count)
             .map(|shard| {
                 self.answer(shard, |reply| Request::BeginEpoch {
@@ -537,6 +548,18 @@ impl Engine {
             wait.await?;
         }
         Ok(epoch)
+    }
+
+    /// Keeps, durably, that `shard` has seen `epoch` (a replica seeing its
+    /// upstream in a new epoch): a later [`Engine::begin_epoch`] begins
+    /// above it, even if no record of that epoch reached this log. Does
+    /// nothing if the shard's floor is already at or above it.
+    pub fn raise_epoch_floor(&self, shard: u32, epoch: u64) -> Answer<()> {
+        self.answer(shard, |reply| Request::RaiseEpochFloor {
+            shard,
+            epoch,
+            reply,
+        })
     }
 
     /// Durable records of `shard` from `from` on, about `max_bytes` of them
@@ -873,6 +896,27 @@ async fn run_executor(
                         swap_shard(Rc::make_mut(&mut owned), shard, swap, opened, &in_flight).await
                     }
                     None => Err(EngineError::Closed),
+                };
+                let _ = reply.send(result);
+                continue;
+            }
+            Request::RaiseEpochFloor {
+                shard,
+                epoch,
+                reply,
+            } => {
+                let result = match (owned.get(&shard), places.get(&shard)) {
+                    (Some(s), Some((dir, _))) if epoch > s.epoch_floor() => {
+                        raise_epoch_floor(dir, epoch)
+                            .map(|()| s.set_epoch_floor(epoch))
+                            .map_err(|e| {
+                                EngineError::Meta(format!(
+                                    "keeping shard {shard}'s epoch {epoch}: {e}"
+                                ))
+                            })
+                    }
+                    (Some(_), Some(_)) => Ok(()),
+                    _ => Err(EngineError::Closed),
                 };
                 let _ = reply.send(result);
                 continue;
@@ -1309,7 +1353,11 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
             };
             let _ = reply.send(result);
         }
-        Request::Close { .. } | Request::Run(_) | Request::Stats { .. } | Request::Swap { .. } => {
+        Request::Close { .. }
+        | Request::Run(_)
+        | Request::Stats { .. }
+        | Request::Swap { .. }
+        | Request::RaiseEpochFloor { .. } => {
             unreachable!("handled by the executor loop")
         }
     }

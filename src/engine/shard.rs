@@ -41,8 +41,9 @@ use crate::wal::{Wal, WalError, WalOptions};
 pub const RESYNC_MARKER: &str = "RESYNC";
 
 /// Prefix of the empty file whose name records the highest epoch the
-/// shard's log held before a rewind or a snapshot re-sync took records away
-/// (`epoch-floor-{epoch:020}`): no epoch at or below it is begun again.
+/// shard's log held before a rewind or a snapshot re-sync took records
+/// away, or that its upstream was seen in (`epoch-floor-{epoch:020}`): no
+/// epoch at or below it is begun again.
 pub const EPOCH_FLOOR_PREFIX: &str = "epoch-floor-";
 
 /// The epoch named by an epoch-floor file, if `name` is one.
@@ -141,7 +142,7 @@ pub struct Shard<S: Storage + Clone + 'static, M: StateMachine = KvState> {
     resync_pending: std::cell::Cell<bool>,
     /// The highest epoch the log held before records were taken away (see
     /// [`EPOCH_FLOOR_PREFIX`]); 0 if never.
-    epoch_floor: u64,
+    epoch_floor: std::cell::Cell<u64>,
 }
 
 impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
@@ -216,14 +217,20 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             scratch: RefCell::new(Vec::new()),
             snapshotting: std::cell::Cell::new(false),
             resync_pending: std::cell::Cell::new(resync_pending),
-            epoch_floor,
+            epoch_floor: std::cell::Cell::new(epoch_floor),
         })
     }
 
     /// The highest epoch its log held before a rewind or a snapshot re-sync
-    /// took records away (0 if none did): a new epoch must be above it.
+    /// took records away, or that an upstream was seen in (0 if neither):
+    /// a new epoch must be above it.
     pub fn epoch_floor(&self) -> u64 {
-        self.epoch_floor
+        self.epoch_floor.get()
+    }
+
+    /// Notes that its floor file now says `epoch`.
+    pub(crate) fn set_epoch_floor(&self, epoch: u64) {
+        self.epoch_floor.set(self.epoch_floor.get().max(epoch));
     }
 
     /// What opening found.

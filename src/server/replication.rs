@@ -1170,6 +1170,17 @@ async fn follow_once(
                 acks.await;
                 return Err(format!("refused: {why}"));
             }
+            if epoch > seen[i] {
+                // Kept durably before anything of it is taken: promoted
+                // later, this node begins above it even if none of its
+                // records reached this log (a replica behind, or one whose
+                // unsynced records a crash cut).
+                shared
+                    .engine
+                    .raise_epoch_floor(shard, epoch)
+                    .await
+                    .map_err(|x| x.to_string())?;
+            }
             seen[i] = epoch;
             if let Ok(mut u) = shared.upstream.lock()
                 && let Some(e) = u.epoch.get_mut(i)
