@@ -852,9 +852,12 @@ async fn run_executor(
         .map(|(id, dir, wal)| (*id, (dir.clone(), wal.clone())))
         .collect();
     for (id, dir, wal) in shards {
-        let opened = match DmaStorage::open(&dir, policy).await {
-            Ok(storage) => Shard::open(storage.with_sync_mode(sync_mode), wal).await,
-            Err(e) => Err(e.into()),
+        let opened = match finish_install(&dir) {
+            Err(e) => Err(e),
+            Ok(()) => match DmaStorage::open(&dir, policy).await {
+                Ok(storage) => Shard::open(storage.with_sync_mode(sync_mode), wal).await,
+                Err(e) => Err(e.into()),
+            },
         };
         match opened {
             Ok(shard) => {
@@ -1051,7 +1054,19 @@ fn raise_epoch_floor(dir: &Path, epoch: u64) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Completes a snapshot install a crash interrupted in `dir`, before the
+/// shard is opened (see `install.rs`).
+fn finish_install(dir: &Path) -> Result<(), EngineError> {
+    let finished = super::install::finish_install(dir).map_err(EngineError::Meta)?;
+    if let Some((quarantine, moved)) = finished {
+        tracing::warn!(dir = %dir.display(), moved, quarantine = %quarantine.display(),
+            "completed a snapshot re-sync that a crash interrupted; the old log is kept aside");
+    }
+    Ok(())
+}
+
 async fn reopen(opening: &Opening) -> Result<Shard<DmaStorage>, EngineError> {
+    finish_install(&opening.dir)?;
     let storage = DmaStorage::open(&opening.dir, opening.policy)
         .await?
         .with_sync_mode(opening.sync_mode);
@@ -1059,7 +1074,7 @@ async fn reopen(opening: &Opening) -> Result<Shard<DmaStorage>, EngineError> {
 }
 
 /// Moves the closed shard's files aside, installs the snapshot and opens
-/// the shard on it.
+/// the shard on it (crash-safe: see `install.rs`).
 async fn replace_shard(
     owned: &mut BTreeMap<u32, Rc<Shard<DmaStorage>>>,
     shard: u32,
@@ -1067,41 +1082,19 @@ async fn replace_shard(
     expect: Expect,
     opening: &Opening,
 ) -> Result<Expect, EngineError> {
-    let io = |what: &str, e: std::io::Error| {
-        EngineError::Meta(format!("re-sync of shard {shard}: {what}: {e}"))
-    };
-    let dir = &opening.dir;
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let quarantine = dir.join(format!("quarantine-{millis}"));
-    std::fs::create_dir_all(&quarantine).map_err(|e| io("creating the quarantine", e))?;
-    let mut moved = 0;
-    for entry in std::fs::read_dir(dir).map_err(|e| io("listing", e))? {
-        let entry = entry.map_err(|e| io("listing", e))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        let ours = crate::format::parse_segment_file_name(&name).is_some()
-            || name.contains(".snap")
-            || name.ends_with(".torn")
-            || name == super::shard::RESYNC_MARKER;
-        if ours {
-            std::fs::rename(entry.path(), quarantine.join(&name))
-                .map_err(|e| io("moving aside", e))?;
-            moved += 1;
-        }
-    }
-    restamp_snapshot(file, opening.wal.log).map_err(|e| io("reading the snapshot", e))?;
-    let name = crate::format::snapshot_file_name(expect.lsn);
-    std::fs::rename(file, dir.join(&name)).map_err(|e| io("installing the snapshot", e))?;
-    std::fs::File::open(dir.join(&name))
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("syncing the snapshot", e))?;
-    std::fs::File::create(dir.join(super::shard::RESYNC_MARKER))
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("writing the marker", e))?;
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("syncing the directory", e))?;
+    // Plain file calls, on glommio's blocking thread (see `install`).
+    let (dir, file, log) = (opening.dir.clone(), file.to_path_buf(), opening.wal.log);
+    let (quarantine, moved) = glommio::executor()
+        .spawn_blocking(move || {
+            super::install::install(super::install::Install {
+                dir: &dir,
+                file: &file,
+                lsn: expect.lsn,
+                log,
+            })
+        })
+        .await
+        .map_err(|e| EngineError::Meta(format!("re-sync of shard {shard}: {e}")))?;
     tracing::warn!(shard, moved, quarantine = %quarantine.display(), lsn = expect.lsn,
         "re-syncing from an upstream snapshot; the old log is kept aside");
     let opened = reopen(opening).await?;
@@ -1173,7 +1166,7 @@ async fn rewind_shard(
 /// header. One sent by an upstream names the upstream's: after checking
 /// that header, rewrite it for this node's log (the blocks carry their own
 /// checksums and no log id).
-fn restamp_snapshot(file: &Path, log: LogId) -> std::io::Result<()> {
+pub(super) fn restamp_snapshot(file: &Path, log: LogId) -> std::io::Result<()> {
     use crate::format::SnapshotHeader;
     use std::os::unix::fs::FileExt;
     use zerocopy::{FromBytes, IntoBytes};

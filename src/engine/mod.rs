@@ -7,6 +7,7 @@
 //! - `options`: [`Options`], a builder loadable from TOML.
 
 mod handle;
+mod install;
 mod mailbox;
 mod options;
 mod rewind;

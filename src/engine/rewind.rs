@@ -270,13 +270,13 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::engine::{Engine, Options, block_on};
     use crate::format::SegmentHeader;
     use zerocopy::FromBytes;
 
-    fn copy_dir(from: &Path, to: &Path) {
+    pub(crate) fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap().flatten() {
             let target = to.join(entry.file_name());
@@ -288,7 +288,7 @@ mod tests {
         }
     }
 
-    fn log_of(shard_dir: &Path) -> LogId {
+    pub(crate) fn log_of(shard_dir: &Path) -> LogId {
         let first = list(shard_dir).unwrap().segments[0].1.clone();
         let bytes = std::fs::read(shard_dir.join(first)).unwrap();
         let (header, _) = SegmentHeader::read_from_prefix(&bytes).unwrap();
