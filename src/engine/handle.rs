@@ -76,8 +76,9 @@ pub struct ShardStats {
     /// The epoch its new records carry.
     pub epoch: u64,
     /// The highest epoch its log held before a rewind or a snapshot re-sync
-    /// took records away (0 if none did): no epoch at or below it is begun
-    /// again, though `epoch` may be below it until the log catches up.
+    /// took records away, or that its upstream was seen in (0 if neither):
+    /// no epoch at or below it is begun again, though `epoch` may be below
+    /// it until the log catches up.
     pub epoch_floor: u64,
     /// Everything below is durable.
     pub durable_lsn: u64,
@@ -521,7 +522,8 @@ impl Engine {
     }
 
     /// Starts a new epoch on every shard, one above the highest any shard
-    /// has seen (its log's, or one a rewind or re-sync took away), and
+    /// has seen (its log's, one a rewind or re-sync took away, or one its
+    /// upstream was seen in), and
     /// makes it durable: what a replica promoted to primary does, so that
     /// records of the primary it replaces are refused from then on. Returns
     /// the new epoch.

@@ -100,7 +100,11 @@ fn finish_install_until(dir: &Path, steps: usize) -> Result<Option<(PathBuf, usi
     let io = |what: &str, e: std::io::Error| format!("{}: {what}: {e}", dir.display());
     let text = match std::fs::read_to_string(dir.join(INSTALLING)) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // An intent a crash cut short never decided anything.
+            let _ = std::fs::remove_file(dir.join(format!("{INSTALLING}.tmp")));
+            return Ok(None);
+        }
         Err(e) => return Err(io("reading INSTALLING", e)),
     };
     let intent = Intent::decode(&text)
@@ -259,6 +263,7 @@ mod tests {
             (ours.next_lsn, ours.chain, 3000)
         );
         block_on(engine.close()).unwrap();
+        assert!(!shard.join(format!("{INSTALLING}.tmp")).exists());
 
         let mut steps = 0;
         loop {

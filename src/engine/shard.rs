@@ -140,8 +140,9 @@ pub struct Shard<S: Storage + Clone + 'static, M: StateMachine = KvState> {
     /// The marker of a re-sync is still on disk and the log has no record:
     /// removed once the first replicated records are durable.
     resync_pending: std::cell::Cell<bool>,
-    /// The highest epoch the log held before records were taken away (see
-    /// [`EPOCH_FLOOR_PREFIX`]); 0 if never.
+    /// The highest epoch the log held before records were taken away, or
+    /// that its upstream was seen in (see [`EPOCH_FLOOR_PREFIX`]); 0 if
+    /// neither.
     epoch_floor: std::cell::Cell<u64>,
 }
 
