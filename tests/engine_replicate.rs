@@ -321,4 +321,13 @@ fn an_epoch_seen_without_its_records_is_never_begun_again() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("epoch-floor-"))
         .collect();
     assert_eq!(floors.len(), 1, "older floor files are removed");
+    // The epoch it began is kept as its own, so that a restart as a
+    // replica never cuts its records as ones an upstream would send again.
+    let begun: Vec<_> = std::fs::read_dir(dir.path().join("shard-0000"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("epoch-begun-"))
+        .collect();
+    assert_eq!(begun, [format!("epoch-begun-{:020}", seen + 1)]);
 }

@@ -157,6 +157,34 @@ async fn corrupt_record_of_a_replica_is_cut_for_refetch<B: Backend>(b: B) {
     assert_eq!(r.case, Case::CorruptRecord);
 }
 
+/// The same damage in the log of a replica that was promoted and began the
+/// records' epoch itself (`own_epoch_max`): they may be its own acked
+/// writes, which no upstream holds, so the damage is refused, not cut.
+async fn corrupt_record_of_a_promoted_replica_is_refused<B: Backend>(b: B) {
+    let written = write_log(&b, 120).await;
+    let (lsn, _) = written[written.len() - 3];
+    let (segment, offset) = place(&b, lsn);
+    b.flip(&segment, offset + 100, 0);
+    let promoted = WalOptions {
+        tail_refetchable: true,
+        own_epoch_max: options().epoch,
+        ..options()
+    };
+    let r = refusal(Wal::open(b.storage().await, promoted).await);
+    assert_eq!(r.case, Case::CorruptRecord);
+    assert_eq!((r.segment, r.offset as usize), (segment, offset));
+    // Records of a later epoch than its own came from an upstream again.
+    let replica = WalOptions {
+        tail_refetchable: true,
+        own_epoch_max: options().epoch - 1,
+        ..options()
+    };
+    let wal = Wal::open(b.storage().await, replica).await.unwrap();
+    assert_eq!(wal.recovery().case, Case::TornTail);
+    assert_eq!(wal.next_lsn(), lsn);
+    wal.close().await.unwrap();
+}
+
 async fn corrupt_record_older_segment<B: Backend>(b: B) {
     let written = write_log(&b, 120).await;
     let (lsn, _) = written[written.len() / 4];
@@ -204,6 +232,7 @@ both_backends!(
     torn_rotation,
     corrupt_record_mid_segment,
     corrupt_record_of_a_replica_is_cut_for_refetch,
+    corrupt_record_of_a_promoted_replica_is_refused,
     corrupt_record_older_segment,
     corrupt_header,
     corrupt_header_of_newest_segment,

@@ -48,7 +48,16 @@ pub const EPOCH_FLOOR_PREFIX: &str = "epoch-floor-";
 
 /// The epoch named by an epoch-floor file, if `name` is one.
 pub fn parse_epoch_floor(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix(EPOCH_FLOOR_PREFIX)?;
+    parse_epoch_name(name, EPOCH_FLOOR_PREFIX)
+}
+
+/// Prefix of the empty file whose name records the highest epoch the shard
+/// began itself (`epoch-begun-{epoch:020}`), made durable before the first
+/// record of that epoch: see `WalOptions::own_epoch_max`.
+pub const EPOCH_BEGUN_PREFIX: &str = "epoch-begun-";
+
+fn parse_epoch_name(name: &str, prefix: &str) -> Option<u64> {
+    let digits = name.strip_prefix(prefix)?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
         .flatten()
@@ -170,6 +179,11 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             .filter_map(|n| parse_epoch_floor(n))
             .max()
             .unwrap_or(0);
+        let mut options = options;
+        options.own_epoch_max = names
+            .iter()
+            .filter_map(|n| parse_epoch_name(n, EPOCH_BEGUN_PREFIX))
+            .fold(options.own_epoch_max, u64::max);
         let origin = snapshot.as_ref().filter(|_| resyncing).map(|s| s.pos);
         let wal = Wal::open_at(storage.clone(), options, origin).await?;
         if resyncing && wal.segment_count() > 0 {
@@ -312,10 +326,23 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
     /// Starts `epoch` on this shard: later records carry it, and an empty
     /// record of it is made durable now so that it survives a restart.
     pub async fn begin_epoch(&self, epoch: u64) -> Result<ShardReceipt, EngineError> {
+        // Kept before any record of it: its records are this node's own,
+        // and a restart as a replica must never cut them as refetchable.
+        // (Left in place if the epoch is then refused: it only makes a
+        // recovery stricter.)
+        let begun = format!("{EPOCH_BEGUN_PREFIX}{epoch:020}");
+        self.storage.create(&begun).await?;
+        self.storage.sync_dir().await?;
         self.wal.wait_for_space().await?;
         self.wal.begin_epoch(epoch)?;
         let pending = self.wal.submit(RecordKind::Noop, &[])?;
-        finish(pending, CommitLevel::Local).await
+        let receipt = finish(pending, CommitLevel::Local).await?;
+        for name in self.storage.list().await? {
+            if parse_epoch_name(&name, EPOCH_BEGUN_PREFIX).is_some_and(|e| e < epoch) {
+                self.storage.remove(&name).await?;
+            }
+        }
+        Ok(receipt)
     }
 
     /// Writes a snapshot and releases the WAL below the older of the two

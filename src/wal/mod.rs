@@ -74,6 +74,12 @@ pub struct WalOptions {
     /// because that durability was the upstream's, and the records after
     /// the cut are fetched again. Off, such damage is refused.
     pub tail_refetchable: bool,
+    /// The highest epoch this log began itself (a replica promoted to
+    /// primary; 0 if never). With `tail_refetchable`, damage in the last
+    /// segment after a record of this epoch or an older one is still
+    /// refused: those records may be this node's own, acknowledged by it,
+    /// and no upstream holds them to send again.
+    pub own_epoch_max: u64,
 }
 
 impl WalOptions {
@@ -87,6 +93,7 @@ impl WalOptions {
             staged_bytes_max: 16 << 20,
             segment_fill: SegmentFill::Zeros,
             tail_refetchable: false,
+            own_epoch_max: 0,
         }
     }
 

@@ -103,8 +103,14 @@ impl<S: Storage> Segments<S> {
             scans.push(scan);
             files.push(Rc::new(file));
         }
-        let decision = decide(&scans, options.tail_refetchable)
-            .map_err(|refusal| WalError::Corrupt { refusal })?;
+        // Refetchable only past this log's own epochs: the damage follows
+        // the last segment's last good record.
+        let refetchable = options.tail_refetchable
+            && scans
+                .last()
+                .is_none_or(|s| s.end.epoch > options.own_epoch_max);
+        let decision =
+            decide(&scans, refetchable).map_err(|refusal| WalError::Corrupt { refusal })?;
         let mut discarded = None;
         if let Some(base) = decision.discard {
             let name = segment_file_name(base);
