@@ -331,3 +331,35 @@ fn an_epoch_seen_without_its_records_is_never_begun_again() {
         .collect();
     assert_eq!(begun, [format!("epoch-begun-{:020}", seen + 1)]);
 }
+
+/// A node promoted (it began an epoch) and reopened as a replica
+/// (`tail_refetchable`): damage among the records of its own epoch is
+/// refused, not cut as if an upstream held them.
+#[test]
+fn damage_among_records_of_its_own_epoch_is_refused_in_a_replicas_log() {
+    let dir = disk_dir();
+    let engine = Engine::open(dir.path(), one_shard()).unwrap();
+    block_on(engine.begin_epoch()).unwrap();
+    for i in 0..200 {
+        block_on(engine.put(format!("k{i:04}"), "o".repeat(200))).unwrap();
+    }
+    block_on(engine.close()).unwrap();
+    let shard = dir.path().join("shard-0000");
+    let last = std::fs::read_dir(&shard)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    let end = bytes.iter().rposition(|b| *b != 0).unwrap();
+    // Inside the records, well before the end: acknowledged records follow.
+    let at = 4096 + (end - 4096) / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&last, bytes).unwrap();
+    let mut replica = one_shard();
+    replica.tail_refetchable = true;
+    let refused = Engine::open(dir.path(), replica);
+    assert!(refused.is_err(), "the damage was cut, not refused");
+}

@@ -32,7 +32,7 @@ use crate::format::Expect;
 use crate::format::LogId;
 use crate::io::{DirectIo, DmaStorage, SyncMode};
 use crate::state::Op;
-use crate::wal::{ReadBatch, WalOptions, WalStats};
+use crate::wal::{ReadBatch, WalError, WalOptions, WalStats};
 
 use super::mailbox;
 use super::{CommitLevel, EngineError, Options, Shard, ShardReceipt, Update};
@@ -528,28 +528,42 @@ impl Engine {
     /// records of the primary it replaces are refused from then on. Returns
     /// the new epoch.
     pub async fn begin_epoch(&self) -> Result<u64, EngineError> {
-        let stats = self.stats().await?;
-        let seen = |s: &ShardStats| s.epoch.max(s.epoch_floor);
-        let epoch = stats
-            .iter()
-            .map(seen)
-            .max()
-            .unwrap_or(0)
-            .checked_add(1)
-            .ok_or_else(|| EngineError::Meta("no epoch is left above the highest seen".into()))?;
-        let waits: Vec<_> = (0..self.inner.shard_count)
-            .map(|shard| {
-                self.answer(shard, |reply| Request::BeginEpoch {
-                    shard,
-                    epoch,
-                    reply,
+        // A shard refuses an epoch at or below what it has seen, which can
+        // rise meanwhile (a frame of a new epoch still being taken): then
+        // again, above it. Shards that began the refused one move past it.
+        let mut tries = 0;
+        loop {
+            let stats = self.stats().await?;
+            let seen = |s: &ShardStats| s.epoch.max(s.epoch_floor);
+            let epoch = stats
+                .iter()
+                .map(seen)
+                .max()
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or_else(|| {
+                    EngineError::Meta("no epoch is left above the highest seen".into())
+                })?;
+            let waits: Vec<_> = (0..self.inner.shard_count)
+                .map(|shard| {
+                    self.answer(shard, |reply| Request::BeginEpoch {
+                        shard,
+                        epoch,
+                        reply,
+                    })
                 })
-            })
-            .collect();
-        for wait in waits {
-            wait.await?;
+                .collect();
+            let mut result = Ok(epoch);
+            for wait in waits {
+                if let Err(e) = wait.await {
+                    result = result.and(Err(e));
+                }
+            }
+            match result {
+                Err(EngineError::Wal(WalError::EpochRegressed { .. })) if tries < 3 => tries += 1,
+                other => return other,
+            }
         }
-        Ok(epoch)
     }
 
     /// Keeps, durably, that `shard` has seen `epoch` (a replica seeing its
@@ -1042,7 +1056,7 @@ async fn swap_shard(
 fn raise_epoch_floor(dir: &Path, epoch: u64) -> std::io::Result<()> {
     use super::shard::{EPOCH_FLOOR_PREFIX, parse_epoch_floor};
     File::create(dir.join(format!("{EPOCH_FLOOR_PREFIX}{epoch:020}")))?.sync_all()?;
-    File::open(dir)?.sync_all()?;
+    super::rewind::sync_dir(dir)?;
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let older = name
@@ -1053,7 +1067,7 @@ fn raise_epoch_floor(dir: &Path, epoch: u64) -> std::io::Result<()> {
             std::fs::remove_file(dir.join(name))?;
         }
     }
-    File::open(dir)?.sync_all()
+    super::rewind::sync_dir(dir)
 }
 
 /// Completes a snapshot install a crash interrupted in `dir`, before the

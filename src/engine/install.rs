@@ -20,6 +20,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::rewind::sync_dir;
 use crate::format::{LogId, parse_segment_file_name, parse_snapshot_file_name};
 
 /// The install in progress in a shard directory, if any.
@@ -111,6 +112,8 @@ fn finish_install_until(dir: &Path, steps: usize) -> Result<Option<(PathBuf, usi
         .ok_or_else(|| format!("{}: INSTALLING is not one this node wrote", dir.display()))?;
     let quarantine = dir.join(&intent.quarantine);
     std::fs::create_dir_all(&quarantine).map_err(|e| io("creating the quarantine", e))?;
+    sync_dir(dir).map_err(|e| io("syncing", e))?;
+    step()?;
     let received = dir.join(&intent.file);
     // Until the received file is renamed into place, a file of its name in
     // the shard is the old log's; after, it is the installed one.
@@ -184,10 +187,6 @@ impl Intent {
             snapshot: snapshot.to_string(),
         })
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

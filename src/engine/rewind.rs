@@ -265,7 +265,8 @@ fn log_end_of(dir: &Path, log: LogId, last: &(u64, String)) -> Result<u64, Strin
     Ok(scan_segment(&bytes, log, last.0, 0, |_| {}).end.lsn)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Makes the names in `dir` durable (a rename, a new or removed file).
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 

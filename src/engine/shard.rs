@@ -326,6 +326,15 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
     /// Starts `epoch` on this shard: later records carry it, and an empty
     /// record of it is made durable now so that it survives a restart.
     pub async fn begin_epoch(&self, epoch: u64) -> Result<ShardReceipt, EngineError> {
+        if epoch <= self.epoch_floor() {
+            // Held or seen already (the floor may rise while a promotion
+            // is under way): never begun twice.
+            return Err(WalError::EpochRegressed {
+                epoch,
+                last: self.epoch_floor(),
+            }
+            .into());
+        }
         // Kept before any record of it: its records are this node's own,
         // and a restart as a replica must never cut them as refetchable.
         // (Left in place if the epoch is then refused: it only makes a

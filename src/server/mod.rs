@@ -78,6 +78,10 @@ pub(crate) struct Shared {
     /// Bumped whenever `replica_of` changes: a follower task of an older
     /// generation stops.
     follow_generation: AtomicU64,
+    /// Bumped (under the `downstreams` lock) when this node rewinds a shard
+    /// or installs a snapshot: downstream links started before it carry
+    /// positions of the old log and end.
+    swap_generation: AtomicU64,
     /// Each shard's durable LSN as the retention task last saw it.
     durable_hint: std::sync::Mutex<Vec<u64>>,
     /// The replication cluster this node belongs to (`CLUSTER_FILE`): a
@@ -325,6 +329,7 @@ impl Node {
             replica_of: std::sync::Mutex::new(String::new()),
             replica: AtomicBool::new(false),
             follow_generation: AtomicU64::new(0),
+            swap_generation: AtomicU64::new(0),
             resync_requested: AtomicBool::new(false),
             cluster: std::sync::Mutex::new([0; 16]),
             durable_hint: Default::default(),

@@ -218,6 +218,10 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         .unwrap_or_else(|_| "unknown".into());
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let (mut reader, mut writer) = futures_lite::io::split(stream);
+    // Positions this link learns are of the log as it is now: a rewind or
+    // install here ends it (see `forget_downstream_positions`).
+    let generation = shared.swap_generation.load(Ordering::Acquire);
+    let swapped = || shared.swap_generation.load(Ordering::Acquire) != generation;
     let result = async {
         let shard_count = shared.engine.shard_count();
         // One Hello per shard, first, within a few seconds: a downstream
@@ -348,7 +352,9 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                 snapshots.push(*shard);
             }
             verified.push(!wants_snapshot && hello.lsn == s.next_lsn && hello.chain == s.chain);
-            current.push(Cell::new(s.epoch));
+            // The fence this node's frames carry: the highest epoch it has
+            // held or seen, so a cascaded downstream keeps it too.
+            current.push(Cell::new(s.epoch.max(s.epoch_floor)));
             pos.push(Expect {
                 lsn: hello.lsn,
                 chain: hello.chain,
@@ -399,6 +405,9 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                     None => break,
                 }
             }
+            if swapped() {
+                return Err(io_err("a shard was re-synced here while the downstream said Hello"));
+            }
             d.insert(key.clone(), status);
         }
         tracing::info!(downstream = %key, "replica attached");
@@ -412,6 +421,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                     let i = shard as usize;
                     pos[i] = at;
                     if let Ok(mut d) = shared.downstreams.lock()
+                        && !swapped()
                         && let Some(d) = d.get_mut(&key)
                     {
                         // Its log continues from the snapshot's position
@@ -487,9 +497,16 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             match out {
                 Out::Records { shard, epoch, start, next, bytes, more } => {
                     let header = frame_header(FrameKind::Records, shard, epoch, start, &bytes);
+                    if swapped() {
+                        // Maybe read from the log as it was: this link
+                        // ends (the downstream says Hello again, and is
+                        // checked against the log as it is now).
+                        break;
+                    }
                     writer.write_all(header.as_bytes()).await?;
                     writer.write_all(&bytes).await?;
                     if let Ok(mut d) = shared.downstreams.lock()
+                        && !swapped()
                         && let Some(d) = d.get_mut(&key)
                     {
                         let i = shard as usize;
@@ -571,6 +588,10 @@ fn set_resyncing(shared: &Shared, key: &str, on: bool) {
 /// the downstream holds the new log up to it), and its acks come back.
 fn forget_downstream_positions(shared: &Shared, shard: u32) {
     if let Ok(mut all) = shared.downstreams.lock() {
+        // Under the lock: a link that updates its entry after this sees
+        // the new generation and ends instead (a batch it read from the old
+        // log may still be on its way out).
+        shared.swap_generation.fetch_add(1, Ordering::AcqRel);
         forget_positions(&mut all, shard);
     }
 }
@@ -798,7 +819,7 @@ async fn heartbeats(
         };
         for s in &stats {
             if let Some(c) = current.get(s.shard as usize) {
-                c.set(c.get().max(s.epoch));
+                c.set(c.get().max(s.epoch.max(s.epoch_floor)));
             }
         }
         let micros = std::time::SystemTime::now()
