@@ -89,15 +89,7 @@ pub(super) fn finish_install(dir: &Path) -> Result<Option<(PathBuf, usize)>, Str
 }
 
 fn finish_install_until(dir: &Path, steps: usize) -> Result<Option<(PathBuf, usize)>, String> {
-    let mut done = 0;
-    let mut step = || {
-        done += 1;
-        if done > steps {
-            Err(format!("stopped after {steps} steps"))
-        } else {
-            Ok(())
-        }
-    };
+    let mut step = super::rewind::crash_after(steps);
     let io = |what: &str, e: std::io::Error| format!("{}: {what}: {e}", dir.display());
     let text = match std::fs::read_to_string(dir.join(INSTALLING)) {
         Ok(text) => text,
@@ -192,16 +184,8 @@ impl Intent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::rewind::tests::{copy_dir, log_of};
-    use crate::engine::{Engine, Options, block_on};
-
-    fn options() -> Options {
-        let mut o = Options::new();
-        o.shard_count = 1;
-        o.executor_count = 1;
-        o.segment_bytes = 256 << 10;
-        o
-    }
+    use crate::engine::rewind::tests::{copy_dir, disk_root, log_of, one_shard as options};
+    use crate::engine::{Engine, block_on};
 
     fn wal_files(dir: &Path) -> usize {
         std::fs::read_dir(dir)
@@ -217,10 +201,7 @@ mod tests {
     /// with every old segment in the quarantine.
     #[test]
     fn a_crash_at_any_step_of_an_install_leaves_a_shard_that_opens() {
-        // On the disk (O_DIRECT), not a tmpfs.
-        let under = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
-        std::fs::create_dir_all(under).unwrap();
-        let root = tempfile::tempdir_in(under).unwrap();
+        let root = disk_root();
         // The upstream: its snapshot is what gets installed.
         let upstream = root.path().join("upstream");
         let engine = Engine::open(&upstream, options()).unwrap();

@@ -173,18 +173,24 @@ pub(super) fn apply_rewind(plan: RewindPlan) -> Result<Rewound, String> {
     apply_rewind_until(plan, usize::MAX)
 }
 
-/// What a crash after `steps` of [`apply_rewind`]'s durable steps leaves:
-/// it stops there with an error (the tests walk every crash point).
-fn apply_rewind_until(plan: RewindPlan, steps: usize) -> Result<Rewound, String> {
+/// Called after each durable step of a file operation that a test may stop
+/// there, as a crash would: an error from the `steps + 1`-th call on.
+pub(super) fn crash_after(steps: usize) -> impl FnMut() -> Result<(), String> {
     let mut done = 0;
-    let mut step = || {
+    move || {
         done += 1;
         if done > steps {
             Err(format!("stopped after {steps} steps"))
         } else {
             Ok(())
         }
-    };
+    }
+}
+
+/// What a crash after `steps` of [`apply_rewind`]'s durable steps leaves:
+/// it stops there with an error (the tests walk every crash point).
+fn apply_rewind_until(plan: RewindPlan, steps: usize) -> Result<Rewound, String> {
+    let mut step = crash_after(steps);
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let (dir, lsn, old_end) = (plan.dir.as_path(), plan.lsn, plan.old_end);
     let (cut_base, cut_name) = (plan.cut_base, &plan.cut_name);
@@ -299,23 +305,30 @@ pub(super) mod tests {
         }
     }
 
+    /// A scratch directory on the disk (O_DIRECT), not a tmpfs.
+    pub(crate) fn disk_root() -> tempfile::TempDir {
+        let under = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
+        std::fs::create_dir_all(under).unwrap();
+        tempfile::tempdir_in(under).unwrap()
+    }
+
+    /// One shard on one executor, small segments.
+    pub(crate) fn one_shard() -> Options {
+        let mut o = Options::new();
+        o.shard_count = 1;
+        o.executor_count = 1;
+        o.segment_bytes = 256 << 10;
+        o
+    }
+
     /// A crash between any two steps of a rewind leaves a shard that opens
     /// on a prefix of the old log at least as long as the cut, with a state
     /// that matches its end; the rewind asked again then completes.
     #[test]
     fn a_crash_at_any_step_of_a_rewind_leaves_a_log_that_opens_and_rewinds_again() {
-        // On the disk (O_DIRECT), not a tmpfs.
-        let under = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
-        std::fs::create_dir_all(under).unwrap();
-        let root = tempfile::tempdir_in(under).unwrap();
+        let root = disk_root();
         let pristine = root.path().join("pristine");
-        let options = || {
-            let mut o = Options::new();
-            o.shard_count = 1;
-            o.executor_count = 1;
-            o.segment_bytes = 256 << 10;
-            o
-        };
+        let options = one_shard;
         let engine = Engine::open(&pristine, options()).unwrap();
         let value = "v".repeat(200);
         for i in 0..600 {
