@@ -568,8 +568,9 @@ impl Engine {
 
     /// Keeps, durably, that `shard` has seen `epoch` (a replica seeing its
     /// upstream in a new epoch): a later [`Engine::begin_epoch`] begins
-    /// above it, even if no record of that epoch reached this log. Does
-    /// nothing if the shard's floor is already at or above it.
+    /// above it, even if no record of that epoch reached this log. Requests
+    /// made after this one see it at once; the answer comes once it is
+    /// durable. Does nothing if the shard's floor is already at or above it.
     pub fn raise_epoch_floor(&self, shard: u32, epoch: u64) -> Answer<()> {
         self.answer(shard, |reply| Request::RaiseEpochFloor {
             shard,
@@ -924,20 +925,33 @@ async fn run_executor(
                 epoch,
                 reply,
             } => {
-                let result = match (owned.get(&shard), places.get(&shard)) {
+                match (owned.get(&shard), places.get(&shard)) {
                     (Some(s), Some((dir, _))) if epoch > s.epoch_floor() => {
-                        raise_epoch_floor(dir, epoch)
-                            .map(|()| s.set_epoch_floor(epoch))
-                            .map_err(|e| {
-                                EngineError::Meta(format!(
-                                    "keeping shard {shard}'s epoch {epoch}: {e}"
-                                ))
-                            })
+                        // In memory at once (a begin_epoch from now on sees
+                        // it); the file on glommio's blocking thread, so
+                        // that this executor's shards go on meanwhile.
+                        s.set_epoch_floor(epoch);
+                        let dir = dir.clone();
+                        glommio::spawn_local(async move {
+                            let written = glommio::executor()
+                                .spawn_blocking(move || raise_epoch_floor(&dir, epoch))
+                                .await
+                                .map_err(|e| {
+                                    EngineError::Meta(format!(
+                                        "keeping shard {shard}'s epoch {epoch}: {e}"
+                                    ))
+                                });
+                            let _ = reply.send(written);
+                        })
+                        .detach();
                     }
-                    (Some(_), Some(_)) => Ok(()),
-                    _ => Err(EngineError::Closed),
-                };
-                let _ = reply.send(result);
+                    (Some(_), Some(_)) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    _ => {
+                        let _ = reply.send(Err(EngineError::Closed));
+                    }
+                }
                 continue;
             }
             Request::Stats { reply } => {

@@ -1192,15 +1192,20 @@ async fn follow_once(
                 return Err(format!("refused: {why}"));
             }
             if epoch > seen[i] {
-                // Kept durably before anything of it is taken: promoted
-                // later, this node begins above it even if none of its
-                // records reached this log (a replica behind, or one whose
-                // unsynced records a crash cut).
-                shared
-                    .engine
-                    .raise_epoch_floor(shard, epoch)
-                    .await
-                    .map_err(|x| x.to_string())?;
+                // Kept: promoted later, this node begins above it even if
+                // none of its records reached this log (a replica behind,
+                // or one whose unsynced records a crash cut). The request
+                // goes before anything of the epoch is handed to the shard,
+                // which then knows it; it is made durable beside the
+                // records rather than ahead of them (a few fsyncs, which
+                // would hold up the stream).
+                let raised = shared.engine.raise_epoch_floor(shard, epoch);
+                glommio::spawn_local(async move {
+                    if let Err(e) = raised.await {
+                        tracing::warn!(shard, epoch, error = %e, "could not keep the epoch seen");
+                    }
+                })
+                .detach();
             }
             seen[i] = epoch;
             if let Ok(mut u) = shared.upstream.lock()
