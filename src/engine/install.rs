@@ -59,8 +59,7 @@ fn install_until(what: Install<'_>, steps: usize) -> Result<(PathBuf, usize), St
                 what.file.display()
             )
         })?;
-    super::handle::restamp_snapshot(what.file, what.log)
-        .map_err(|e| io("reading the snapshot", e))?;
+    restamp_snapshot(what.file, what.log).map_err(|e| io("reading the snapshot", e))?;
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -148,6 +147,40 @@ fn finish_install_until(dir: &Path, steps: usize) -> Result<Option<(PathBuf, usi
         .and_then(|()| sync_dir(dir))
         .map_err(|e| io("removing INSTALLING", e))?;
     Ok(Some((quarantine, moved)))
+}
+
+/// A snapshot names the log it belongs to (cluster id, shard) in its
+/// header. One sent by an upstream names the upstream's: after checking
+/// that header, rewrite it for this node's log (the blocks carry their own
+/// checksums and no log id).
+fn restamp_snapshot(file: &Path, log: LogId) -> std::io::Result<()> {
+    use crate::format::SnapshotHeader;
+    use std::os::unix::fs::FileExt;
+    use zerocopy::{FromBytes, IntoBytes};
+    let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)?;
+    let mut raw = vec![0u8; size_of::<SnapshotHeader>()];
+    f.read_exact_at(&mut raw, 0)?;
+    let (theirs, _) = SnapshotHeader::read_from_prefix(&raw)
+        .map_err(|_| bad("snapshot shorter than its header".into()))?;
+    let their_log = LogId {
+        cluster_id: theirs.cluster_id,
+        shard: theirs.shard.get(),
+    };
+    let h = SnapshotHeader::decode(&raw, their_log).map_err(|e| bad(e.to_string()))?;
+    let ours = SnapshotHeader::new(
+        log,
+        h.lsn.get(),
+        h.epoch.get(),
+        h.chain.get(),
+        h.entries.get(),
+        h.stream_bytes.get(),
+    );
+    f.write_all_at(ours.as_bytes(), 0)?;
+    f.sync_all()
 }
 
 /// What `INSTALLING` holds: three lines, each a file name in the shard
