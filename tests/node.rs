@@ -408,6 +408,25 @@ fn config_file_limits_and_refusals() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown commit level"));
+    // Failover settings: a peer that is not HOST:PORT, a timeout shorter
+    // than two heartbeats.
+    for (flags, says) in [
+        (
+            ["--peers", "127.0.0.1:7000,nonsense"],
+            "\"nonsense\" is not HOST:PORT",
+        ),
+        (["--election-timeout-ms", "10"], "at least 1000"),
+    ] {
+        let bad = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+            .args(["node", "--data-dir"])
+            .arg(other.path())
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains(says), "{err}");
+    }
 }
 
 #[test]

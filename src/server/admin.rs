@@ -416,6 +416,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
         },
         "replicas": replicas,
         "replication": summary,
+        "failover": super::failover::status(shared),
         "shards": shards,
         "alerts": alerts,
         "uptime_seconds": shared.started.elapsed().as_secs(),

@@ -53,6 +53,19 @@ pub struct NodeConfig {
     /// A replica that serves no reads (warm standby): it replicates and
     /// can be promoted, and answers reads with `-STANDBY`.
     pub warm_standby: bool,
+    /// The other data nodes (`HOST:PORT` of their client ports), for
+    /// automatic failover: with peers, a replica that stops hearing its
+    /// primary stands in an election, and a primary steps down for one
+    /// elected in a newer epoch. Empty: failover is by `REPLICAOF` only.
+    pub peers: Vec<String>,
+    /// Milliseconds of silence from the upstream (records and heartbeats,
+    /// one every 500 ms) before a replica with peers stands in an
+    /// election; each waits a random part of it more.
+    pub election_timeout_ms: u64,
+    /// Whether this node stands in elections (with peers). A node that
+    /// does not still votes, and follows whoever is elected: for a replica
+    /// that should never be primary (a remote one, a small one).
+    pub failover_candidate: bool,
     pub limits: Limits,
     /// When a replica's lag raises an alert on the status page.
     pub lag_alert: LagAlert,
@@ -119,6 +132,9 @@ impl Default for NodeConfig {
             commit_policy: TimeoutPolicy::Fail,
             replica_of: String::new(),
             warm_standby: false,
+            peers: Vec::new(),
+            election_timeout_ms: 2_000,
+            failover_candidate: true,
             limits: Limits::default(),
             lag_alert: LagAlert::default(),
             retention: Retention::default(),
@@ -237,6 +253,20 @@ impl NodeConfig {
         }
         if self.commit_timeout_ms == 0 {
             return bad("commit_timeout_ms must be above 0".into());
+        }
+        if let Some(peer) = self.peers.iter().find(|p| {
+            p.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            return bad(format!("peers: {peer:?} is not HOST:PORT"));
+        }
+        if self.election_timeout_ms < 1_000 {
+            // Under two heartbeats, a replica would stand while its primary
+            // is up.
+            return bad(format!(
+                "election_timeout_ms = {} must be at least 1000 (two heartbeats)",
+                self.election_timeout_ms
+            ));
         }
         if self.engine.spin_before_park_us != 0 {
             // It would be replaced by `spin_us` without a word.

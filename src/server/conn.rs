@@ -543,6 +543,14 @@ impl Conn {
             }
             Command::Wait => self.wait(&args),
             Command::Replicaof => self.replicaof(&args),
+            Command::Vote => {
+                Slot::Later(Box::pin(super::failover::vote(self.shared.clone(), args)))
+            }
+            Command::Who => Slot::Later(Box::pin(super::failover::who(self.shared.clone()))),
+            Command::Fetch => {
+                Slot::Later(Box::pin(super::failover::fetch(self.shared.clone(), args)))
+            }
+            Command::Peers => Slot::Ready(super::failover::peers_command(&self.shared, &args)),
             Command::Config => config_command(&self.shared, &args),
             Command::Introspect => Slot::Ready(match args.get(1).map(|a| a.to_ascii_uppercase()) {
                 Some(sub) if sub == b"COUNT" => Reply::Int(Command::ALL.len() as i64),
@@ -815,12 +823,7 @@ impl Conn {
             return Slot::Ready(Reply::err("Invalid master port"));
         };
         let upstream = format!("{host}:{port}");
-        let own = resolve(&upstream).is_some_and(|a| {
-            a == shared.listen
-                || (a.port() == shared.listen.port()
-                    && (a.ip().is_loopback() || shared.listen.ip().is_unspecified()))
-        });
-        if own {
+        if super::failover::is_own_address(&shared, &upstream) {
             return Slot::Ready(Reply::err("a node cannot replicate from itself"));
         }
         if shared.replica_of() == upstream {
@@ -1046,12 +1049,6 @@ async fn applied_past(shared: &Shared, token: &Token, wait: Duration) -> Result<
     }
 }
 
-/// The first address `addr` resolves to.
-fn resolve(addr: &str) -> Option<std::net::SocketAddr> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs().ok()?.next()
-}
-
 /// How many of the answers are `Some`: DEL's deleted keys, EXISTS's
 /// present ones.
 async fn count_some<T, E: Into<Failure>>(
@@ -1201,12 +1198,23 @@ enum Command {
     Replicaof,
     /// `TIDEWAL.STREAM`: a replica asks for the WAL stream.
     Stream,
+    /// `TIDEWAL.VOTE`, `TIDEWAL.WHO`, `TIDEWAL.FETCH`: what nodes ask each
+    /// other in an election (`failover.rs`).
+    Vote,
+    Who,
+    Fetch,
+    /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
+    Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 27] = [
+    const ALL: [(&'static [u8], Command); 31] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
+        (super::failover::VOTE_COMMAND, Command::Vote),
+        (super::failover::WHO_COMMAND, Command::Who),
+        (super::failover::FETCH_COMMAND, Command::Fetch),
+        (super::failover::PEERS_COMMAND, Command::Peers),
         (b"PING", Command::Ping),
         (b"ECHO", Command::Echo),
         (b"QUIT", Command::Quit),
@@ -1308,6 +1316,10 @@ impl Command {
             Command::Hello => -1,
             Command::Replicaof => 3,
             Command::Stream => 1,
+            Command::Vote => -4,
+            Command::Who => 1,
+            Command::Fetch => 5,
+            Command::Peers => -1,
             Command::Unknown => -1,
         };
         if arity >= 0 {

@@ -21,6 +21,7 @@ mod admin;
 mod commit;
 mod config;
 mod conn;
+mod failover;
 pub mod glob;
 mod info;
 mod replication;
@@ -94,6 +95,8 @@ pub(crate) struct Shared {
     ack_signal: commit::AckSignal,
     /// Whether commits are degraded (`degrade` policy), and counts.
     degraded: std::sync::Mutex<commit::Degraded>,
+    /// Peers, votes and elections (automatic failover).
+    failover: std::sync::Mutex<failover::Failover>,
 }
 
 impl Shared {
@@ -194,6 +197,11 @@ impl Shared {
         }
         if let Ok(mut u) = self.upstream.lock() {
             *u = replication::Upstream::default();
+        }
+        if let Ok(mut f) = self.failover.lock() {
+            f.since = Some(Instant::now());
+            f.stopped = None;
+            f.rejoin.clear();
         }
         self.replica.store(!upstream.is_empty(), Ordering::Release);
         self.follow_generation.fetch_add(1, Ordering::AcqRel) + 1
@@ -335,9 +343,12 @@ impl Node {
             durable_hint: Default::default(),
             ack_signal: Default::default(),
             degraded: Default::default(),
+            failover: Default::default(),
         });
         let generation = shared.set_upstream(&shared.config.replica_of);
         shared.load_cluster();
+        failover::load_vote(&shared);
+        failover::set_peers(&shared, &shared.config.peers);
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
         let for_executors = shared.clone();
@@ -352,6 +363,9 @@ impl Node {
             }
             if result.is_ok() && core == 0 && shared.config.retention.snapshot_every_bytes > 0 {
                 glommio::spawn_local(retain(shared.clone())).detach();
+            }
+            if result.is_ok() && core == 0 {
+                glommio::spawn_local(failover::elections(shared.clone())).detach();
             }
             if result.is_ok() && core == 0 && shared.is_replica() {
                 let upstream = shared.replica_of();

@@ -948,7 +948,14 @@ pub(super) async fn follow(shared: Arc<Shared>, upstream: String, generation: u6
         }
         if refused {
             // A refusal (divergence, a released position, a stale
-            // upstream) does not mend by retrying: an operator decides.
+            // upstream) does not mend by retrying: an operator decides,
+            // unless this node follows a primary elected in a failover
+            // (it is an old primary, or a replica that took records the
+            // winner never had): then it re-syncs by itself, once.
+            if super::failover::resync_after_refusal(&shared, &upstream) {
+                tracing::warn!(%upstream, "refused by the elected primary: re-syncing from it");
+                let _ = shared.resync();
+            }
             return;
         }
         for _ in 0..5 {
@@ -1114,7 +1121,13 @@ async fn follow_once(
     // to become durable and acks it, in order.
     let (tx, rx) = glommio::channels::local_channel::new_bounded::<Applying>(256);
     let failure: Rc<RefCell<Option<String>>> = Rc::default();
-    let acks = glommio::spawn_local(send_acks(shared.clone(), writer, rx, failure.clone()));
+    let acks = glommio::spawn_local(send_acks(
+        shared.clone(),
+        writer,
+        rx,
+        failure.clone(),
+        generation,
+    ));
     let mut seen: Vec<u64> = stats.iter().map(|s| s.epoch).collect();
     // Where each shard's next records must start: a frame that starts
     // elsewhere means frames were lost on the way (not a divergence).
@@ -1411,6 +1424,7 @@ async fn send_acks(
     mut writer: impl futures_lite::AsyncWrite + Unpin,
     rx: glommio::channels::local_channel::LocalReceiver<Applying>,
     failure: Rc<RefCell<Option<String>>>,
+    generation: u64,
 ) {
     let mut next = rx.recv().await;
     while let Some(applying) = next {
@@ -1453,6 +1467,14 @@ async fn send_acks(
                 return;
             }
         };
+        // A node that stopped following (it voted or stands in an
+        // election) acknowledges nothing more: what an ack carries was
+        // durable before it stopped, so the positions it gives voting are
+        // at or past everything it acknowledged.
+        if shared.follow_generation.load(Ordering::Acquire) != generation {
+            *failure.borrow_mut() = Some("stopped following".into());
+            return;
+        }
         if writer.write_all(&out).await.is_err() {
             *failure.borrow_mut() = Some("upstream closed".into());
             return;

@@ -435,6 +435,93 @@ fn line(out: &mut BytesMut, prefix: u8, text: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
+/// Parses one reply from `input` (what a node reads when it asks another
+/// node something: votes, positions, records): the reply and the bytes it
+/// used, `None` while incomplete, or why it is not RESP2. Bulk strings
+/// longer than `bulk_bytes_max` and arrays nested deeper than two are
+/// refused before anything is allocated for them.
+pub fn parse_reply(
+    input: &[u8],
+    bulk_bytes_max: usize,
+) -> Result<Option<(Reply, usize)>, ProtocolError> {
+    reply_at(input, 0, bulk_bytes_max, 0)
+}
+
+fn reply_at(
+    input: &[u8],
+    at: usize,
+    bulk_bytes_max: usize,
+    depth: u32,
+) -> Result<Option<(Reply, usize)>, ProtocolError> {
+    let Some(&kind) = input.get(at) else {
+        return Ok(None);
+    };
+    let Some(end) = line_end(input, at + 1) else {
+        return Ok(None);
+    };
+    let text = &input[at + 1..end];
+    let next = end + 2;
+    let number = || parse_int(text).ok_or(ProtocolError::BulkLength);
+    match kind {
+        b'+' => Ok(Some((
+            Reply::Simple(String::from_utf8_lossy(text).into()),
+            next,
+        ))),
+        b'-' => Ok(Some((
+            Reply::Error(String::from_utf8_lossy(text).into()),
+            next,
+        ))),
+        b':' => Ok(Some((Reply::Int(number()?), next))),
+        b'$' => {
+            let len = number()?;
+            if len == -1 {
+                return Ok(Some((Reply::Nil, next)));
+            }
+            let len = usize::try_from(len).map_err(|_| ProtocolError::BulkLength)?;
+            if len > bulk_bytes_max {
+                return Err(ProtocolError::BulkTooLarge {
+                    len: len as u64,
+                    max: bulk_bytes_max,
+                });
+            }
+            if input.len() < next + len + 2 {
+                return Ok(None);
+            }
+            if &input[next + len..next + len + 2] != b"\r\n" {
+                return Err(ProtocolError::MissingCrlf);
+            }
+            let body = Bytes::copy_from_slice(&input[next..next + len]);
+            Ok(Some((Reply::Bulk(body), next + len + 2)))
+        }
+        b'*' if depth < 2 => {
+            let count = number()?;
+            if count == -1 {
+                return Ok(Some((Reply::Nil, next)));
+            }
+            // Every element takes at least 3 bytes: a count beyond what
+            // the input could hold is not believed.
+            let count = usize::try_from(count)
+                .ok()
+                .filter(|&c| c <= (1 << 20))
+                .ok_or(ProtocolError::MultibulkLength)?;
+            let mut items = Vec::with_capacity(count.min(input.len() / 3));
+            let mut at = next;
+            for _ in 0..count {
+                match reply_at(input, at, bulk_bytes_max, depth + 1)? {
+                    Some((item, used)) => {
+                        items.push(item);
+                        at = used;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some((Reply::Array(items), at)))
+        }
+        b'*' => Err(ProtocolError::MultibulkLength),
+        other => Err(ProtocolError::ExpectedBulk(other as char)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,10 +626,45 @@ mod tests {
         );
     }
 
+    #[test]
+    fn replies_parse_back_whole_or_not_yet() {
+        let reply = Reply::Array(vec![
+            Reply::Int(1),
+            Reply::Simple("granted".into()),
+            Reply::Array(vec![Reply::Int(0), Reply::Int(4096)]),
+            Reply::bulk("records\r\n"),
+            Reply::Nil,
+            Reply::Error("ERR no".into()),
+        ]);
+        let mut out = BytesMut::new();
+        reply.encode(&mut out);
+        assert_eq!(parse_reply(&out, 64), Ok(Some((reply, out.len()))));
+        for cut in 0..out.len() {
+            assert_eq!(parse_reply(&out[..cut], 64), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(
+            parse_reply(b"+OK\r\n", 64),
+            Ok(Some((Reply::Simple("OK".into()), 5)))
+        );
+        // Lengths are checked before anything is taken on trust.
+        assert!(matches!(
+            parse_reply(b"$65\r\n", 64),
+            Err(ProtocolError::BulkTooLarge { len: 65, .. })
+        ));
+        assert!(parse_reply(b"*99999999\r\n", 64).is_err());
+        assert!(
+            parse_reply(b"*1\r\n*1\r\n*1\r\n:1\r\n", 64).is_err(),
+            "too deep"
+        );
+        assert!(parse_reply(b"$1\r\nab\r\n", 64).is_err());
+        assert!(parse_reply(b"?\r\n", 64).is_err());
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(input in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             let _ = parse(&input, &LIMITS);
+            let _ = parse_reply(&input, 64);
         }
     }
 }

@@ -49,6 +49,17 @@ pub struct NodeArgs {
     /// be promoted (`REPLICAOF NO ONE`).
     #[arg(long)]
     warm_standby: bool,
+    /// The other data nodes' client addresses, comma-separated: turns on
+    /// automatic failover (elections when the primary goes silent).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// Milliseconds of silence from the primary before a replica with
+    /// peers stands in an election (default 2000; at least 1000).
+    #[arg(long, value_name = "MS")]
+    election_timeout_ms: Option<u64>,
+    /// Never stand in an election (still vote, and follow whoever wins).
+    #[arg(long)]
+    no_failover_candidate: bool,
     /// Executors (cores) to run on (default: every allowed core).
     #[arg(long, value_name = "N")]
     executors: Option<u32>,
@@ -109,6 +120,15 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if args.warm_standby {
         config.warm_standby = true;
+    }
+    if let Some(v) = &args.peers {
+        config.peers = v.clone();
+    }
+    if let Some(v) = args.election_timeout_ms {
+        config.election_timeout_ms = v;
+    }
+    if args.no_failover_candidate {
+        config.failover_candidate = false;
     }
     if let Some(v) = args.executors {
         config.engine.executor_count = v;

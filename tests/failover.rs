@@ -1,0 +1,276 @@
+//! Automatic failover between real nodes on loopback: the primary is
+//! killed under `replicated(1)` load, the replica that lags (its link goes
+//! through a delaying proxy) is the only candidate and is elected: it must
+//! gather from the other replica the writes only that one acknowledged.
+//! The other follows it, no acknowledged write is lost, and the old
+//! primary, back with writes of its own, steps down, rewinds them away and
+//! follows the new one.
+
+#[macro_use]
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::node::NodeProcess;
+use common::proxy::Proxy;
+use common::{disk_dir, quarantined};
+use redis::Commands;
+use serde_json::Value;
+
+fn status(node: &NodeProcess) -> Value {
+    let (code, body) = node.get("/admin/replication/status");
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `(head_lsn, chain)` of every shard.
+fn positions(node: &NodeProcess) -> Vec<(u64, u64)> {
+    status(node)["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["head_lsn"].as_u64().unwrap(),
+                s["chain"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (up to 30 s) until `check` holds, and returns what it returned.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(t) = check() {
+            return t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {
+    wait_for("the replica converges", || {
+        (positions(primary) == positions(replica)).then_some(())
+    });
+}
+
+/// A 2-shard node whose failover timeout is 1 s, on `extra`'s terms.
+fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProcess {
+    let mut args = vec![
+        "--shards",
+        "2",
+        "--election-timeout-ms",
+        "1000",
+        "--commit-level",
+        "replicated(1)",
+    ];
+    args.extend_from_slice(extra);
+    NodeProcess::start(dir, &args)
+}
+
+fn vote(node: &NodeProcess, epoch: u64, candidate: &str, log_epoch: u64) -> (i64, String) {
+    let mut c = node.client();
+    let answer: Vec<redis::Value> = redis::cmd("TIDEWAL.VOTE")
+        .arg(epoch)
+        .arg(candidate)
+        .arg(log_epoch)
+        .query(&mut c)
+        .unwrap();
+    let granted = match &answer[0] {
+        redis::Value::Int(n) => *n,
+        other => panic!("{other:?}"),
+    };
+    let why = match &answer[1] {
+        redis::Value::SimpleString(s) => s.clone(),
+        redis::Value::Okay => "OK".into(),
+        other => panic!("{other:?}"),
+    };
+    (granted, why)
+}
+
+#[test]
+fn the_primary_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost() {
+    let (pdir, adir, bdir) = (disk_dir(), disk_dir(), disk_dir());
+    let primary = start(pdir.path(), &["--node-id", "p"]);
+    let p_addr = primary.listen.to_string();
+    // a keeps up, and never stands; b, behind a slow link, is the only
+    // candidate.
+    let a = start(
+        adir.path(),
+        &[
+            "--replica-of",
+            &p_addr,
+            "--node-id",
+            "a",
+            "--no-failover-candidate",
+        ],
+    );
+    let proxy = Proxy::start(primary.listen);
+    let b = start(
+        bdir.path(),
+        &["--replica-of", &proxy.addr.to_string(), "--node-id", "b"],
+    );
+    let (a_addr, b_addr) = (a.listen.to_string(), b.listen.to_string());
+    for node in [&primary, &a, &b] {
+        let peers: Vec<String> = redis::cmd("TIDEWAL.PEERS")
+            .arg(&p_addr)
+            .arg(&a_addr)
+            .arg(&b_addr)
+            .query(&mut node.client())
+            .unwrap();
+        assert_eq!(peers.len(), 2, "a node is not its own peer: {peers:?}");
+    }
+    let epoch = status(&primary)["epoch"].as_u64().unwrap();
+    let mut c = primary.client();
+    for i in 0..200 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    wait_converged(&primary, &a);
+    wait_converged(&primary, &b);
+
+    // While the primary is heard, no vote deposes it.
+    let (granted, why) = vote(&a, epoch + 5, &b_addr, epoch);
+    assert_eq!(granted, 0);
+    assert!(why.contains("hears its upstream"), "{why}");
+    let (granted, why) = vote(&primary, epoch + 5, &a_addr, epoch);
+    assert_eq!(granted, 0);
+    assert!(why.contains("primary"), "{why}");
+    // Bad election commands get an error, and change nothing.
+    let mut ac = a.client();
+    for (args, says) in [
+        (vec!["TIDEWAL.VOTE", "x", "c", "1"], "numbers"),
+        (vec!["TIDEWAL.VOTE", "9", "c", "1", "MAYBE"], "PRE"),
+        (vec!["TIDEWAL.FETCH", "9", "0", "0", "0"], "no shard 9"),
+        (vec!["TIDEWAL.FETCH", "0", "7", "0", "0"], "TIDEWAL.FETCH"),
+        (vec!["TIDEWAL.FETCH", "0"], "wrong number of arguments"),
+    ] {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let err = cmd.query::<redis::Value>(&mut ac).unwrap_err().to_string();
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(status(&a)["failover"]["vote_epoch"], 0, "nothing was taken");
+    assert!(status(&a)["failover"]["stopped_seconds"].is_null());
+
+    // Writes at replicated(1) from four clients, until the primary dies;
+    // b receives them 50 ms late, so the last ones are acknowledged by a
+    // only.
+    proxy.delay(50);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (acked, mut c) = (acked.clone(), primary.client());
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    let key = format!("w{w}-{i}");
+                    if c.set::<_, _, ()>(&key, i).is_err() {
+                        return;
+                    }
+                    acked.lock().unwrap().push(key);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut primary = primary;
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    let killed = Instant::now();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "the load ran: {} writes", acked.len());
+
+    // b is elected and promoted; a follows it.
+    let (winner, other) = (&b, &a);
+    wait_for("b is elected", || {
+        (status(&b)["role"] == "primary").then_some(())
+    });
+    assert_eq!(status(&a)["failover"]["elections"], 0, "a never stands");
+    let elected_after = killed.elapsed();
+    let ws = status(winner);
+    let new_epoch = ws["epoch"].as_u64().unwrap();
+    assert!(new_epoch > epoch, "{ws}");
+    assert_eq!(ws["failover"]["won"], 1, "{ws}");
+    let winner_addr = winner.listen.to_string();
+    wait_for("the other replica follows the new primary", || {
+        let s = status(other);
+        (s["upstream"]["host"] == winner_addr.as_str() && s["upstream"]["connected"] == true)
+            .then_some(())
+    });
+
+    // Every write the old primary acknowledged is on the new one.
+    let mut wc = winner.client();
+    for key in &acked {
+        let value: Option<i64> = wc.get(key).unwrap();
+        assert!(
+            value.is_some(),
+            "acknowledged {key} was lost in the failover"
+        );
+    }
+    // And it takes writes at replicated(1): the other replica acks them.
+    for i in 0..50 {
+        let _: () = wc.set(format!("after{i}"), i).unwrap();
+    }
+    wait_converged(winner, other);
+    assert_eq!(other.client().get::<_, i64>("after49").unwrap(), 49);
+    // One vote per epoch: the other replica gave its vote in the epoch the
+    // winner was elected in (or stood in it).
+    let (granted, why) = vote(other, new_epoch, "127.0.0.1:1", new_epoch);
+    assert_eq!(granted, 0, "{why}");
+
+    // The old primary comes back alone first (a split brain: no peers) and
+    // takes a write the new primary never sees ...
+    let old = NodeProcess::start(
+        pdir.path(),
+        &[
+            "--shards",
+            "2",
+            "--listen",
+            &p_addr,
+            "--commit-level",
+            "local",
+            "--node-id",
+            "p",
+        ],
+    );
+    let _: () = old.client().set("split-brain", 1).unwrap();
+    assert_eq!(old.terminate().code(), Some(0));
+    // ... then with its peers: it learns of the newer primary, steps down,
+    // rewinds its own write away (kept in quarantine) and follows.
+    let peers = format!("{a_addr},{b_addr}");
+    let old = start(
+        pdir.path(),
+        &["--listen", &p_addr, "--peers", &peers, "--node-id", "p"],
+    );
+    wait_for("the old primary steps down and follows", || {
+        let s = status(&old);
+        (s["role"] == "replica" && s["upstream"]["host"] == winner_addr.as_str()).then_some(())
+    });
+    wait_converged(winner, &old);
+    let mut oc = old.client();
+    assert_eq!(oc.get::<_, Option<i64>>("split-brain").unwrap(), None);
+    assert_eq!(oc.get::<_, i64>("after49").unwrap(), 49);
+    let s = status(&old);
+    // A rewind per shard it wrote past the fork on (the split-brain write,
+    // and records of the load it had not acknowledged).
+    assert!(s["upstream"]["rewinds"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(s["epoch"], new_epoch, "{s}");
+    // Silent while it rewound, it asked whether it could stand (a
+    // pre-vote), was told no by nodes that hear their primary, and went on
+    // following: it never stopped to stand.
+    assert_eq!(s["failover"]["elections"], 0, "{s}");
+    let kept = quarantined(&old.dir);
+    assert!(kept.iter().any(|f| f.ends_with("REWIND.txt")), "{kept:?}");
+    eprintln!(
+        "failover: {} writes acknowledged before the kill, elected after {:.2} s",
+        acked.len(),
+        elected_after.as_secs_f64()
+    );
+}
