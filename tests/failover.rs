@@ -274,3 +274,57 @@ fn the_primary_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost()
         elected_after.as_secs_f64()
     );
 }
+
+#[test]
+fn a_node_that_voted_never_acknowledges_for_an_older_primary_even_after_a_restart() {
+    let (pdir, vdir) = (disk_dir(), disk_dir());
+    let primary = start(
+        pdir.path(),
+        &["--node-id", "p", "--commit-timeout-ms", "1000"],
+    );
+    let proxy = Proxy::start(primary.listen);
+    let upstream = proxy.addr.to_string();
+    let replica_args = ["--replica-of", upstream.as_str(), "--node-id", "v"];
+    let v = start(vdir.path(), &replica_args);
+    let mut c = primary.client();
+    let _: () = c.set("before", 1).unwrap();
+    let epoch = status(&primary)["epoch"].as_u64().unwrap();
+
+    // Cut off from its primary for longer than the election timeout, the
+    // replica gives its vote to a candidate of a newer epoch.
+    proxy.cut();
+    let (granted, why) = wait_for(
+        "the replica votes once it no longer hears its primary",
+        || {
+            let answer = vote(&v, epoch + 1, "127.0.0.1:1", epoch);
+            (answer.0 == 1).then_some(answer)
+        },
+    );
+    assert_eq!((granted, why.as_str()), (1, "granted"));
+    let s = status(&v);
+    assert_eq!(s["failover"]["vote_epoch"], epoch + 1, "{s}");
+    assert_eq!(s["failover"]["voted_for"], "127.0.0.1:1", "{s}");
+
+    // Restarted, with its old configuration, and the link healed: it does
+    // not follow the primary of the older epoch, so a replicated(1) write
+    // there is not acknowledged.
+    assert_eq!(v.terminate().code(), Some(0));
+    proxy.heal();
+    let v = start(vdir.path(), &replica_args);
+    wait_for("the restarted replica has tried its upstream", || {
+        let s = status(&v);
+        (s["upstream"]["connected"] == true || !s["upstream"]["last_error"].is_null()).then_some(())
+    });
+    let err = c.set::<_, _, ()>("after", 1).unwrap_err().to_string();
+    assert!(err.contains("TIMEOUT"), "{err}");
+    let s = status(&primary);
+    assert_eq!(s["replicas"][0]["status"], "disconnected", "{s}");
+    let s = status(&v);
+    let why = s["upstream"]["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("voted in epoch"), "{s}");
+    assert_eq!(
+        s["failover"]["vote_epoch"],
+        epoch + 1,
+        "the vote was kept: {s}"
+    );
+}

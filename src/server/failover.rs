@@ -429,6 +429,29 @@ async fn primary_above(shared: &Shared, epoch: u64, limit: Duration) -> Option<(
     best
 }
 
+/// Whether this node may follow `upstream`: always, unless it voted, and
+/// then only an upstream whose log is in the epoch it voted in or a later
+/// one (asked with `TIDEWAL.WHO`). Raft's rule that a node which has seen
+/// a term rejects leaders of older ones.
+pub(super) async fn may_follow(shared: &Shared, upstream: &str) -> Result<(), String> {
+    let voted = shared.failover.lock().map(|f| f.vote_epoch).unwrap_or(0);
+    if voted == 0 {
+        return Ok(());
+    }
+    let limit = Duration::from_millis(shared.config.election_timeout_ms);
+    match call(upstream, &[WHO_COMMAND], limit).await? {
+        Reply::Array(a) => match a.as_slice() {
+            [_, Reply::Int(e), ..] if *e as u64 >= voted => Ok(()),
+            [_, Reply::Int(e), ..] => Err(format!(
+                "not following {upstream}: its log is in epoch {e}, and this node voted in epoch {voted}"
+            )),
+            other => Err(format!("{upstream} answered TIDEWAL.WHO with {other:?}")),
+        },
+        Reply::Error(e) => Err(format!("{upstream} answered TIDEWAL.WHO with {e}")),
+        other => Err(format!("{upstream} answered TIDEWAL.WHO with {other:?}")),
+    }
+}
+
 /// Follows `primary`, elected in a failover; refused as diverged by it,
 /// this node re-syncs by itself (see `follow`).
 fn rejoin(shared: &Arc<Shared>, primary: &str, epoch: u64, why: &str) {

@@ -982,6 +982,10 @@ async fn follow_once(
     generation: u64,
     plan: &mut ResyncPlan,
 ) -> Result<(), String> {
+    // A node that voted in an epoch follows no upstream of an older one:
+    // its acks (and Hello) could otherwise acknowledge, for an old primary,
+    // writes the winner of that vote never gathered (after a restart, say).
+    super::failover::may_follow(shared, upstream).await?;
     let mut stream = TcpStream::connect(upstream)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -1105,6 +1109,12 @@ async fn follow_once(
             0,
             &hello.encode(),
         ));
+    }
+    // The upstream counts a Hello's positions as held here: like an ack,
+    // none is sent once this node stopped following (it voted), and what
+    // was computed before that is at or below what the vote reported.
+    if shared.follow_generation.load(Ordering::Acquire) != generation {
+        return Err("stopped following".into());
     }
     stream.write_all(&hellos).await.map_err(e)?;
     if let Ok(mut u) = shared.upstream.lock() {
