@@ -80,6 +80,9 @@ pub struct ShardStats {
     /// no epoch at or below it is begun again, though `epoch` may be below
     /// it until the log catches up.
     pub epoch_floor: u64,
+    /// The highest epoch this shard began itself (a promotion or an
+    /// election; 0 if none since it was created).
+    pub epoch_begun: u64,
     /// Everything below is durable.
     pub durable_lsn: u64,
     /// Where the next record goes: the head of the log.
@@ -1360,6 +1363,7 @@ fn shard_stats(id: u32, executor: u32, shard: &Shard<DmaStorage>) -> ShardStats 
         executor,
         epoch: next.epoch,
         epoch_floor: shard.epoch_floor(),
+        epoch_begun: shard.epoch_begun(),
         durable_lsn: wal.durable_lsn(),
         next_lsn: next.lsn,
         chain: next.chain,

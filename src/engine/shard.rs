@@ -153,6 +153,9 @@ pub struct Shard<S: Storage + Clone + 'static, M: StateMachine = KvState> {
     /// that its upstream was seen in (see [`EPOCH_FLOOR_PREFIX`]); 0 if
     /// neither.
     epoch_floor: std::cell::Cell<u64>,
+    /// The highest epoch this shard began itself (`epoch-begun-N`); 0 if
+    /// none since it was created.
+    epoch_begun: std::cell::Cell<u64>,
 }
 
 impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
@@ -184,6 +187,7 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             .iter()
             .filter_map(|n| parse_epoch_name(n, EPOCH_BEGUN_PREFIX))
             .fold(options.own_epoch_max, u64::max);
+        let epoch_begun = options.own_epoch_max;
         let origin = snapshot.as_ref().filter(|_| resyncing).map(|s| s.pos);
         let wal = Wal::open_at(storage.clone(), options, origin).await?;
         if resyncing && wal.segment_count() > 0 {
@@ -233,6 +237,7 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
             snapshotting: std::cell::Cell::new(false),
             resync_pending: std::cell::Cell::new(resync_pending),
             epoch_floor: std::cell::Cell::new(epoch_floor),
+            epoch_begun: std::cell::Cell::new(epoch_begun),
         })
     }
 
@@ -241,6 +246,12 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
     /// a new epoch must be above it.
     pub fn epoch_floor(&self) -> u64 {
         self.epoch_floor.get()
+    }
+
+    /// The highest epoch this shard began itself (0 if none since it was
+    /// created): a log whose epoch is above it holds another node's epoch.
+    pub fn epoch_begun(&self) -> u64 {
+        self.epoch_begun.get()
     }
 
     /// Notes that its floor file now says `epoch`.
@@ -342,6 +353,7 @@ impl<S: Storage + Clone + 'static, M: StateMachine> Shard<S, M> {
         let begun = format!("{EPOCH_BEGUN_PREFIX}{epoch:020}");
         self.storage.create(&begun).await?;
         self.storage.sync_dir().await?;
+        self.epoch_begun.set(self.epoch_begun.get().max(epoch));
         self.wal.wait_for_space().await?;
         self.wal.begin_epoch(epoch)?;
         let pending = self.wal.submit(RecordKind::Noop, &[])?;

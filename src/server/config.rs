@@ -260,6 +260,12 @@ impl NodeConfig {
         }) {
             return bad(format!("peers: {peer:?} is not HOST:PORT"));
         }
+        if self.election_timeout_ms > 3_600_000 {
+            return bad(format!(
+                "election_timeout_ms = {} is over an hour",
+                self.election_timeout_ms
+            ));
+        }
         if self.election_timeout_ms < 1_000 {
             // Under two heartbeats, a replica would stand while its primary
             // is up.

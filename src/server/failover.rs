@@ -63,23 +63,38 @@ pub(super) const WHO_COMMAND: &[u8] = b"TIDEWAL.WHO";
 pub(super) const FETCH_COMMAND: &[u8] = b"TIDEWAL.FETCH";
 pub(super) const PEERS_COMMAND: &[u8] = b"TIDEWAL.PEERS";
 
-/// In the data directory: the last vote, `EPOCH CANDIDATE`.
+/// In the data directory: `VOTE_EPOCH CANDIDATE FENCE`.
 const VOTE_FILE: &str = "vote";
 
-/// Records a `TIDEWAL.FETCH` answers with, about.
+/// Records a `TIDEWAL.FETCH` answers with, about (at least one record).
 const FETCH_BYTES: usize = 1 << 20;
+
+/// The longest reply a node takes from another: a fetch of one record of
+/// the largest size the WAL allows, and then some.
+const REPLY_BYTES_MAX: usize = 64 << 20;
 
 /// What this node knows of elections.
 #[derive(Debug, Default)]
 pub(super) struct Failover {
     /// The other data nodes (`HOST:PORT` of their client ports).
     pub peers: Vec<String>,
-    /// The highest epoch this node voted in, and for whom (kept in
-    /// `VOTE_FILE` before any answer depends on it).
+    /// The highest epoch this node voted in, and for whom.
     pub vote_epoch: u64,
     pub voted_for: String,
-    /// Since when this node has stopped following because it voted or
-    /// stood (`None`: it follows its upstream, or is a primary).
+    /// The highest epoch in which this node gave its vote to another node
+    /// or began as the winner: it follows no upstream whose log is older
+    /// (`may_follow`). A candidate's vote for itself does not raise it: it
+    /// told no one its positions, and after a loss it may follow its old
+    /// upstream again. Kept in `VOTE_FILE` with the vote.
+    pub fence: u64,
+    /// The highest epoch a peer refusing a vote said it had voted in or
+    /// seen: the next election is above it.
+    pub heard_epoch: u64,
+    /// Set while a winner begins its epoch: no vote is given meanwhile
+    /// (a node that begins epoch `T` has not voted for `T + 1`).
+    pub promoting: Option<u64>,
+    /// Since when this node has stopped following because it voted, stood
+    /// or stands by (`None`: it follows its upstream, or is a primary).
     pub stopped: Option<Instant>,
     /// Since when this node has followed its current upstream.
     pub since: Option<Instant>,
@@ -113,56 +128,82 @@ pub(super) fn load_vote(shared: &Shared) {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return;
     };
-    let mut words = text.split_whitespace();
-    let epoch = words.next().and_then(|e| e.parse::<u64>().ok());
-    let candidate = words.next().unwrap_or_default().to_string();
-    match epoch {
-        Some(epoch) => {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
+    match (number(0), words.get(1), number(2)) {
+        (Some(epoch), Some(candidate), Some(fence)) if words.len() == 3 => {
             if let Ok(mut f) = shared.failover.lock() {
                 f.vote_epoch = epoch;
-                f.voted_for = candidate;
+                f.voted_for = candidate.to_string();
+                f.fence = fence;
             }
         }
-        None => {
-            tracing::warn!(path = %path.display(), "the vote file is not `EPOCH CANDIDATE`: ignored")
-        }
+        _ => tracing::error!(
+            path = %path.display(),
+            "the vote file is not `EPOCH CANDIDATE FENCE`: ignored (this node may vote again in an epoch it voted in)"
+        ),
     }
 }
 
-/// Makes the vote durable (file, then directory) on glommio's blocking
-/// thread.
-async fn keep_vote(shared: &Shared, epoch: u64, candidate: &str) -> Result<(), String> {
-    let dir = shared.config.data_dir.clone();
-    let text = format!("{epoch} {candidate}\n");
+/// Makes the vote and fence as they are in memory now durable (file, then
+/// directory) on glommio's blocking thread. Writers take turns, and each
+/// writes the newest state, so the file never goes back to an older vote.
+async fn keep_vote(shared: &Arc<Shared>) -> Result<(), String> {
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let shared = shared.clone();
     glommio::executor()
         .spawn_blocking(move || {
+            let _turn = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+            let text = match shared.failover.lock() {
+                Ok(f) => format!("{} {} {}\n", f.vote_epoch, f.voted_for, f.fence),
+                Err(_) => return Err(std::io::Error::other("poisoned")),
+            };
+            let dir = &shared.config.data_dir;
             let path = dir.join(VOTE_FILE);
             let tmp = dir.join("vote.tmp");
             std::fs::write(&tmp, text)?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&dir)?.sync_all()
+            std::fs::File::open(dir)?.sync_all()
         })
         .await
         .map_err(|e| format!("keeping the vote: {e}"))
 }
 
-/// Whether `addr` names this node's client port.
+/// Whether `addr` names this node's client port: its own address, or,
+/// on its port, a loopback address or (when it listens on every address)
+/// one of this host's.
 pub(super) fn is_own_address(shared: &Shared, addr: &str) -> bool {
     use std::net::ToSocketAddrs;
     let Some(a) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         return false;
     };
-    a == shared.listen
-        || (a.port() == shared.listen.port()
-            && (a.ip().is_loopback() || shared.listen.ip().is_unspecified()))
+    let listen = shared.listen;
+    a == listen
+        || (a.port() == listen.port()
+            && (a.ip().is_loopback()
+                || (listen.ip().is_unspecified()
+                    // Only a local address can be bound.
+                    && std::net::UdpSocket::bind((a.ip(), 0)).is_ok())))
 }
 
-/// The configured peers, without this node.
+/// `HOST:PORT`, by its form (the host need not resolve yet).
+pub(super) fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// Sets the peers, without this node; returns them.
 pub(super) fn set_peers(shared: &Shared, peers: &[String]) -> Vec<String> {
     let peers: Vec<String> = peers
         .iter()
-        .filter(|p| !p.is_empty() && !is_own_address(shared, p))
+        .filter(|p| {
+            let own = is_own_address(shared, p);
+            if own {
+                tracing::info!(peer = %p, "a peer names this node: left out");
+            }
+            !p.is_empty() && !own
+        })
         .cloned()
         .collect();
     if let Ok(mut f) = shared.failover.lock() {
@@ -184,9 +225,19 @@ fn log_epoch(stats: &[crate::engine::ShardStats]) -> u64 {
     stats.iter().map(|s| s.epoch).max().unwrap_or(0)
 }
 
+/// The highest epoch any shard here has held or seen (floors included).
+fn seen_epoch(stats: &[crate::engine::ShardStats]) -> u64 {
+    stats
+        .iter()
+        .map(|s| s.epoch.max(s.epoch_floor))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Stops following the upstream (a vote was given or asked): the follower
 /// ends and acks nothing more (`send_acks` checks the generation before
-/// each ack it writes). The node stays a read-only replica.
+/// each ack it writes, `follow_once` before its Hello). The node stays a
+/// read-only replica.
 fn stop_following(shared: &Shared, why: String) {
     shared.follow_generation.fetch_add(1, Ordering::AcqRel);
     if let Ok(mut u) = shared.upstream.lock() {
@@ -199,9 +250,44 @@ fn stop_following(shared: &Shared, why: String) {
     }
 }
 
+/// Makes this node a read-only replica that follows no one yet: a primary
+/// that learns its epoch is over, or one restarted as a primary whose log
+/// is in an epoch another node began. It takes no write from now on; it
+/// finds the primary (`TIDEWAL.WHO`) or is elected.
+pub(super) fn stand_by(shared: &Shared, why: String) {
+    tracing::warn!(%why, "standing by as a replica");
+    if let Ok(mut r) = shared.replica_of.lock() {
+        r.clear();
+    }
+    shared.replica.store(true, Ordering::Release);
+    stop_following(shared, why);
+}
+
+/// At start, with peers: a node configured as a primary whose log is in an
+/// epoch it did not begin (it was a replica in a later epoch than the one
+/// it first led, or it never led) does not take writes in it: another node
+/// is, or was, that epoch's primary.
+pub(super) fn check_start_as_primary(shared: &Shared, stats: &[crate::engine::ShardStats]) {
+    if shared.is_replica() || shared.config.peers.is_empty() {
+        return;
+    }
+    let ours = log_epoch(stats);
+    let begun = stats.iter().map(|s| s.epoch_begun).max().unwrap_or(0);
+    // Epoch 1 is a new log's: the node configured as the primary led it.
+    if ours > begun.max(1) {
+        stand_by(
+            shared,
+            format!(
+                "configured as a primary, but its log is in epoch {ours}, which another node began (this node began {begun} last): following the primary its peers name, or standing in an election"
+            ),
+        );
+    }
+}
+
 /// `TIDEWAL.VOTE epoch candidate candidate_log_epoch [PRE]`: grants or
-/// refuses this node's vote; a grant carries each shard's durable LSN.
-/// With `PRE`, only says whether it would, taking nothing.
+/// refuses this node's vote. A grant carries each shard's durable LSN and
+/// the epoch of its last record; a refusal, the highest epoch this node has
+/// voted in or seen. With `PRE`, only says whether it would, taking nothing.
 pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
     let number = |i: usize| {
         std::str::from_utf8(&args[i])
@@ -214,61 +300,69 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
     let candidate = String::from_utf8_lossy(&args[2]).to_string();
     let pre = match args.get(4) {
         None => false,
-        Some(a) if a.eq_ignore_ascii_case(b"PRE") => true,
+        Some(a) if a.eq_ignore_ascii_case(b"PRE") && args.len() == 5 => true,
         Some(_) => return Reply::err("TIDEWAL.VOTE epoch candidate log-epoch [PRE]"),
     };
-    let refuse = |why: String| Reply::Array(vec![Reply::Int(0), Reply::Simple(why)]);
+    let refuse = |why: String, known: u64| {
+        Reply::Array(vec![
+            Reply::Int(0),
+            Reply::Simple(why),
+            Reply::Int(known as i64),
+        ])
+    };
     let Ok(stats) = shared.engine.stats().await else {
-        return refuse("this node's engine is closed".into());
+        return refuse("this node's engine is closed".into(), 0);
     };
     let ours = log_epoch(&stats);
-    let seen = stats
-        .iter()
-        .map(|s| s.epoch.max(s.epoch_floor))
-        .max()
-        .unwrap_or(0);
+    let seen = seen_epoch(&stats);
     let timeout = Duration::from_millis(shared.config.election_timeout_ms);
     let last_frame = shared.upstream.lock().ok().and_then(|u| u.last_frame);
+    let was_primary;
     {
         let Ok(mut f) = shared.failover.lock() else {
-            return refuse("poisoned".into());
+            return refuse("poisoned".into(), 0);
         };
+        was_primary = !shared.is_replica();
         let here = Here {
-            primary: !shared.is_replica(),
+            primary: was_primary,
+            promoting: f.promoting.is_some(),
             vote_epoch: f.vote_epoch,
             voted_for: &f.voted_for,
-            hears_upstream: f.stopped.is_none() && f.silence(last_frame) < timeout,
+            hears_upstream: !was_primary && f.stopped.is_none() && f.silence(last_frame) < timeout,
             log_epoch: ours,
             seen,
         };
         if let Some(why) = refusal(&here, epoch, &candidate, their_log) {
-            return refuse(why);
+            return refuse(why, f.vote_epoch.max(seen));
         }
         if pre {
             // Asked whether it would: nothing is taken, nothing stops.
-            return Reply::Array(vec![
-                Reply::Int(1),
-                Reply::Simple("would grant".into()),
-                Reply::Array(Vec::new()),
-            ]);
+            return Reply::Array(vec![Reply::Int(1), Reply::Simple("would grant".into())]);
         }
         // Taken at once, under the lock: a second candidate in this epoch
         // is refused even while this vote is being made durable.
         f.vote_epoch = epoch;
         f.voted_for = candidate.clone();
+        f.fence = f.fence.max(epoch);
     }
-    stop_following(
-        &shared,
-        format!("stopped following: voted for {candidate} in epoch {epoch}"),
-    );
-    if let Err(e) = keep_vote(&shared, epoch, &candidate).await {
-        return refuse(e);
+    let why = format!("stopped following: voted for {candidate} in epoch {epoch}");
+    if was_primary {
+        // A primary of an older epoch than the candidate's log: its epoch
+        // is over.
+        stand_by(&shared, why);
+    } else {
+        stop_following(&shared, why);
+    }
+    if let Err(e) = keep_vote(&shared).await {
+        return refuse(e, epoch);
     }
     tracing::warn!(%candidate, epoch, "voted in an election");
-    // Positions read after the follower stopped: nothing past them is
-    // acknowledged upstream by this node.
-    let Ok(stats) = shared.engine.stats().await else {
-        return refuse("this node's engine is closed".into());
+    // Positions read after the follower stopped, once what it staged is
+    // durable: nothing past them is acknowledged upstream by this node,
+    // and the candidate may fetch all of them.
+    let positions = durable_positions(&shared, timeout).await;
+    let Ok(stats) = positions else {
+        return refuse("this node's engine is closed".into(), epoch);
     };
     Reply::Array(vec![
         Reply::Int(1),
@@ -279,12 +373,40 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
                 .map(|s| Reply::Int(s.durable_lsn as i64))
                 .collect(),
         ),
+        Reply::Array(stats.iter().map(|s| Reply::Int(s.epoch as i64)).collect()),
     ])
+}
+
+/// Every shard's figures once what was staged when it was called is
+/// durable (or `limit` has passed).
+async fn durable_positions(
+    shared: &Shared,
+    limit: Duration,
+) -> Result<Vec<crate::engine::ShardStats>, crate::engine::EngineError> {
+    // An empty batch queues behind whatever a link staged (staging is
+    // first come, first served).
+    for shard in 0..shared.engine.shard_count() {
+        shared
+            .engine
+            .replicate_at(shard, Bytes::new(), CommitLevel::Memory)
+            .await?;
+    }
+    let started = Instant::now();
+    loop {
+        let stats = shared.engine.stats().await?;
+        let durable = stats.iter().all(|s| s.durable_lsn >= s.next_lsn);
+        if durable || started.elapsed() >= limit {
+            return Ok(stats);
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// What a node asked for its vote goes by.
 struct Here<'a> {
     primary: bool,
+    /// It is beginning the epoch it won.
+    promoting: bool,
     /// Its last vote.
     vote_epoch: u64,
     voted_for: &'a str,
@@ -301,11 +423,15 @@ struct Here<'a> {
 /// in `epoch` with a log in `their_log`; `None` grants it.
 fn refusal(here: &Here, epoch: u64, candidate: &str, their_log: u64) -> Option<String> {
     let again = epoch == here.vote_epoch && here.voted_for == candidate;
-    if here.primary {
+    if here.primary && their_log <= here.log_epoch {
+        // A primary whose epoch is as new as any the candidate has seen is
+        // up; one behind the candidate's log is stale, and votes.
         Some(format!(
             "this node is the primary, in epoch {}, and is up",
             here.log_epoch
         ))
+    } else if here.promoting {
+        Some("this node is beginning the epoch it was elected in".into())
     } else if epoch <= here.vote_epoch && !again {
         Some(format!(
             "voted in epoch {} already (for {})",
@@ -391,8 +517,11 @@ async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<Reply, Stri
         let mut input = Vec::new();
         let mut buf = vec![0; 64 << 10];
         loop {
-            match parse_reply(&input, 4 * FETCH_BYTES).map_err(|e| format!("{addr}: {e}"))? {
+            match parse_reply(&input, REPLY_BYTES_MAX).map_err(|e| format!("{addr}: {e}"))? {
                 Some((reply, _)) => return Ok(reply),
+                None if input.len() > REPLY_BYTES_MAX + 1024 => {
+                    return Err(format!("{addr} answered more than {REPLY_BYTES_MAX} bytes"));
+                }
                 None => {
                     let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
                     if n == 0 {
@@ -408,19 +537,45 @@ async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<Reply, Stri
         .map_err(|_| format!("{addr} did not answer within {} ms", limit.as_millis()))?
 }
 
-/// A peer's answer to `TIDEWAL.WHO`: a primary, and its log's epoch.
-async fn primary_above(shared: &Shared, epoch: u64, limit: Duration) -> Option<(String, u64)> {
-    let asks: Vec<_> = peers(shared)
-        .into_iter()
-        .map(|p| async move { (call(&p, &[WHO_COMMAND], limit).await, p) })
+/// Asks every peer at once, and returns each answer with its peer.
+async fn ask_all(
+    peers: &[String],
+    args: Vec<Vec<u8>>,
+    limit: Duration,
+) -> Vec<(String, Result<Reply, String>)> {
+    let args = std::rc::Rc::new(args);
+    let asks: Vec<_> = peers
+        .iter()
+        .map(|p| {
+            let (p, args) = (p.clone(), args.clone());
+            glommio::spawn_local(async move {
+                let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+                let answer = call(&p, &refs, limit).await;
+                (p, answer)
+            })
+        })
         .collect();
-    let mut best: Option<(String, u64)> = None;
+    let mut answers = Vec::new();
     for ask in asks {
-        let (answer, peer) = ask.await;
+        answers.push(ask.await);
+    }
+    answers
+}
+
+/// The primary in the highest epoch at or above `min_epoch` that a peer
+/// says it is (`TIDEWAL.WHO`), with that epoch.
+async fn primary_at_least(
+    shared: &Shared,
+    min_epoch: u64,
+    limit: Duration,
+) -> Option<(String, u64)> {
+    let answers = ask_all(&peers(shared), vec![WHO_COMMAND.to_vec()], limit).await;
+    let mut best: Option<(String, u64)> = None;
+    for (peer, answer) in answers {
         if let Ok(Reply::Array(a)) = answer
             && let [Reply::Bulk(role), Reply::Int(e), ..] = a.as_slice()
             && role.as_ref() == b"primary"
-            && (*e as u64) > epoch
+            && (*e as u64) >= min_epoch
             && best.as_ref().is_none_or(|(_, b)| (*e as u64) > *b)
         {
             best = Some((peer, *e as u64));
@@ -429,21 +584,22 @@ async fn primary_above(shared: &Shared, epoch: u64, limit: Duration) -> Option<(
     best
 }
 
-/// Whether this node may follow `upstream`: always, unless it voted, and
-/// then only an upstream whose log is in the epoch it voted in or a later
-/// one (asked with `TIDEWAL.WHO`). Raft's rule that a node which has seen
-/// a term rejects leaders of older ones.
+/// Whether this node may follow `upstream`: always, unless it has given
+/// its vote to another node (or won) in some epoch, and then only an
+/// upstream whose log is in that epoch or a later one (asked with
+/// `TIDEWAL.WHO`). Raft's rule that a node which has seen a term rejects
+/// leaders of older ones.
 pub(super) async fn may_follow(shared: &Shared, upstream: &str) -> Result<(), String> {
-    let voted = shared.failover.lock().map(|f| f.vote_epoch).unwrap_or(0);
-    if voted == 0 {
+    let fence = shared.failover.lock().map(|f| f.fence).unwrap_or(0);
+    if fence == 0 {
         return Ok(());
     }
     let limit = Duration::from_millis(shared.config.election_timeout_ms);
     match call(upstream, &[WHO_COMMAND], limit).await? {
         Reply::Array(a) => match a.as_slice() {
-            [_, Reply::Int(e), ..] if *e as u64 >= voted => Ok(()),
+            [_, Reply::Int(e), ..] if *e as u64 >= fence => Ok(()),
             [_, Reply::Int(e), ..] => Err(format!(
-                "not following {upstream}: its log is in epoch {e}, and this node voted in epoch {voted}"
+                "not following {upstream}: its log is in epoch {e}, and this node voted in epoch {fence}"
             )),
             other => Err(format!("{upstream} answered TIDEWAL.WHO with {other:?}")),
         },
@@ -452,39 +608,69 @@ pub(super) async fn may_follow(shared: &Shared, upstream: &str) -> Result<(), St
     }
 }
 
-/// Follows `primary`, elected in a failover; refused as diverged by it,
-/// this node re-syncs by itself (see `follow`).
-fn rejoin(shared: &Arc<Shared>, primary: &str, epoch: u64, why: &str) {
-    tracing::warn!(%primary, epoch, "following the primary of a newer epoch ({why})");
-    let generation = shared.set_upstream(primary);
+/// Follows `upstream` (a primary elected in a failover, or the one this
+/// node followed before a lost election); refused as diverged by it, this
+/// node re-syncs by itself (see `follow`).
+fn rejoin(shared: &Arc<Shared>, upstream: &str, epoch: u64, why: &str) {
+    tracing::warn!(%upstream, epoch, "following {upstream} ({why})");
+    let generation = shared.set_upstream(upstream);
     if let Ok(mut f) = shared.failover.lock() {
-        f.rejoin = primary.to_string();
+        f.rejoin = upstream.to_string();
         f.rejoin_resynced = false;
         f.last = Some(serde_json::json!({
             "outcome": why,
-            "primary": primary,
+            "primary": upstream,
             "epoch": epoch,
         }));
     }
     glommio::spawn_local(super::replication::follow(
         shared.clone(),
-        primary.to_string(),
+        upstream.to_string(),
         generation,
     ))
     .detach();
 }
 
-/// Whether a follower refused by `upstream` should re-sync by itself: the
-/// node follows it because of a failover, and has not tried yet.
-pub(super) fn resync_after_refusal(shared: &Shared, upstream: &str) -> bool {
+/// Whether a follower refused by `upstream` should re-sync by itself
+/// (rewind, or take a snapshot, keeping what it cuts in quarantine): the
+/// node follows it because of a failover, has not tried yet, and
+/// `upstream` is a primary in a newer epoch than this node's log. Only
+/// such a primary is sure to hold every acknowledged write of the older
+/// epochs (its election gathered them); a replica, or a primary of the
+/// same epoch, may simply be behind this node.
+pub(super) async fn resync_after_refusal(shared: &Shared, upstream: &str) -> bool {
+    {
+        let Ok(f) = shared.failover.lock() else {
+            return false;
+        };
+        if f.rejoin != upstream || f.rejoin_resynced {
+            return false;
+        }
+    }
+    let ours = shared
+        .engine
+        .stats()
+        .await
+        .map_or(u64::MAX, |s| log_epoch(&s));
+    let limit = Duration::from_millis(shared.config.election_timeout_ms);
+    let newer = match call(upstream, &[WHO_COMMAND], limit).await {
+        Ok(Reply::Array(a)) => matches!(
+            a.as_slice(),
+            [Reply::Bulk(role), Reply::Int(e), ..]
+                if role.as_ref() == b"primary" && (*e as u64) > ours
+        ),
+        _ => false,
+    };
+    if !newer {
+        tracing::warn!(%upstream, "refused, but the upstream is not a primary of a newer epoch than this node's log: not re-syncing by itself");
+        return false;
+    }
     let Ok(mut f) = shared.failover.lock() else {
         return false;
     };
-    if f.rejoin != upstream || f.rejoin_resynced {
-        return false;
-    }
+    let first = !f.rejoin_resynced;
     f.rejoin_resynced = true;
-    true
+    first
 }
 
 /// The election task: runs on the first executor for the node's life.
@@ -505,7 +691,9 @@ pub(super) async fn elections(shared: Arc<Shared>) {
     let mut wait = timeout + jitter();
     // The last time this node stood, or asked whether it could.
     let mut tried = Instant::now();
-    let mut last_check = Instant::now() - timeout;
+    // The last time it asked its peers who is primary (none yet).
+    let mut last_check: Option<Instant> = None;
+    let due = |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
     while !shared.stopping() {
         glommio::timer::sleep(tick).await;
         if peers(&shared).is_empty() {
@@ -516,10 +704,10 @@ pub(super) async fn elections(shared: Arc<Shared>) {
         };
         let ours = log_epoch(&stats);
         if !shared.is_replica() {
-            // A primary: deposed by one in a higher epoch?
-            if last_check.elapsed() >= timeout {
-                last_check = Instant::now();
-                if let Some((primary, epoch)) = primary_above(&shared, ours, timeout).await
+            // A primary: deposed by one in a newer epoch?
+            if due(last_check, timeout) {
+                last_check = Some(Instant::now());
+                if let Some((primary, epoch)) = primary_at_least(&shared, ours + 1, timeout).await
                     && !shared.is_replica()
                 {
                     rejoin(&shared, &primary, epoch, "deposed by a newer primary");
@@ -528,17 +716,19 @@ pub(super) async fn elections(shared: Arc<Shared>) {
             continue;
         }
         let last_frame = shared.upstream.lock().ok().and_then(|u| u.last_frame);
-        let (silence, stopped) = match shared.failover.lock() {
-            Ok(f) => (f.silence(last_frame), f.stopped.is_some()),
+        let (silence, stopped, fence) = match shared.failover.lock() {
+            Ok(f) => (f.silence(last_frame), f.stopped.is_some(), f.fence),
             Err(_) => return,
         };
         if silence < timeout && !stopped {
             continue;
         }
-        // Silent or stopped: a primary in a newer epoch is followed.
-        if last_check.elapsed() >= tick * 2 || silence >= wait {
-            last_check = Instant::now();
-            if let Some((primary, epoch)) = primary_above(&shared, ours, timeout).await
+        // Silent or stopped: a primary at least as new as this node's log
+        // (and as the epoch it voted in) is followed.
+        if due(last_check, tick * 2) || silence >= wait {
+            last_check = Some(Instant::now());
+            if let Some((primary, epoch)) =
+                primary_at_least(&shared, ours.max(fence), timeout).await
                 && (stopped || primary != shared.replica_of())
             {
                 rejoin(&shared, &primary, epoch, "a newer primary was elected");
@@ -553,65 +743,67 @@ pub(super) async fn elections(shared: Arc<Shared>) {
     }
 }
 
+/// What a vote round gathered: the peers that granted, with each shard's
+/// `(durable lsn, epoch)`; and the highest epoch a refusing peer knew.
+#[derive(Default)]
+struct Round {
+    granted: Vec<(String, Vec<(u64, u64)>)>,
+    known: u64,
+}
+
+/// Asks every peer for its vote (or, `pre`, whether it would give it).
+async fn ask(
+    peers: &[String],
+    epoch: u64,
+    me: &str,
+    ours: u64,
+    pre: bool,
+    limit: Duration,
+) -> Round {
+    let mut args = vec![
+        VOTE_COMMAND.to_vec(),
+        epoch.to_string().into_bytes(),
+        me.as_bytes().to_vec(),
+        ours.to_string().into_bytes(),
+    ];
+    if pre {
+        args.push(b"PRE".to_vec());
+    }
+    let mut round = Round::default();
+    for (peer, answer) in ask_all(peers, args, limit).await {
+        let int = |r: &Reply| match r {
+            Reply::Int(n) => u64::try_from(*n).unwrap_or(0),
+            _ => 0,
+        };
+        match answer {
+            Ok(Reply::Array(a)) => match a.as_slice() {
+                [Reply::Int(1), _] if pre => round.granted.push((peer, Vec::new())),
+                [Reply::Int(1), _, Reply::Array(lsns), Reply::Array(epochs)] if !pre => {
+                    let shards = lsns.iter().map(int).zip(epochs.iter().map(int)).collect();
+                    round.granted.push((peer, shards));
+                }
+                [Reply::Int(0), Reply::Simple(why), known] => {
+                    round.known = round.known.max(int(known));
+                    tracing::info!(%peer, %why, epoch, pre, "vote refused");
+                }
+                other => tracing::info!(%peer, ?other, "unexpected answer to a vote"),
+            },
+            other => tracing::info!(%peer, ?other, pre, "no vote"),
+        }
+    }
+    round
+}
+
 /// Stands in an election; on a win, becomes the primary.
 async fn stand(shared: &Arc<Shared>, timeout: Duration) {
     let Ok(stats) = shared.engine.stats().await else {
         return;
     };
-    let ours = log_epoch(&stats);
-    let seen = stats
-        .iter()
-        .map(|s| s.epoch.max(s.epoch_floor))
-        .max()
-        .unwrap_or(0);
     let me = shared.listen.to_string();
     let peers = peers(shared);
     let needed = majority(peers.len() + 1);
-    let next = |f: &Failover| seen.max(f.vote_epoch).checked_add(1);
-    // Pre-vote: would a majority vote in the next epoch? Nothing is taken
-    // and this node goes on following meanwhile, so one that alone lost
-    // its link (or whose link is busy re-syncing) neither stops nor
-    // raises epochs.
-    let Some(epoch) = shared.failover.lock().ok().and_then(|f| next(&f)) else {
-        return;
-    };
-    let would = ask(&peers, epoch, &me, ours, true, timeout).await.len() + 1;
-    if would < needed {
-        tracing::info!(
-            epoch,
-            would,
-            needed,
-            "pre-vote: not enough peers would vote"
-        );
-        if let Ok(mut f) = shared.failover.lock() {
-            f.last = Some(serde_json::json!({
-                "outcome": "not standing: a pre-vote found no majority",
-                "epoch": epoch,
-                "votes": would,
-                "candidate": me,
-            }));
-        }
-        return;
-    }
-    let Some(epoch) = ({
-        let Ok(mut f) = shared.failover.lock() else {
-            return;
-        };
-        let epoch = next(&f);
-        if let Some(epoch) = epoch {
-            f.vote_epoch = epoch;
-            f.voted_for = me.clone();
-            f.elections += 1;
-        }
-        epoch
-    }) else {
-        return;
-    };
-    stop_following(
-        shared,
-        format!("stopped following: standing in epoch {epoch}"),
-    );
-    let outcome = |what: String, votes: usize| {
+    let next = |f: &Failover, seen: u64| seen.max(f.vote_epoch).max(f.heard_epoch).checked_add(1);
+    let note = |what: &str, epoch: u64, votes: usize| {
         if let Ok(mut f) = shared.failover.lock() {
             f.last = Some(serde_json::json!({
                 "outcome": what,
@@ -621,8 +813,57 @@ async fn stand(shared: &Arc<Shared>, timeout: Duration) {
             }));
         }
     };
-    if let Err(e) = keep_vote(shared, epoch, &me).await {
-        outcome(e, 0);
+    // Pre-vote: would a majority vote in the next epoch? Nothing is taken
+    // and this node goes on following meanwhile, so one that alone lost
+    // its link (or whose link is busy re-syncing) neither stops nor
+    // raises epochs.
+    let Some(epoch) = shared
+        .failover
+        .lock()
+        .ok()
+        .and_then(|f| next(&f, seen_epoch(&stats)))
+    else {
+        return;
+    };
+    let round = ask(&peers, epoch, &me, log_epoch(&stats), true, timeout).await;
+    if let Ok(mut f) = shared.failover.lock() {
+        f.heard_epoch = f.heard_epoch.max(round.known);
+    }
+    let would = round.granted.len() + 1;
+    if would < needed {
+        tracing::info!(
+            epoch,
+            would,
+            needed,
+            "pre-vote: not enough peers would vote"
+        );
+        note("not standing: a pre-vote found no majority", epoch, would);
+        return;
+    }
+    let previous = shared.replica_of();
+    stop_following(shared, "stopped following: standing in an election".into());
+    // Read again now that nothing is being taken from the upstream: the
+    // epoch is above everything this node has seen.
+    let Ok(stats) = durable_positions(shared, timeout).await else {
+        return;
+    };
+    let ours = log_epoch(&stats);
+    let Some(epoch) = ({
+        let Ok(mut f) = shared.failover.lock() else {
+            return;
+        };
+        let epoch = next(&f, seen_epoch(&stats));
+        if let Some(epoch) = epoch {
+            f.vote_epoch = epoch;
+            f.voted_for = me.clone();
+            f.elections += 1;
+        }
+        epoch
+    }) else {
+        return;
+    };
+    if let Err(e) = keep_vote(shared).await {
+        note(&e, epoch, 0);
         return;
     }
     tracing::warn!(
@@ -630,125 +871,126 @@ async fn stand(shared: &Arc<Shared>, timeout: Duration) {
         needed,
         "the upstream is silent: standing in an election"
     );
-    let voters = ask(&peers, epoch, &me, ours, false, timeout).await;
-    let votes = voters.len() + 1;
+    let round = ask(&peers, epoch, &me, ours, false, timeout).await;
+    let votes = round.granted.len() + 1;
+    if let Ok(mut f) = shared.failover.lock() {
+        f.heard_epoch = f.heard_epoch.max(round.known);
+    }
+    let lost = |why: String| {
+        tracing::warn!(epoch, votes, needed, %why, "not elected");
+        note(&why, epoch, votes);
+        // Its own vote told no one anything: it may follow its upstream
+        // again (unless it gave its vote to another meanwhile: `may_follow`).
+        if !previous.is_empty() && shared.is_replica() && !shared.stopping() {
+            rejoin(
+                shared,
+                &previous,
+                epoch,
+                "not elected; following the upstream again",
+            );
+        }
+    };
     if votes < needed {
-        tracing::warn!(epoch, votes, needed, "not elected");
-        outcome("not elected".into(), votes);
+        lost("not elected".into());
         return;
     }
-    if let Err(e) = gather(shared, &voters, timeout).await {
-        tracing::warn!(epoch, error = %e, "elected, but could not gather the voters' records");
-        outcome(
-            format!("elected, but could not gather the records: {e}"),
-            votes,
-        );
+    if let Err(e) = gather(shared, &round.granted, timeout).await {
+        lost(format!("elected, but could not gather the records: {e}"));
         return;
     }
-    // Begin at least the epoch elected in.
-    for shard in 0..shared.engine.shard_count() {
-        if let Err(e) = shared.engine.raise_epoch_floor(shard, epoch - 1).await {
-            outcome(format!("elected, but could not keep the epoch: {e}"), votes);
+    // Still this node's election? (It grants votes for newer epochs while
+    // it stands.) From here on it grants none until it has begun.
+    {
+        let Ok(mut f) = shared.failover.lock() else {
+            return;
+        };
+        if f.vote_epoch != epoch || f.voted_for != me || shared.stopping() || !shared.is_replica() {
+            drop(f);
+            note(
+                "elected, but voted in a newer epoch meanwhile",
+                epoch,
+                votes,
+            );
             return;
         }
+        f.promoting = Some(epoch);
     }
-    if !shared.is_replica() || shared.stopping() {
-        return;
+    let begun = begin_elected(shared, epoch).await;
+    if let Ok(mut f) = shared.failover.lock() {
+        f.promoting = None;
+        if let Ok(begun) = begun {
+            f.fence = f.fence.max(begun);
+        }
     }
-    shared.follow_generation.fetch_add(1, Ordering::AcqRel);
-    match shared.engine.begin_epoch().await {
-        Ok(begun) => {
+    match begun {
+        Ok(begun) if begun == epoch => {
             shared.set_upstream("");
             if let Ok(mut f) = shared.failover.lock() {
                 f.won += 1;
-                f.rejoin.clear();
             }
-            outcome(format!("elected; primary in epoch {begun}"), votes);
+            let _ = keep_vote(shared).await;
+            note(&format!("elected; primary in epoch {begun}"), epoch, votes);
             tracing::warn!(epoch = begun, votes, "elected: promoted to primary");
         }
-        Err(e) => outcome(
-            format!("elected, but could not begin the epoch: {e}"),
+        Ok(begun) => {
+            // Its floor rose meanwhile (a frame taken as it stopped): an
+            // epoch it was not elected in is not led. Elections go on.
+            let _ = keep_vote(shared).await;
+            note(
+                &format!("elected in epoch {epoch}, but began {begun}: not leading it"),
+                epoch,
+                votes,
+            );
+            tracing::error!(
+                epoch,
+                begun,
+                "began another epoch than the one elected in: not leading"
+            );
+        }
+        Err(e) => note(
+            &format!("elected, but could not begin the epoch: {e}"),
+            epoch,
             votes,
         ),
     }
 }
 
-/// Asks every peer for its vote (or, `pre`, whether it would give it):
-/// the peers that grant it, with their durable LSN per shard.
-async fn ask(
-    peers: &[String],
-    epoch: u64,
-    me: &str,
-    ours: u64,
-    pre: bool,
-    limit: Duration,
-) -> Vec<(String, Vec<u64>)> {
-    let (epoch, ours) = (epoch.to_string(), ours.to_string());
-    let mut args: Vec<&[u8]> = vec![
-        VOTE_COMMAND,
-        epoch.as_bytes(),
-        me.as_bytes(),
-        ours.as_bytes(),
-    ];
-    if pre {
-        args.push(b"PRE");
+/// Begins, on every shard, the epoch this node was elected in (at least).
+async fn begin_elected(shared: &Shared, epoch: u64) -> Result<u64, String> {
+    for shard in 0..shared.engine.shard_count() {
+        shared
+            .engine
+            .raise_epoch_floor(shard, epoch - 1)
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    let asks: Vec<_> = peers
-        .iter()
-        .map(|p| {
-            let args = &args;
-            async move { (call(p, args, limit).await, p.clone()) }
-        })
-        .collect();
-    let mut granted = Vec::new();
-    for ask in asks {
-        match ask.await {
-            (Ok(Reply::Array(a)), peer) => match a.as_slice() {
-                [Reply::Int(1), _, Reply::Array(lsns)] => {
-                    let lsns = lsns
-                        .iter()
-                        .map(|l| match l {
-                            Reply::Int(n) => *n as u64,
-                            _ => 0,
-                        })
-                        .collect();
-                    granted.push((peer, lsns));
-                }
-                [Reply::Int(0), Reply::Simple(why), ..] => {
-                    tracing::info!(%peer, %why, epoch, pre, "vote refused");
-                }
-                other => tracing::info!(%peer, ?other, "unexpected answer to a vote"),
-            },
-            (other, peer) => tracing::info!(%peer, ?other, pre, "no vote"),
-        }
-    }
-    granted
+    shared.follow_generation.fetch_add(1, Ordering::AcqRel);
+    shared.engine.begin_epoch().await.map_err(|e| e.to_string())
 }
 
 /// Fetches, shard by shard, what the voter furthest ahead holds past this
-/// node's log, and makes it durable here.
+/// node's log, and makes it durable here. Voters whose shard is in an
+/// older epoch than this node's are passed over: their tail past this
+/// node's log was never acknowledged (a newer epoch began without it).
 async fn gather(
     shared: &Shared,
-    voters: &[(String, Vec<u64>)],
+    voters: &[(String, Vec<(u64, u64)>)],
     limit: Duration,
 ) -> Result<(), String> {
     let engine = &shared.engine;
-    for shard in 0..engine.shard_count() {
+    let start = engine.stats().await.map_err(|e| e.to_string())?;
+    for s in &start {
+        let shard = s.shard;
         let Some((peer, target)) = voters
             .iter()
-            .filter_map(|(p, lsns)| lsns.get(shard as usize).map(|l| (p, *l)))
-            .max_by_key(|(_, l)| *l)
+            .filter_map(|(p, shards)| shards.get(shard as usize).map(|x| (p, *x)))
+            .filter(|(_, (_, epoch))| *epoch >= s.epoch)
+            .map(|(p, (lsn, _))| (p, lsn))
+            .max_by_key(|(_, lsn)| *lsn)
         else {
             continue;
         };
         loop {
-            // Whatever a previous link handed the engine is staged first
-            // (staging is first come, first served), so the head read next
-            // is where the log really ends.
-            engine
-                .replicate_at(shard, Bytes::new(), CommitLevel::Memory)
-                .await
-                .map_err(|e| e.to_string())?;
             let stats = engine.stats().await.map_err(|e| e.to_string())?;
             let Some(s) = stats.iter().find(|s| s.shard == shard) else {
                 return Err(format!("shard {shard} is not open"));
@@ -790,6 +1032,9 @@ pub(super) fn peers_command(shared: &Shared, args: &[Bytes]) -> Reply {
             .iter()
             .map(|a| String::from_utf8_lossy(a).to_string())
             .collect();
+        if let Some(bad) = list.iter().find(|p| !is_host_port(p)) {
+            return Reply::err(format!("TIDEWAL.PEERS: {bad:?} is not HOST:PORT"));
+        }
         set_peers(shared, &list);
     }
     Reply::Array(
@@ -812,6 +1057,7 @@ pub(super) fn status(shared: &Shared) -> serde_json::Value {
         "candidate": shared.config.failover_candidate,
         "vote_epoch": f.vote_epoch,
         "voted_for": f.voted_for,
+        "fence_epoch": f.fence,
         "stopped_seconds": f.stopped.map(|t| t.elapsed().as_secs_f64()),
         "elections": f.elections,
         "won": f.won,
@@ -826,6 +1072,7 @@ mod tests {
     fn replica() -> Here<'static> {
         Here {
             primary: false,
+            promoting: false,
             vote_epoch: 3,
             voted_for: "10.0.0.2:6379",
             hears_upstream: false,
@@ -849,6 +1096,14 @@ mod tests {
             ..replica()
         };
         assert!(refusal(&primary, 9, c, 2).unwrap().contains("primary"));
+        // A primary behind the candidate's log is stale: its epoch is over,
+        // and it votes (then stands by).
+        assert_eq!(refusal(&primary, 9, c, 3), None);
+        let promoting = Here {
+            promoting: true,
+            ..replica()
+        };
+        assert!(refusal(&promoting, 9, c, 2).unwrap().contains("beginning"));
         let hearing = Here {
             hears_upstream: true,
             ..replica()

@@ -349,6 +349,13 @@ impl Node {
         shared.load_cluster();
         failover::load_vote(&shared);
         failover::set_peers(&shared, &shared.config.peers);
+        match crate::engine::block_on(engine.stats()) {
+            Ok(stats) => failover::check_start_as_primary(&shared, &stats),
+            Err(e) => {
+                let _ = crate::engine::block_on(engine.close());
+                return Err(NodeError::Engine(e));
+            }
+        }
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
         let for_executors = shared.clone();

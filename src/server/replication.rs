@@ -952,7 +952,7 @@ pub(super) async fn follow(shared: Arc<Shared>, upstream: String, generation: u6
             // unless this node follows a primary elected in a failover
             // (it is an old primary, or a replica that took records the
             // winner never had): then it re-syncs by itself, once.
-            if super::failover::resync_after_refusal(&shared, &upstream) {
+            if super::failover::resync_after_refusal(&shared, &upstream).await {
                 tracing::warn!(%upstream, "refused by the elected primary: re-syncing from it");
                 let _ = shared.resync();
             }
