@@ -18,17 +18,23 @@
 //! 2. Standing, it votes for itself, durably, stops following (it acks
 //!    nothing more to the old primary), and asks every peer for its vote
 //!    (`TIDEWAL.VOTE`). A peer grants one vote per epoch, kept durably
-//!    before it answers, and only when: it is not a primary itself, it too
-//!    has heard nothing from its upstream for the election timeout (so a
-//!    node that cannot reach the primary does not depose one that others
-//!    still hear), and the candidate's log is in no older epoch than its
-//!    own. Granting, it stops following as well, and answers with its
-//!    durable position per shard, read after it stopped: nothing past it
-//!    was or will be acknowledged to the old primary by this node.
+//!    before it answers, and only when: it is not a primary itself (unless
+//!    the candidate's log is in a newer epoch than its own: then its epoch
+//!    is over, and it votes and stands by), it too has heard nothing from
+//!    its upstream for the election timeout (so a node that cannot reach
+//!    the primary does not depose one that others still hear), and the
+//!    candidate's log is in no older epoch than its own. Granting, it stops
+//!    following as well, and answers with its durable position and epoch
+//!    per shard, read after it stopped and what it staged is durable:
+//!    nothing past it was or will be acknowledged to the old primary by
+//!    this node. From then on it follows no node whose log is in an older
+//!    epoch than the one it voted in (its fence, kept with the vote).
 //! 3. With a majority of `n` (itself included), the candidate fetches from
-//!    the voters, shard by shard, the records any of them holds past its own
-//!    (`TIDEWAL.FETCH`, each batch checked against its chain as a stream's
-//!    is), then begins an epoch of at least `T` and takes writes. A write
+//!    the voters, shard by shard, the records the one furthest ahead (of
+//!    those in no older epoch) holds past its own (`TIDEWAL.FETCH`, each
+//!    batch checked against its chain as a stream's is), checks it has not
+//!    voted for a newer epoch meanwhile, then begins epoch `T` and takes
+//!    writes. A write
 //!    acknowledged at `replicated(k)` is durable on `k` replicas; when
 //!    `k + 1` is a majority of `n`, every majority holds one of them, so
 //!    the winner has it. Writes acknowledged at lower levels may be lost in
@@ -37,13 +43,20 @@
 //!    in a higher epoch deposes it; it follows that node, and, refused as
 //!    diverged (it took writes the new primary never had), re-syncs
 //!    automatically: its log is rewound to the fork and the cut records are
-//!    kept in a quarantine file.
+//!    kept in a quarantine file. A node re-syncs by itself only from a
+//!    primary in a newer epoch than its own log: only such a primary is
+//!    sure to hold every write acknowledged in older ones.
+//! 5. A node configured as a primary whose log, at start, is in an epoch it
+//!    did not begin stands by as a replica instead of leading that epoch.
 //!
-//! A candidate that does not win stays stopped, and stands again after
-//! another timeout, in a higher epoch, unless a primary in a higher epoch
-//! has appeared meanwhile; a node that voted does the same. Neither goes
-//! back to a primary of an older epoch: that is what keeps an old primary
-//! from acknowledging, through them, writes the winner never saw.
+//! A candidate that does not win follows its upstream again (its vote for
+//! itself told no one anything); a node that voted for another waits for
+//! a primary of that epoch or later, or stands itself. Neither goes back to
+//! a primary of an older epoch than its fence: that is what keeps an old
+//! primary from acknowledging, through them, writes the winner never saw.
+//!
+//! `tests/failover_model.rs` checks these rules exhaustively (stateright)
+//! within small bounds.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
