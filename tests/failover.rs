@@ -268,6 +268,27 @@ fn the_primary_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost()
     assert_eq!(s["failover"]["elections"], 0, "{s}");
     let kept = quarantined(&old.dir);
     assert!(kept.iter().any(|f| f.ends_with("REWIND.txt")), "{kept:?}");
+
+    // Restarted once more with its first configuration (a primary), its log
+    // now in the winner's epoch: it does not lead that epoch, it stands by
+    // and follows the winner again.
+    assert_eq!(old.terminate().code(), Some(0));
+    let old = start(
+        pdir.path(),
+        &["--listen", &p_addr, "--peers", &peers, "--node-id", "p"],
+    );
+    let err = old
+        .client()
+        .set::<_, _, ()>("x", 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("read only replica"), "{err}");
+    wait_for("it follows the winner again", || {
+        let s = status(&old);
+        (s["role"] == "replica" && s["upstream"]["host"] == winner_addr.as_str()).then_some(())
+    });
+    wc.set::<_, _, ()>("last", 1).unwrap();
+    wait_converged(winner, &old);
     eprintln!(
         "failover: {} writes acknowledged before the kill, elected after {:.2} s",
         acked.len(),

@@ -414,9 +414,14 @@ impl Conn {
             return After::Continue;
         }
         if command.writes() && self.shared.is_replica() {
+            let upstream = self.shared.replica_of();
+            let primary = if upstream.is_empty() {
+                "not known yet: this node stands by for a failover".to_string()
+            } else {
+                upstream
+            };
             slots.push(Slot::Ready(Reply::Error(format!(
-                "READONLY You can't write against a read only replica (the primary is {})",
-                self.shared.replica_of()
+                "READONLY You can't write against a read only replica (the primary is {primary})"
             ))));
             return After::Continue;
         }

@@ -647,7 +647,8 @@ fn rejoin(shared: &Arc<Shared>, upstream: &str, epoch: u64, why: &str) {
 /// Whether a follower refused by `upstream` should re-sync by itself
 /// (rewind, or take a snapshot, keeping what it cuts in quarantine): the
 /// node follows it because of a failover, has not tried yet, and
-/// `upstream` is a primary in a newer epoch than this node's log. Only
+/// `upstream` is a primary in a newer epoch than this node's log (than
+/// its oldest shard's: the one refused is not in the upstream's). Only
 /// such a primary is sure to hold every acknowledged write of the older
 /// epochs (its election gathered them); a replica, or a primary of the
 /// same epoch, may simply be behind this node.
@@ -660,13 +661,14 @@ pub(super) async fn resync_after_refusal(shared: &Shared, upstream: &str) -> boo
             return false;
         }
     }
-    let ours = shared
-        .engine
-        .stats()
-        .await
-        .map_or(u64::MAX, |s| log_epoch(&s));
+    // Per shard: a shard that took the new primary's records is in its
+    // epoch already, while the diverged one is in an older one.
+    let ours = shared.engine.stats().await.map_or(u64::MAX, |s| {
+        s.iter().map(|s| s.epoch).min().unwrap_or(u64::MAX)
+    });
     let limit = Duration::from_millis(shared.config.election_timeout_ms);
-    let newer = match call(upstream, &[WHO_COMMAND], limit).await {
+    let answer = call(upstream, &[WHO_COMMAND], limit).await;
+    let newer = match &answer {
         Ok(Reply::Array(a)) => matches!(
             a.as_slice(),
             [Reply::Bulk(role), Reply::Int(e), ..]
@@ -675,7 +677,7 @@ pub(super) async fn resync_after_refusal(shared: &Shared, upstream: &str) -> boo
         _ => false,
     };
     if !newer {
-        tracing::warn!(%upstream, "refused, but the upstream is not a primary of a newer epoch than this node's log: not re-syncing by itself");
+        tracing::warn!(%upstream, ours, ?answer, "refused, but the upstream is not a primary of a newer epoch than this node's log: not re-syncing by itself");
         return false;
     }
     let Ok(mut f) = shared.failover.lock() else {
