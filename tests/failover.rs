@@ -142,7 +142,9 @@ fn the_primary_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost()
     let mut ac = a.client();
     for (args, says) in [
         (vec!["TIDEWAL.VOTE", "x", "c", "1"], "numbers"),
-        (vec!["TIDEWAL.VOTE", "9", "c", "1", "MAYBE"], "PRE"),
+        (vec!["TIDEWAL.VOTE", "9", "c", "1", "MAYBE"], "HOST:PORT"),
+        (vec!["TIDEWAL.VOTE", "9", "10.0.0.1:1", "1", "MAYBE"], "PRE"),
+        (vec!["TIDEWAL.VOTE", "9", "a b:1", "1"], "HOST:PORT"),
         (vec!["TIDEWAL.FETCH", "9", "0", "0", "0"], "no shard 9"),
         (vec!["TIDEWAL.FETCH", "0", "7", "0", "0"], "TIDEWAL.FETCH"),
         (vec!["TIDEWAL.FETCH", "0"], "wrong number of arguments"),
@@ -348,4 +350,15 @@ fn a_node_that_voted_never_acknowledges_for_an_older_primary_even_after_a_restar
         epoch + 1,
         "the vote was kept: {s}"
     );
+
+    // A vote file it cannot read would make it forget the vote: it does
+    // not start.
+    assert_eq!(v.terminate().code(), Some(0));
+    std::fs::write(vdir.path().join("vote"), "garbage\n").unwrap();
+    let mut args = vec!["--shards", "2"];
+    args.extend_from_slice(&replica_args);
+    let refused = NodeProcess::try_start(vdir.path(), &args)
+        .err()
+        .expect("refused");
+    assert!(refused.contains("vote file"), "{refused}");
 }

@@ -397,8 +397,20 @@ fn the_degrade_policy_answers_at_local_says_so_and_recovers() {
         s["replicas"][0]["status"] == "streaming"
     });
     let mut c = primary.client();
-    let _: () = c.set("a", 1).unwrap();
-    assert_eq!(receipt(&mut c).1, "all");
+    // The replica acks within the 200 ms timeout (on a loaded machine
+    // running the suite's nodes side by side a first write has missed it:
+    // once in six full runs, twice since; it is written again then).
+    let started = Instant::now();
+    loop {
+        let _: () = c.set("a", 1).unwrap();
+        if receipt(&mut c).1 == "all" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no write reached `all` with the replica streaming"
+        );
+    }
     replica.kill9();
     let _: () = c.set("b", 2).unwrap();
     assert_eq!(

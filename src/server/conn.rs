@@ -817,6 +817,7 @@ impl Conn {
                 // Stop following first, then start the new epoch, and only
                 // then take writes: none is written in the old epoch.
                 shared.follow_generation.fetch_add(1, Ordering::AcqRel);
+                super::failover::before_promotion(&shared).await?;
                 let epoch = shared.engine.begin_epoch().await?;
                 shared.set_upstream("");
                 tracing::warn!(epoch, "promoted to primary by REPLICAOF NO ONE");

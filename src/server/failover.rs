@@ -135,11 +135,14 @@ impl Failover {
     }
 }
 
-/// Loads the vote kept in the data directory.
-pub(super) fn load_vote(shared: &Shared) {
+/// Loads the vote kept in the data directory; one that cannot be read
+/// is an error (the node would forget a vote and its fence).
+pub(super) fn load_vote(shared: &Shared) -> Result<(), String> {
     let path = shared.config.data_dir.join(VOTE_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     let words: Vec<&str> = text.split_whitespace().collect();
     let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
@@ -150,12 +153,30 @@ pub(super) fn load_vote(shared: &Shared) {
                 f.voted_for = candidate.to_string();
                 f.fence = fence;
             }
+            Ok(())
         }
-        _ => tracing::error!(
-            path = %path.display(),
-            "the vote file is not `EPOCH CANDIDATE FENCE`: ignored (this node may vote again in an epoch it voted in)"
-        ),
+        _ => Err(format!(
+            "{} is not `VOTE_EPOCH CANDIDATE FENCE`: this node would forget its vote (fix or remove it by hand)",
+            path.display()
+        )),
     }
+}
+
+/// Before an operator's promotion (`REPLICAOF NO ONE`): the epoch it
+/// begins is above every epoch this node voted in or heard of.
+pub(super) async fn before_promotion(shared: &Shared) -> Result<(), crate::engine::EngineError> {
+    let floor = shared
+        .failover
+        .lock()
+        .map(|f| f.vote_epoch.max(f.heard_epoch).max(f.fence))
+        .unwrap_or(0);
+    if floor == 0 {
+        return Ok(());
+    }
+    for shard in 0..shared.engine.shard_count() {
+        shared.engine.raise_epoch_floor(shard, floor).await?;
+    }
+    Ok(())
 }
 
 /// Makes the vote and fence as they are in memory now durable (file, then
@@ -284,17 +305,25 @@ pub(super) fn check_start_as_primary(shared: &Shared, stats: &[crate::engine::Sh
     if shared.is_replica() || shared.config.peers.is_empty() {
         return;
     }
-    let ours = log_epoch(stats);
-    let begun = stats.iter().map(|s| s.epoch_begun).max().unwrap_or(0);
+    let fence = shared.failover.lock().map(|f| f.fence).unwrap_or(0);
     // Epoch 1 is a new log's: the node configured as the primary led it.
-    if ours > begun.max(1) {
-        stand_by(
-            shared,
-            format!(
-                "configured as a primary, but its log is in epoch {ours}, which another node began (this node began {begun} last): following the primary its peers name, or standing in an election"
-            ),
-        );
-    }
+    let other = stats.iter().find(|s| s.epoch > s.epoch_begun.max(1));
+    let why = if let Some(s) = other {
+        format!(
+            "configured as a primary, but its shard {} is in epoch {}, which another node began (this node began {} last)",
+            s.shard, s.epoch, s.epoch_begun
+        )
+    } else if fence > log_epoch(stats) {
+        format!(
+            "configured as a primary, but it voted for another node in epoch {fence}, newer than its log's"
+        )
+    } else {
+        return;
+    };
+    stand_by(
+        shared,
+        format!("{why}: following the primary its peers name, or standing in an election"),
+    );
 }
 
 /// `TIDEWAL.VOTE epoch candidate candidate_log_epoch [PRE]`: grants or
@@ -311,6 +340,9 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
         return Reply::err("TIDEWAL.VOTE epoch candidate log-epoch: epochs are numbers");
     };
     let candidate = String::from_utf8_lossy(&args[2]).to_string();
+    if !is_host_port(&candidate) || candidate.contains(char::is_whitespace) {
+        return Reply::err("TIDEWAL.VOTE: the candidate is not HOST:PORT");
+    }
     let pre = match args.get(4) {
         None => false,
         Some(a) if a.eq_ignore_ascii_case(b"PRE") && args.len() == 5 => true,
@@ -342,8 +374,10 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
             vote_epoch: f.vote_epoch,
             voted_for: &f.voted_for,
             hears_upstream: !was_primary && f.stopped.is_none() && f.silence(last_frame) < timeout,
-            log_epoch: ours,
-            seen,
+            // The figures were read before the lock: a node that has just
+            // won knows its epoch from its fence (raised before it leads).
+            log_epoch: ours.max(if was_primary { f.fence } else { 0 }),
+            seen: seen.max(f.fence),
         };
         if let Some(why) = refusal(&here, epoch, &candidate, their_log) {
             return refuse(why, f.vote_epoch.max(seen));
@@ -373,7 +407,9 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
     // Positions read after the follower stopped, once what it staged is
     // durable: nothing past them is acknowledged upstream by this node,
     // and the candidate may fetch all of them.
-    let positions = durable_positions(&shared, timeout).await;
+    // Within half the timeout, so that the grant reaches the candidate
+    // before it gives up (it waits the whole timeout).
+    let positions = durable_positions(&shared, timeout / 2).await;
     let Ok(stats) = positions else {
         return refuse("this node's engine is closed".into(), epoch);
     };
@@ -931,15 +967,21 @@ async fn stand(shared: &Arc<Shared>, timeout: Duration) {
         f.promoting = Some(epoch);
     }
     let begun = begin_elected(shared, epoch).await;
+    if let Ok(mut f) = shared.failover.lock()
+        && let Ok(begun) = begun
+    {
+        f.fence = f.fence.max(begun);
+    }
+    // Leading (or not) before `promoting` is cleared: a vote asked
+    // meanwhile sees a primary of this epoch.
+    if begun == Ok(epoch) {
+        shared.set_upstream("");
+    }
     if let Ok(mut f) = shared.failover.lock() {
         f.promoting = None;
-        if let Ok(begun) = begun {
-            f.fence = f.fence.max(begun);
-        }
     }
     match begun {
         Ok(begun) if begun == epoch => {
-            shared.set_upstream("");
             if let Ok(mut f) = shared.failover.lock() {
                 f.won += 1;
             }
@@ -996,12 +1038,12 @@ async fn gather(
     let start = engine.stats().await.map_err(|e| e.to_string())?;
     for s in &start {
         let shard = s.shard;
-        let Some((peer, target)) = voters
+        // The newest log first (epoch, then length), as Raft compares.
+        let Some((peer, (target, their_epoch))) = voters
             .iter()
             .filter_map(|(p, shards)| shards.get(shard as usize).map(|x| (p, *x)))
             .filter(|(_, (_, epoch))| *epoch >= s.epoch)
-            .map(|(p, (lsn, _))| (p, lsn))
-            .max_by_key(|(_, lsn)| *lsn)
+            .max_by_key(|(_, (lsn, epoch))| (*epoch, *lsn))
         else {
             continue;
         };
@@ -1010,8 +1052,18 @@ async fn gather(
             let Some(s) = stats.iter().find(|s| s.shard == shard) else {
                 return Err(format!("shard {shard} is not open"));
             };
-            if s.next_lsn >= target {
+            if s.next_lsn >= target && s.epoch >= their_epoch {
                 break;
+            }
+            if s.next_lsn >= target {
+                // As long as the voter's, but in an older epoch: this
+                // shard's tail is one a newer epoch began without (never
+                // acknowledged), and the voter's newer records are not
+                // here. Not electable without a re-sync first.
+                return Err(format!(
+                    "shard {shard} here ends at {} in epoch {}, {peer}'s at {target} in epoch {their_epoch}: this node holds an older epoch's tail",
+                    s.next_lsn, s.epoch
+                ));
             }
             let numbers =
                 [u64::from(shard), s.next_lsn, u64::from(s.chain), s.epoch].map(|n| n.to_string());

@@ -278,6 +278,8 @@ pub enum NodeError {
     Engine(#[from] EngineError),
     #[error("cannot listen on {addr}: {error}")]
     Listen { addr: String, error: std::io::Error },
+    #[error("the vote file: {0}")]
+    Vote(String),
 }
 
 /// A running node.
@@ -347,7 +349,10 @@ impl Node {
         });
         let generation = shared.set_upstream(&shared.config.replica_of);
         shared.load_cluster();
-        failover::load_vote(&shared);
+        if let Err(why) = failover::load_vote(&shared) {
+            let _ = crate::engine::block_on(engine.close());
+            return Err(NodeError::Vote(why));
+        }
         failover::set_peers(&shared, &shared.config.peers);
         match crate::engine::block_on(engine.stats()) {
             Ok(stats) => failover::check_start_as_primary(&shared, &stats),
