@@ -8,8 +8,8 @@
 //!
 //! 1. A replica that has heard nothing from its upstream (records or
 //!    heartbeats) for the election timeout, plus a random part of it, first
-//!    asks its peers who is primary (`TIDEWAL.WHO`): one in an epoch above
-//!    its own log's is followed. Otherwise, unless configured never to
+//!    asks its peers who is primary (`TIDEWAL.WHO`): one in an epoch at
+//!    least its own log's (and its fence) is followed. Otherwise, unless configured never to
 //!    stand (`failover_candidate = false`), it asks whether a majority would
 //!    vote for it (a pre-vote, which takes nothing and stops nothing: a
 //!    node that alone lost its link, or whose link is busy re-syncing, goes
@@ -30,11 +30,12 @@
 //!    this node. From then on it follows no node whose log is in an older
 //!    epoch than the one it voted in (its fence, kept with the vote).
 //! 3. With a majority of `n` (itself included), the candidate fetches from
-//!    the voters, shard by shard, the records the one furthest ahead (of
-//!    those in no older epoch) holds past its own (`TIDEWAL.FETCH`, each
-//!    batch checked against its chain as a stream's is), checks it has not
-//!    voted for a newer epoch meanwhile, then begins epoch `T` and takes
-//!    writes. A write
+//!    the voters, shard by shard, the records the newest of their logs
+//!    (epoch, then length; those in an older epoch than its own are passed
+//!    over) holds past its own (`TIDEWAL.FETCH`, each batch checked against
+//!    its chain as a stream's is); a shard as long as that log but in an
+//!    older epoch ends the election. It checks it has not voted for a newer
+//!    epoch meanwhile, then begins epoch `T` and takes writes. A write
 //!    acknowledged at `replicated(k)` is durable on `k` replicas; when
 //!    `k + 1` is a majority of `n`, every majority holds one of them, so
 //!    the winner has it. Writes acknowledged at lower levels may be lost in
@@ -46,8 +47,9 @@
 //!    kept in a quarantine file. A node re-syncs by itself only from a
 //!    primary in a newer epoch than its own log: only such a primary is
 //!    sure to hold every write acknowledged in older ones.
-//! 5. A node configured as a primary whose log, at start, is in an epoch it
-//!    did not begin stands by as a replica instead of leading that epoch.
+//! 5. A node configured as a primary that, at start, has a shard in an
+//!    epoch it did not begin, or a fence above its log's epoch, stands by as
+//!    a replica instead of leading.
 //!
 //! A candidate that does not win follows its upstream again (its vote for
 //! itself told no one anything); a node that voted for another waits for
