@@ -12,32 +12,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::node::NodeProcess;
+use common::node::{NodeProcess, positions, status};
 use common::proxy::Proxy;
 use common::{disk_dir, quarantined};
 use redis::Commands;
-use serde_json::Value;
-
-fn status(node: &NodeProcess) -> Value {
-    let (code, body) = node.get("/admin/replication/status");
-    assert_eq!(code, 200);
-    serde_json::from_str(&body).unwrap()
-}
-
-/// `(head_lsn, chain)` of every shard.
-fn positions(node: &NodeProcess) -> Vec<(u64, u64)> {
-    status(node)["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["head_lsn"].as_u64().unwrap(),
-                s["chain"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
 
 /// Waits (up to 30 s) until `check` holds, and returns what it returned.
 fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {

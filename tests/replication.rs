@@ -8,31 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::node::{NodeProcess, config_file};
+use common::node::{NodeProcess, config_file, positions, status};
 use common::{disk_dir, quarantined};
 use redis::Commands;
 use serde_json::Value;
-
-fn status(node: &NodeProcess) -> Value {
-    let (code, body) = node.get("/admin/replication/status");
-    assert_eq!(code, 200);
-    serde_json::from_str(&body).unwrap()
-}
-
-/// `(head_lsn, chain)` of every shard.
-fn positions(node: &NodeProcess) -> Vec<(u64, u64)> {
-    status(node)["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["head_lsn"].as_u64().unwrap(),
-                s["chain"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
 
 /// Waits until the replica holds exactly the primary's logs.
 fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {

@@ -222,3 +222,25 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// The node's `GET /admin/replication/status`, parsed.
+pub fn status(node: &NodeProcess) -> serde_json::Value {
+    let (code, body) = node.get("/admin/replication/status");
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `(head_lsn, chain)` of every shard: equal on two nodes, equal logs.
+pub fn positions(node: &NodeProcess) -> Vec<(u64, u64)> {
+    status(node)["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["head_lsn"].as_u64().unwrap(),
+                s["chain"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
