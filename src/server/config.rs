@@ -254,10 +254,11 @@ impl NodeConfig {
         if self.commit_timeout_ms == 0 {
             return bad("commit_timeout_ms must be above 0".into());
         }
-        if let Some(peer) = self.peers.iter().find(|p| {
-            p.rsplit_once(':')
-                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-        }) {
+        if let Some(peer) = self
+            .peers
+            .iter()
+            .find(|p| !super::failover::is_host_port(p))
+        {
             return bad(format!("peers: {peer:?} is not HOST:PORT"));
         }
         if self.election_timeout_ms > 3_600_000 {

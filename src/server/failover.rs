@@ -303,10 +303,11 @@ pub(super) fn stand_by(shared: &Shared, why: String) {
 /// epoch it did not begin (it was a replica in a later epoch than the one
 /// it first led, or it never led) does not take writes in it: another node
 /// is, or was, that epoch's primary.
-pub(super) fn check_start_as_primary(shared: &Shared, stats: &[crate::engine::ShardStats]) {
+pub(super) fn check_start_as_primary(shared: &Shared) -> Result<(), crate::engine::EngineError> {
     if shared.is_replica() || shared.config.peers.is_empty() {
-        return;
+        return Ok(());
     }
+    let stats = &crate::engine::block_on(shared.engine.stats())?;
     let fence = shared.failover.lock().map(|f| f.fence).unwrap_or(0);
     // Epoch 1 is a new log's: the node configured as the primary led it.
     let other = stats.iter().find(|s| s.epoch > s.epoch_begun.max(1));
@@ -320,12 +321,13 @@ pub(super) fn check_start_as_primary(shared: &Shared, stats: &[crate::engine::Sh
             "configured as a primary, but it voted for another node in epoch {fence}, newer than its log's"
         )
     } else {
-        return;
+        return Ok(());
     };
     stand_by(
         shared,
         format!("{why}: following the primary its peers name, or standing in an election"),
     );
+    Ok(())
 }
 
 /// `TIDEWAL.VOTE epoch candidate candidate_log_epoch [PRE]`: grants or
@@ -613,6 +615,20 @@ async fn ask_all(
     answers
 }
 
+/// A `TIDEWAL.WHO` answer: whether the node is a primary, and its log's
+/// epoch.
+fn who_answer(answer: &Result<Reply, String>) -> Option<(bool, u64)> {
+    match answer {
+        Ok(Reply::Array(a)) => match a.as_slice() {
+            [Reply::Bulk(role), Reply::Int(e), ..] => {
+                Some((role.as_ref() == b"primary", u64::try_from(*e).ok()?))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The primary in the highest epoch at or above `min_epoch` that a peer
 /// says it is (`TIDEWAL.WHO`), with that epoch.
 async fn primary_at_least(
@@ -623,13 +639,11 @@ async fn primary_at_least(
     let answers = ask_all(&peers(shared), vec![WHO_COMMAND.to_vec()], limit).await;
     let mut best: Option<(String, u64)> = None;
     for (peer, answer) in answers {
-        if let Ok(Reply::Array(a)) = answer
-            && let [Reply::Bulk(role), Reply::Int(e), ..] = a.as_slice()
-            && role.as_ref() == b"primary"
-            && (*e as u64) >= min_epoch
-            && best.as_ref().is_none_or(|(_, b)| (*e as u64) > *b)
+        if let Some((true, e)) = who_answer(&answer)
+            && e >= min_epoch
+            && best.as_ref().is_none_or(|(_, b)| e > *b)
         {
-            best = Some((peer, *e as u64));
+            best = Some((peer, e));
         }
     }
     best
@@ -646,16 +660,13 @@ pub(super) async fn may_follow(shared: &Shared, upstream: &str) -> Result<(), St
         return Ok(());
     }
     let limit = Duration::from_millis(shared.config.election_timeout_ms);
-    match call(upstream, &[WHO_COMMAND], limit).await? {
-        Reply::Array(a) => match a.as_slice() {
-            [_, Reply::Int(e), ..] if *e as u64 >= fence => Ok(()),
-            [_, Reply::Int(e), ..] => Err(format!(
-                "not following {upstream}: its log is in epoch {e}, and this node voted in epoch {fence}"
-            )),
-            other => Err(format!("{upstream} answered TIDEWAL.WHO with {other:?}")),
-        },
-        Reply::Error(e) => Err(format!("{upstream} answered TIDEWAL.WHO with {e}")),
-        other => Err(format!("{upstream} answered TIDEWAL.WHO with {other:?}")),
+    let answer = Ok(call(upstream, &[WHO_COMMAND], limit).await?);
+    match who_answer(&answer) {
+        Some((_, e)) if e >= fence => Ok(()),
+        Some((_, e)) => Err(format!(
+            "not following {upstream}: its log is in epoch {e}, and this node voted in epoch {fence}"
+        )),
+        None => Err(format!("{upstream} answered TIDEWAL.WHO with {answer:?}")),
     }
 }
 
@@ -706,14 +717,7 @@ pub(super) async fn resync_after_refusal(shared: &Shared, upstream: &str) -> boo
     });
     let limit = Duration::from_millis(shared.config.election_timeout_ms);
     let answer = call(upstream, &[WHO_COMMAND], limit).await;
-    let newer = match &answer {
-        Ok(Reply::Array(a)) => matches!(
-            a.as_slice(),
-            [Reply::Bulk(role), Reply::Int(e), ..]
-                if role.as_ref() == b"primary" && (*e as u64) > ours
-        ),
-        _ => false,
-    };
+    let newer = matches!(who_answer(&answer), Some((true, e)) if e > ours);
     if !newer {
         tracing::warn!(%upstream, ours, ?answer, "refused, but the upstream is not a primary of a newer epoch than this node's log: not re-syncing by itself");
         return false;
@@ -752,14 +756,15 @@ pub(super) async fn elections(shared: Arc<Shared>) {
         if peers(&shared).is_empty() {
             continue;
         }
-        let Ok(stats) = shared.engine.stats().await else {
-            return;
-        };
-        let ours = log_epoch(&stats);
+        // This node's log epoch, asked of the engine only when needed.
+        let our_epoch = || async { shared.engine.stats().await.map(|s| log_epoch(&s)) };
         if !shared.is_replica() {
             // A primary: deposed by one in a newer epoch?
             if due(last_check, timeout) {
                 last_check = Some(Instant::now());
+                let Ok(ours) = our_epoch().await else {
+                    return;
+                };
                 if let Some((primary, epoch)) = primary_at_least(&shared, ours + 1, timeout).await
                     && !shared.is_replica()
                 {
@@ -776,6 +781,9 @@ pub(super) async fn elections(shared: Arc<Shared>) {
         if silence < timeout && !stopped {
             continue;
         }
+        let Ok(ours) = our_epoch().await else {
+            return;
+        };
         // Silent or stopped: a primary at least as new as this node's log
         // (and as the epoch it voted in) is followed.
         if due(last_check, tick * 2) || silence >= wait {

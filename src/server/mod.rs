@@ -354,12 +354,9 @@ impl Node {
             return Err(NodeError::Vote(why));
         }
         failover::set_peers(&shared, &shared.config.peers);
-        match crate::engine::block_on(engine.stats()) {
-            Ok(stats) => failover::check_start_as_primary(&shared, &stats),
-            Err(e) => {
-                let _ = crate::engine::block_on(engine.close());
-                return Err(NodeError::Engine(e));
-            }
+        if let Err(e) = failover::check_start_as_primary(&shared) {
+            let _ = crate::engine::block_on(engine.close());
+            return Err(NodeError::Engine(e));
         }
         let (bound_tx, bound_rx) = mpsc::channel::<Result<(), NodeError>>();
         let bound_tx = std::sync::Mutex::new(bound_tx);
