@@ -340,3 +340,81 @@ fn a_node_that_voted_never_acknowledges_for_an_older_primary_even_after_a_restar
         .expect("refused");
     assert!(refused.contains("vote file"), "{refused}");
 }
+
+/// A cascaded replica hears the primary only through its upstream, a
+/// replica: that upstream's heartbeats say how long it has heard no primary,
+/// so once the primary dies the cascade neither takes them for a live
+/// primary nor refuses its vote for that reason. Here the cascade is the
+/// only candidate: the failover needs it to stand while its upstream is
+/// still streaming to it.
+#[test]
+fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
+    let (pdir, adir, cdir) = (disk_dir(), disk_dir(), disk_dir());
+    let primary = start(pdir.path(), &["--node-id", "p"]);
+    let p_addr = primary.listen.to_string();
+    let a = start(
+        adir.path(),
+        &[
+            "--replica-of",
+            &p_addr,
+            "--node-id",
+            "a",
+            "--no-failover-candidate",
+        ],
+    );
+    let a_addr = a.listen.to_string();
+    let c = start(cdir.path(), &["--replica-of", &a_addr, "--node-id", "c"]);
+    let c_addr = c.listen.to_string();
+    for node in [&primary, &a, &c] {
+        let _: Vec<String> = redis::cmd("TIDEWAL.PEERS")
+            .arg(&p_addr)
+            .arg(&a_addr)
+            .arg(&c_addr)
+            .query(&mut node.client())
+            .unwrap();
+    }
+    let epoch = status(&primary)["epoch"].as_u64().unwrap();
+    let mut pc = primary.client();
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        let key = format!("k{i}");
+        let _: () = pc.set(&key, i).unwrap();
+        acked.push(key);
+    }
+    wait_converged(&primary, &c);
+    // Through its upstream it hears the primary: no vote deposes it.
+    let (granted, why) = vote(&c, epoch + 5, &a_addr, epoch);
+    assert_eq!(granted, 0);
+    assert!(why.contains("through it a primary"), "{why}");
+
+    let mut primary = primary;
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    let killed = Instant::now();
+    wait_for("the cascaded replica is elected", || {
+        (status(&c)["role"] == "primary").then_some(())
+    });
+    let elected_after = killed.elapsed();
+    let s = status(&c);
+    assert!(s["epoch"].as_u64().unwrap() > epoch, "{s}");
+    assert_eq!(s["failover"]["won"], 1, "{s}");
+    assert_eq!(status(&a)["failover"]["elections"], 0, "a never stands");
+    wait_for("its old upstream follows it", || {
+        let s = status(&a);
+        (s["upstream"]["host"] == c_addr.as_str() && s["upstream"]["connected"] == true)
+            .then_some(())
+    });
+    let mut cc = c.client();
+    for key in &acked {
+        assert!(
+            cc.get::<_, Option<i64>>(key).unwrap().is_some(),
+            "acknowledged {key} was lost"
+        );
+    }
+    let _: () = cc.set("after", 1).unwrap();
+    wait_converged(&c, &a);
+    eprintln!(
+        "cascade failover: elected after {:.2} s",
+        elected_after.as_secs_f64()
+    );
+}

@@ -6,22 +6,25 @@
 //! The rules (ARCHITECTURE.md, Failover), with `n` the data nodes this node
 //! knows (its peers and itself):
 //!
-//! 1. A replica that has heard nothing from its upstream (records or
-//!    heartbeats) for the election timeout, plus a random part of it, first
+//! 1. A replica that has heard no primary for the election timeout, plus a
+//!    random part of it, first
 //!    asks its peers who is primary (`TIDEWAL.WHO`): one in an epoch at
 //!    least its own log's (and its fence) is followed. Otherwise, unless configured never to
 //!    stand (`failover_candidate = false`), it asks whether a majority would
 //!    vote for it (a pre-vote, which takes nothing and stops nothing: a
 //!    node that alone lost its link, or whose link is busy re-syncing, goes
 //!    on following), and if so stands in epoch `T`, one above every epoch
-//!    it has seen or voted in.
+//!    it has seen or voted in. It hears a primary through its upstream's
+//!    frames (records or heartbeats); an upstream that is itself a replica
+//!    says in each heartbeat how long it has heard none, and that counts
+//!    as the cascade's silence too.
 //! 2. Standing, it votes for itself, durably, stops following (it acks
 //!    nothing more to the old primary), and asks every peer for its vote
 //!    (`TIDEWAL.VOTE`). A peer grants one vote per epoch, kept durably
 //!    before it answers, and only when: it is not a primary itself (unless
 //!    the candidate's log is in a newer epoch than its own: then its epoch
-//!    is over, and it votes and stands by), it too has heard nothing from
-//!    its upstream for the election timeout (so a node that cannot reach
+//!    is over, and it votes and stands by), it too has heard no primary
+//!    for the election timeout (so a node that cannot reach
 //!    the primary does not depose one that others still hear), and the
 //!    candidate's log is in no older epoch than its own. Granting, it stops
 //!    following as well, and answers with its durable position and epoch
@@ -126,14 +129,55 @@ pub(super) struct Failover {
 }
 
 impl Failover {
-    /// Time since this node last heard its upstream (or began to follow
-    /// it, or stopped following).
-    fn silence(&self, last_frame: Option<Instant>) -> Duration {
-        let since = [self.since, last_frame, self.stopped]
+    /// Time since this node last heard a primary: since the last frame from
+    /// its upstream (or since it began to follow it, or stopped following),
+    /// plus how long that upstream had itself heard none at its last
+    /// heartbeat. A primary's heartbeats say zero; a cascaded replica's
+    /// upstream, a replica, says how long its own primary has been silent,
+    /// so the cascade does not take the heartbeats of a replica for a
+    /// live primary (it would refuse its vote to every candidate).
+    fn silence(&self, heard: Heard) -> Duration {
+        let since = [self.since, heard.last_frame, self.stopped]
             .into_iter()
             .flatten()
             .max();
-        since.map_or(Duration::MAX, |t| t.elapsed())
+        since.map_or(Duration::MAX, |t| {
+            t.elapsed().saturating_add(heard.upstream_silence)
+        })
+    }
+}
+
+/// What this node last heard from its upstream, for [`Failover::silence`].
+#[derive(Clone, Copy, Default)]
+struct Heard {
+    last_frame: Option<Instant>,
+    upstream_silence: Duration,
+}
+
+fn heard(shared: &Shared) -> Heard {
+    shared
+        .upstream
+        .lock()
+        .map(|u| Heard {
+            last_frame: u.last_frame,
+            upstream_silence: u.upstream_silence,
+        })
+        .unwrap_or_default()
+}
+
+/// What this node's heartbeats tell its downstreams: milliseconds since it
+/// last heard a primary. Zero from a primary; from a replica that stopped
+/// following (it voted or stood), or never heard one, `u64::MAX`.
+pub(super) fn primary_silence_ms(shared: &Shared) -> u64 {
+    if !shared.is_replica() {
+        return 0;
+    }
+    let heard = heard(shared);
+    match shared.failover.lock() {
+        Ok(f) if f.stopped.is_none() => {
+            u64::try_from(f.silence(heard).as_millis()).unwrap_or(u64::MAX)
+        }
+        _ => u64::MAX,
     }
 }
 
@@ -365,7 +409,7 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
     let ours = log_epoch(&stats);
     let seen = seen_epoch(&stats);
     let timeout = Duration::from_millis(shared.config.election_timeout_ms);
-    let last_frame = shared.upstream.lock().ok().and_then(|u| u.last_frame);
+    let heard = heard(&shared);
     let was_primary;
     {
         let Ok(mut f) = shared.failover.lock() else {
@@ -377,7 +421,7 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
             promoting: f.promoting.is_some(),
             vote_epoch: f.vote_epoch,
             voted_for: &f.voted_for,
-            hears_upstream: !was_primary && f.stopped.is_none() && f.silence(last_frame) < timeout,
+            hears_upstream: !was_primary && f.stopped.is_none() && f.silence(heard) < timeout,
             // The figures were read before the lock: a node that has just
             // won knows its epoch from its fence (raised before it leads).
             log_epoch: ours.max(if was_primary { f.fence } else { 0 }),
@@ -491,7 +535,10 @@ fn refusal(here: &Here, epoch: u64, candidate: &str, their_log: u64) -> Option<S
             here.vote_epoch, here.voted_for
         ))
     } else if here.hears_upstream {
-        Some("this node hears its upstream (within the election timeout)".into())
+        Some(
+            "this node hears its upstream, and through it a primary, within the election timeout"
+                .into(),
+        )
     } else if their_log < here.log_epoch {
         Some(format!(
             "the candidate's log is in epoch {their_log}, this node's in {}: the candidate is behind a failover",
@@ -773,9 +820,9 @@ pub(super) async fn elections(shared: Arc<Shared>) {
             }
             continue;
         }
-        let last_frame = shared.upstream.lock().ok().and_then(|u| u.last_frame);
+        let heard = heard(&shared);
         let (silence, stopped, fence) = match shared.failover.lock() {
-            Ok(f) => (f.silence(last_frame), f.stopped.is_some(), f.fence),
+            Ok(f) => (f.silence(heard), f.stopped.is_some(), f.fence),
             Err(_) => return,
         };
         if silence < timeout && !stopped {

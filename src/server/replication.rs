@@ -128,6 +128,10 @@ pub(super) struct Upstream {
     pub connected: bool,
     pub last_error: Option<String>,
     pub last_frame: Option<Instant>,
+    /// How long the upstream had heard no primary at its last heartbeat
+    /// (zero from a primary): a cascaded replica hears the primary only
+    /// through its upstream.
+    pub upstream_silence: Duration,
     /// Per shard: the upstream's durable LSN as last heard (heartbeats and
     /// records), and this node's applied LSN.
     pub head: Vec<u64>,
@@ -529,9 +533,20 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                         }
                     }
                 }
-                Out::Beat { shard, epoch, beat } => {
+                Out::Beat {
+                    shard,
+                    epoch,
+                    beat,
+                    silence_ms,
+                } => {
                     writer
-                        .write_all(&frame(FrameKind::Heartbeat, shard, epoch, 0, beat.as_bytes()))
+                        .write_all(&frame(
+                            FrameKind::Heartbeat,
+                            shard,
+                            epoch,
+                            silence_ms,
+                            beat.as_bytes(),
+                        ))
                         .await?;
                 }
                 Out::Released { why } => {
@@ -722,6 +737,9 @@ enum Out {
         shard: u32,
         epoch: u64,
         beat: Heartbeat,
+        /// Milliseconds since this node last heard a primary (the frame's
+        /// `start_lsn`).
+        silence_ms: u64,
     },
     /// The downstream's position does not continue this log (and where,
     /// as far as the epoch histories tell).
@@ -806,7 +824,9 @@ async fn read_shard(
 }
 
 /// Every [`HEARTBEAT`]: each shard's head, durable LSN and this node's
-/// clock, so downstreams know how far behind they are even when idle.
+/// clock, so downstreams know how far behind they are even when idle, and
+/// how long this node has heard no primary, so a cascaded replica knows
+/// whether the primary is up (`failover::primary_silence_ms`).
 async fn heartbeats(
     shared: Arc<Shared>,
     tx: Rc<glommio::channels::local_channel::LocalSender<Out>>,
@@ -825,6 +845,7 @@ async fn heartbeats(
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
+        let silence_ms = super::failover::primary_silence_ms(&shared);
         for s in stats {
             let beat = Heartbeat {
                 head_lsn: s.next_lsn.into(),
@@ -835,6 +856,7 @@ async fn heartbeats(
                 shard: s.shard,
                 epoch: current.get(s.shard as usize).map_or(s.epoch, Cell::get),
                 beat,
+                silence_ms,
             };
             if tx.send(out).await.is_err() {
                 return;
@@ -1385,6 +1407,9 @@ async fn follow_once(
                         *h = (*h).max(beat.durable_lsn.get());
                     }
                     u.clock_skew_micros = beat.unix_micros.get() as i64 - now_micros;
+                    // An upstream that predates the field sends 0: it is
+                    // taken to hear its primary, as it was before.
+                    u.upstream_silence = Duration::from_millis(start);
                     note_behind(&mut u);
                 }
             }
