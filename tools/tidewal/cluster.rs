@@ -86,6 +86,13 @@ impl NodeChild {
         self.terminate();
     }
 
+    /// Kills the node at once (SIGKILL: no clean stop, as a crash).
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     fn terminate(&mut self) {
         // SAFETY: signalling a child we spawned and have not reaped.
         unsafe {

@@ -2,7 +2,10 @@
 //! replica on loopback, in temporary directories; a mixed load at the
 //! `replicated(1)` level with reads from the replicas; commits/s, latency
 //! percentiles, per-replica lag and the status JSON at the end, and with
-//! `--plot FILE.svg` the latency and lag over time.
+//! `--plot FILE.svg` the latency and lag over time. Then, unless
+//! `--no-failover`, the primary is killed under `replicated(1)` writes and
+//! the two others elect a new one, which must hold every acknowledged
+//! write.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,7 +47,19 @@ pub struct DemoArgs {
     /// Run where O_DIRECT is not in effect (tmpfs): not durable.
     #[arg(long)]
     allow_buffered_io: bool,
+    /// Skip the failover at the end (the primary killed under
+    /// `replicated(1)` writes, a new one elected, every acknowledged write
+    /// checked on it).
+    #[arg(long)]
+    no_failover: bool,
 }
+
+/// The nodes' election timeout: the lowest a node accepts.
+const ELECTION_TIMEOUT_MS: &str = "1000";
+
+/// Writers of the failover phase, and how long they write before the kill.
+const FAILOVER_WRITERS: usize = 4;
+const FAILOVER_LOAD: Duration = Duration::from_secs(2);
 
 /// One sample of the run, every [`SAMPLE`].
 #[derive(Debug, Clone, Default)]
@@ -74,6 +89,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             // The nodes share this machine's cores: none polls while idle.
             "--spin-us".into(),
             "0".into(),
+            "--election-timeout-ms".into(),
+            ELECTION_TIMEOUT_MS.into(),
         ];
         if args.allow_buffered_io {
             v.push("--allow-buffered-io".into());
@@ -110,6 +127,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  replica {} follows the primary", replica.listen);
     println!("  cascade {} follows the replica", cascade.listen);
+    // Every node knows the others: automatic failover.
+    let addrs: Vec<String> = [&primary, &replica, &cascade]
+        .iter()
+        .map(|n| n.listen.to_string())
+        .collect();
+    for node in [&primary, &replica, &cascade] {
+        let mut args: Vec<&[u8]> = vec![b"TIDEWAL.PEERS"];
+        args.extend(addrs.iter().map(|a| a.as_bytes()));
+        Client::connect(node.listen)?
+            .ok(&args)
+            .with_context(|| format!("setting {}'s peers", node.name))?;
+    }
     let streaming = |s: &serde_json::Value| s["replicas"][0]["status"] == "streaming";
     wait_status(
         &primary,
@@ -300,9 +329,109 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         plot(path, &samples, &args.commit_level)?;
         println!("plot written to {}", path.display());
     }
-    cascade.stop();
-    replica.stop();
-    primary.stop();
+    if args.no_failover {
+        cascade.stop();
+        replica.stop();
+        primary.stop();
+        return Ok(());
+    }
+    failover(primary, replica, cascade)
+}
+
+/// The primary is killed (SIGKILL) under `replicated(1)` writes; the
+/// replica and the cascade elect one of them, which must hold every write
+/// the old primary acknowledged, and the other follows it.
+fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyhow::Result<()> {
+    println!(
+        "\nfailover: {FAILOVER_WRITERS} clients write at replicated(1) for {:.0} s, then the primary is killed (SIGKILL)",
+        FAILOVER_LOAD.as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..FAILOVER_WRITERS)
+        .map(|w| -> anyhow::Result<_> {
+            let mut c = Client::connect(primary.listen)?;
+            c.ok(&[b"CLIENT", b"COMMIT-LEVEL", b"replicated(1)"])?;
+            let stop = stop.clone();
+            Ok(std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0u64.. {
+                    let key = format!("failover:{w}:{i}");
+                    match c.call(&[b"SET", key.as_bytes(), &i.to_le_bytes()]) {
+                        Ok(Reply::Simple(_)) => acked.push(key),
+                        // An error reply (not acknowledged) or the
+                        // connection gone with the primary.
+                        _ if stop.load(Ordering::Relaxed) => break,
+                        _ => {}
+                    }
+                }
+                acked
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    std::thread::sleep(FAILOVER_LOAD);
+    stop.store(true, Ordering::Relaxed);
+    primary.kill()?;
+    let killed = Instant::now();
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.join().map_err(|_| anyhow::anyhow!("a writer panicked"))?);
+    }
+    let limit = Duration::from_secs(30);
+    let (winner, other, elected) = loop {
+        let (r, c) = (replica.status()?, cascade.status()?);
+        if r["role"] == "primary" {
+            break (replica, cascade, r);
+        }
+        if c["role"] == "primary" {
+            break (cascade, replica, c);
+        }
+        if killed.elapsed() > limit {
+            bail!("no primary was elected within {limit:?}: replica {r}, cascade {c}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elected_after = killed.elapsed();
+    let winner_addr = winner.listen.to_string();
+    wait_status(&other, "following the new primary", limit, |s| {
+        s["upstream"]["host"] == winner_addr.as_str() && s["upstream"]["connected"] == true
+    })?;
+    let following_after = killed.elapsed();
+    let mut c = Client::connect(winner.listen)?;
+    let mut lost = Vec::new();
+    for key in &acked {
+        if !matches!(c.ok(&[b"GET", key.as_bytes()])?, Reply::Bulk(Some(_))) {
+            lost.push(key.clone());
+        }
+    }
+    c.ok(&[b"CLIENT", b"COMMIT-LEVEL", b"replicated(1)"])?;
+    for i in 0..1000u32 {
+        c.ok(&[b"SET", format!("after:{i}").as_bytes(), b"v"])?;
+    }
+    wait_converged(&winner, &[&other], limit).context("after the failover")?;
+    println!(
+        "  {} acknowledged writes before the kill; the {} was elected primary after {:.2} s (epoch {}), the {} followed it after {:.2} s",
+        acked.len(),
+        winner.name,
+        elected_after.as_secs_f64(),
+        elected["epoch"],
+        other.name,
+        following_after.as_secs_f64(),
+    );
+    println!(
+        "  acknowledged writes on the new primary: {} of {} ({} lost); 1000 more replicated(1) writes taken, both logs identical",
+        acked.len() - lost.len(),
+        acked.len(),
+        lost.len()
+    );
+    other.stop();
+    winner.stop();
+    if !lost.is_empty() {
+        bail!(
+            "the failover lost {} acknowledged writes, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+    }
     Ok(())
 }
 
