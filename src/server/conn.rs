@@ -42,12 +42,14 @@ enum Slot {
 }
 
 /// What a command asks of the connection besides its reply.
-#[derive(PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum After {
     Continue,
     Close,
     /// Become the upstream side of a replication stream.
     Stream,
+    /// Send a backup of every shard, then close (`backup.rs`).
+    Backup,
 }
 
 struct Conn {
@@ -207,7 +209,11 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
         // the upstream side of it from now on.
-        Ok(Some(rest)) => {
+        Ok(Some((After::Backup, _))) => {
+            super::backup::serve(stream, shared).await;
+            return;
+        }
+        Ok(Some((_, rest))) => {
             super::replication::serve_downstream(stream, shared, rest).await;
             return;
         }
@@ -265,7 +271,9 @@ impl Conn {
 
     /// Serves commands; `Some(bytes)` when the client turned the connection
     /// into a replication stream (with what it sent after the command).
-    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<Option<BytesMut>> {
+    /// `Some` when the connection becomes something else (`After::Stream`
+    /// or `After::Backup`), with what it had received past the command.
+    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<Option<(After, BytesMut)>> {
         let limits = self.shared.config.limits;
         let resp_limits = resp::Limits {
             bulk_bytes_max: limits.bulk_bytes_max,
@@ -319,8 +327,8 @@ impl Conn {
                 stream.write_all(&out).await?;
                 out.clear();
             }
-            if after == After::Stream {
-                return Ok(Some(input));
+            if after == After::Stream || after == After::Backup {
+                return Ok(Some((after, input)));
             }
             if after == After::Close || self.shared.stopping() {
                 return Ok(None);
@@ -434,6 +442,14 @@ impl Conn {
                 let cluster = u128::from_be_bytes(self.shared.cluster());
                 slots.push(Slot::Ready(Reply::Simple(format!("STREAM {cluster:032x}"))));
                 return After::Stream;
+            }
+            Command::Backup => {
+                let cluster = u128::from_be_bytes(self.shared.cluster());
+                slots.push(Slot::Ready(Reply::Simple(format!(
+                    "BACKUP {cluster:032x} {}",
+                    self.shared.engine.shard_count()
+                ))));
+                return After::Backup;
             }
             Command::Ping => Slot::Ready(match args.get(1) {
                 Some(message) => Reply::Bulk(message.clone()),
@@ -1204,6 +1220,8 @@ enum Command {
     Replicaof,
     /// `TIDEWAL.STREAM`: a replica asks for the WAL stream.
     Stream,
+    /// `TIDEWAL.BACKUP`: a backup of every shard (`backup.rs`).
+    Backup,
     /// `TIDEWAL.VOTE`, `TIDEWAL.WHO`, `TIDEWAL.FETCH`: what nodes ask each
     /// other in an election (`failover.rs`).
     Vote,
@@ -1215,8 +1233,9 @@ enum Command {
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 31] = [
+    const ALL: [(&'static [u8], Command); 32] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
+        (super::backup::BACKUP_COMMAND, Command::Backup),
         (super::failover::VOTE_COMMAND, Command::Vote),
         (super::failover::WHO_COMMAND, Command::Who),
         (super::failover::FETCH_COMMAND, Command::Fetch),
@@ -1322,6 +1341,7 @@ impl Command {
             Command::Hello => -1,
             Command::Replicaof => 3,
             Command::Stream => 1,
+            Command::Backup => 1,
             Command::Vote => -4,
             Command::Who => 1,
             Command::Fetch => 5,

@@ -18,6 +18,7 @@
 //! mailboxes. The admin endpoint runs on the first executor.
 
 mod admin;
+mod backup;
 mod commit;
 mod config;
 mod conn;

@@ -207,7 +207,13 @@ async fn next_frame(
     }
 }
 
-fn frame(kind: FrameKind, shard: u32, epoch: u64, start: u64, payload: &[u8]) -> Vec<u8> {
+pub(super) fn frame(
+    kind: FrameKind,
+    shard: u32,
+    epoch: u64,
+    start: u64,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(crate::format::FRAME_HEADER_BYTES + payload.len());
     encode_frame(&mut out, kind, shard, epoch, start, payload);
     out
@@ -659,7 +665,7 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<(std::path::PathBuf, Expect,
 /// Sends `shard`'s newest snapshot (taking one first when there is none)
 /// as `Snapshot` frames and a `SnapshotEnd`; returns its position, from
 /// which records follow.
-async fn send_snapshot(
+pub(super) async fn send_snapshot(
     shared: &Shared,
     shard: u32,
     epoch: u64,

@@ -11,6 +11,7 @@
 //! - `tidewal bench wal`: durable append throughput and latency against the
 //!   disk's own ceiling, measured in the same run.
 
+mod backup;
 mod bench_repl;
 mod bench_wal;
 mod cluster;
@@ -49,6 +50,11 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Back up a running node (a replica, so the primary does no work):
+    /// a snapshot of every shard and a manifest, into a new directory.
+    Backup(backup::BackupArgs),
+    /// Make a data directory of a backup, for `tidewal node --data-dir`.
+    Restore(backup::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -96,6 +102,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Replication(args)) => {
             bench_repl::run(args).map(|()| ExitCode::SUCCESS)
         }
+        Command::Backup(args) => backup::backup(args).map(|()| ExitCode::SUCCESS),
+        Command::Restore(args) => backup::restore(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,233 @@
+//! Backups taken from a replica (`tidewal backup`) and restored into new
+//! data directories (`tidewal restore`), with the real binary: the restored
+//! node holds every key the replica held, nothing later; a restored copy
+//! started as a replica of the primary catches up from the backup's
+//! position; the primary does no work for it; bad backups and bad targets
+//! are refused with nothing made.
+
+#[macro_use]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::disk_dir;
+use common::node::{NodeProcess, positions, status};
+use redis::Commands;
+
+/// Runs `tidewal ARGS`: (success, stdout and stderr).
+fn tidewal(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run tidewal");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+fn wait_converged(a: &NodeProcess, b: &NodeProcess) {
+    let started = Instant::now();
+    while positions(a) != positions(b) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no convergence: {:?} / {:?}",
+            positions(a),
+            positions(b)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn snapshots_in(dir: &Path) -> usize {
+    walk(dir)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+        .count()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replica() {
+    let (pdir, rdir, work) = (disk_dir(), disk_dir(), disk_dir());
+    let args = ["--shards", "2", "--commit-level", "replicated(1)"];
+    let primary = NodeProcess::start(pdir.path(), &args);
+    let p_addr = primary.listen.to_string();
+    let mut replica_args = args.to_vec();
+    replica_args.extend(["--replica-of", p_addr.as_str()]);
+    let replica = NodeProcess::start(rdir.path(), &replica_args);
+    let mut pc = primary.client();
+    for i in 0..2000 {
+        let _: () = pc.set(format!("k{i}"), format!("v{i}")).unwrap();
+    }
+    let _: () = pc.del("k7").unwrap();
+    wait_converged(&primary, &replica);
+
+    let backup = work.path().join("backup");
+    let r_addr = replica.listen.to_string();
+    let (ok, out) = tidewal(&["backup", "--from", &r_addr, "--to", path(&backup)]);
+    assert!(ok, "{out}");
+    assert!(out.contains("2 shards"), "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(backup.join("BACKUP.json")).unwrap()).unwrap();
+    let shards = manifest["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2, "{manifest}");
+    // The backup stands for where the replica was: every shard at its head.
+    let held = positions(&replica);
+    for (s, (lsn, chain)) in shards.iter().zip(&held) {
+        assert_eq!(s["lsn"].as_u64().unwrap(), *lsn, "{manifest}");
+        assert_eq!(s["chain"].as_u64().unwrap(), *chain, "{manifest}");
+    }
+    // The primary did no work for it.
+    assert_eq!(snapshots_in(pdir.path()), 0, "the primary took a snapshot");
+    assert!(snapshots_in(rdir.path()) >= 2);
+
+    // Written after the backup: not in it.
+    let _: () = pc.set("after", "x").unwrap();
+
+    // Restored and started on its own: exactly what the replica held.
+    let restored = work.path().join("restored");
+    let (ok, out) = tidewal(&[
+        "restore",
+        "--from",
+        path(&backup),
+        "--data-dir",
+        path(&restored),
+    ]);
+    assert!(ok, "{out}");
+    let node = NodeProcess::start(&restored, &[]);
+    let mut c = node.client();
+    let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(size, 1999);
+    for i in [0, 1, 999, 1998, 1999] {
+        let v: String = c.get(format!("k{i}")).unwrap();
+        assert_eq!(v, format!("v{i}"));
+    }
+    assert_eq!(c.get::<_, Option<String>>("k7").unwrap(), None, "deleted");
+    assert_eq!(c.get::<_, Option<String>>("after").unwrap(), None);
+    assert_eq!(positions(&node), held);
+    // A restored node is a primary of a cluster of its own: it takes
+    // writes, and the source cluster's nodes would refuse it as upstream.
+    let _: () = c.set("mine", 1).unwrap();
+    assert_ne!(
+        status(&node)["cluster_id"],
+        status(&primary)["cluster_id"],
+        "{}",
+        status(&node)
+    );
+    drop(node);
+
+    // Restored again and started as a replica of the primary: its log is
+    // a prefix of the primary's, so it streams on from the backup's
+    // position and converges.
+    let again = work.path().join("again");
+    let (ok, out) = tidewal(&[
+        "restore",
+        "--from",
+        path(&backup),
+        "--data-dir",
+        path(&again),
+    ]);
+    assert!(ok, "{out}");
+    let mut again_args = replica_args.clone();
+    again_args.retain(|a| *a != "replicated(1)" && *a != "--commit-level");
+    let follower = NodeProcess::start(&again, &again_args);
+    wait_converged(&primary, &follower);
+    let s = status(&follower);
+    assert_eq!(s["upstream"]["resyncs"], 0, "it needed no snapshot: {s}");
+    let v: String = follower.client().get("after").unwrap();
+    assert_eq!(v, "x");
+}
+
+#[test]
+fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
+    let (ndir, work) = (disk_dir(), disk_dir());
+    let node = NodeProcess::start(ndir.path(), &["--shards", "2"]);
+    let mut c = node.client();
+    for i in 0..100 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    let addr = node.listen.to_string();
+
+    // The command takes no argument.
+    let err = redis::cmd("TIDEWAL.BACKUP")
+        .arg("x")
+        .query::<redis::Value>(&mut c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("wrong number of arguments"), "{err}");
+
+    // Into a directory that holds something: refused, nothing overwritten.
+    let full = work.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("keep"), "mine").unwrap();
+    let (ok, out) = tidewal(&["backup", "--from", &addr, "--to", path(&full)]);
+    assert!(!ok && out.contains("not empty"), "{out}");
+    assert_eq!(std::fs::read_to_string(full.join("keep")).unwrap(), "mine");
+
+    // From something that is not a tidewal node (the admin HTTP port).
+    let (ok, out) = tidewal(&[
+        "backup",
+        "--from",
+        &node.admin.to_string(),
+        "--to",
+        path(&work.path().join("http")),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(!work.path().join("http/BACKUP.json").exists());
+
+    let backup = work.path().join("backup");
+    let (ok, out) = tidewal(&["backup", "--from", &addr, "--to", path(&backup)]);
+    assert!(ok, "{out}");
+
+    // A byte flipped at rest: restore refuses before it makes anything.
+    let file = backup.join("shard-0001.snap");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&file, &bytes).unwrap();
+    let target = work.path().join("restored");
+    let (ok, out) = tidewal(&[
+        "restore",
+        "--from",
+        path(&backup),
+        "--data-dir",
+        path(&target),
+    ]);
+    assert!(!ok && out.contains("damaged"), "{out}");
+    assert!(!target.exists(), "nothing is made from a damaged backup");
+
+    // A backup without its manifest is not one.
+    std::fs::remove_file(backup.join("BACKUP.json")).unwrap();
+    let (ok, out) = tidewal(&[
+        "restore",
+        "--from",
+        path(&backup),
+        "--data-dir",
+        path(&target),
+    ]);
+    assert!(!ok && out.contains("not a complete backup"), "{out}");
+    assert!(!target.exists());
+
+    // And the node served all of it, and still serves.
+    let v: i64 = c.get("k99").unwrap();
+    assert_eq!(v, 99);
+}

@@ -1,0 +1,363 @@
+//! `tidewal backup` and `tidewal restore`: a backup taken from a running
+//! node (a replica, so that the primary does no work for it), and a data
+//! directory made of one.
+//!
+//! A backup is a directory: one snapshot file per shard, as the node's
+//! `TIDEWAL.BACKUP` sent it (`src/server/backup.rs`), and `BACKUP.json`,
+//! written last, naming each file with its length, CRC32C and the log
+//! position it stands for. A directory without `BACKUP.json` is not a
+//! backup. FORMAT.md, Backup.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tidewal::format::{
+    Expect, FRAME_HEADER_BYTES, FrameKind, LogId, SnapshotEnd, SnapshotHeader, crc32c_append,
+    decode_fixed, decode_frame, frame_len,
+};
+
+/// The manifest of a backup directory.
+const MANIFEST: &str = "BACKUP.json";
+
+/// The largest frame payload taken: a snapshot piece is 1 MiB.
+const PAYLOAD_MAX: usize = 4 << 20;
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The node to back up (its client port). Take it from a replica: the
+    /// primary then does no work for it.
+    #[arg(long, value_name = "HOST:PORT")]
+    from: String,
+    /// The directory to write the backup to (new, or empty).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// A directory written by `tidewal backup`.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// The data directory to make (new, or empty); then start `tidewal node
+    /// --data-dir` on it.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Restore where O_DIRECT is not in effect (tmpfs): not durable.
+    #[arg(long)]
+    allow_buffered_io: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct Manifest {
+    /// 1.
+    format: u32,
+    /// The node it was taken from, as given.
+    source: String,
+    /// That node's replication cluster, 32 hex digits.
+    cluster_id: String,
+    /// When the node was asked, milliseconds since the Unix epoch.
+    taken_unix_ms: u64,
+    shards: Vec<ShardBackup>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct ShardBackup {
+    shard: u32,
+    /// The snapshot file, in the backup directory.
+    file: String,
+    bytes: u64,
+    /// CRC32C of the whole file.
+    crc32c: u32,
+    /// The log position the snapshot stands for: the shard's state after
+    /// every record below `lsn`.
+    lsn: u64,
+    epoch: u64,
+    chain: u32,
+}
+
+/// A directory that does not exist yet (made here) or is empty.
+fn new_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        let mut entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
+        ensure!(
+            entries.next().is_none(),
+            "{} is not empty: nothing is overwritten",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    new_dir(&args.to)?;
+    let addr = args
+        .from
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.from))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.from))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connecting to {}", args.from))?;
+    // A snapshot of a large shard takes a while; silence this long is a
+    // node gone.
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let taken_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (&stream).write_all(b"*1\r\n$14\r\nTIDEWAL.BACKUP\r\n")?;
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let mut line = Vec::new();
+    (&mut reader).take(256).read_until(b'\n', &mut line)?;
+    let line = String::from_utf8_lossy(&line).trim_end().to_string();
+    if let Some(e) = line.strip_prefix('-') {
+        bail!("{} refused the backup: {e}", args.from);
+    }
+    let words: Vec<&str> = line.split(' ').collect();
+    let (cluster_id, shard_count) = match words.as_slice() {
+        ["+BACKUP", cluster, n] if cluster.len() == 32 => (
+            cluster.to_string(),
+            n.parse::<u32>().context("shard count")?,
+        ),
+        _ => bail!(
+            "{} does not speak TIDEWAL.BACKUP (an older tidewal, or not tidewal): {line:?}",
+            args.from
+        ),
+    };
+    let mut shards = Vec::new();
+    let mut input: Vec<u8> = Vec::new();
+    let mut file: Option<(u32, std::fs::File, u64, u32)> = None;
+    while shards.len() < shard_count as usize {
+        let frame = loop {
+            match decode_frame(&input, PAYLOAD_MAX).context("a bad frame from the node")? {
+                Some(f) => break f,
+                None => {
+                    let want = frame_len(&input).unwrap_or(FRAME_HEADER_BYTES);
+                    let have = input.len();
+                    input.resize(want.max(have + 1), 0);
+                    let n = reader.read(&mut input[have..])?;
+                    input.truncate(have + n);
+                    ensure!(
+                        n > 0,
+                        "{} closed the connection after {} of {shard_count} shards",
+                        args.from,
+                        shards.len()
+                    );
+                }
+            }
+        };
+        let (kind, shard, start, payload, used) = (
+            frame.kind,
+            frame.shard,
+            frame.start_lsn,
+            frame.payload.to_vec(),
+            frame.consumed,
+        );
+        input.drain(..used);
+        let expected = shards.len() as u32;
+        match kind {
+            FrameKind::Refuse => bail!(
+                "{} could not take the backup: {}",
+                args.from,
+                String::from_utf8_lossy(&payload)
+            ),
+            FrameKind::Snapshot => {
+                ensure!(shard == expected, "shard {shard} sent, {expected} expected");
+                if start == 0 {
+                    let path = args.to.join(shard_file(shard));
+                    let f = std::fs::File::create(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    file = Some((shard, f, 0, 0));
+                }
+                let Some((_, f, written, crc)) = file.as_mut() else {
+                    bail!("shard {shard}: a snapshot piece at {start} before its first");
+                };
+                ensure!(
+                    start == *written,
+                    "shard {shard}: a piece at {start}, expected {written}"
+                );
+                f.write_all(&payload)?;
+                *written += payload.len() as u64;
+                *crc = crc32c_append(*crc, &payload);
+            }
+            FrameKind::SnapshotEnd => {
+                let end = decode_fixed::<SnapshotEnd>(kind, &payload)?;
+                let Some((got, f, written, crc)) = file.take() else {
+                    bail!("shard {shard}: a snapshot end without a snapshot");
+                };
+                ensure!(
+                    got == shard,
+                    "shard {shard}: the end of shard {got}'s snapshot"
+                );
+                ensure!(
+                    written == end.file_bytes.get(),
+                    "shard {shard}: {} bytes announced, {written} received",
+                    end.file_bytes.get()
+                );
+                f.sync_all()?;
+                let at = Expect {
+                    lsn: end.lsn.get(),
+                    chain: end.chain.get(),
+                    epoch: end.epoch.get(),
+                };
+                check_header(&args.to.join(shard_file(shard)), shard, at)?;
+                shards.push(ShardBackup {
+                    shard,
+                    file: shard_file(shard),
+                    bytes: written,
+                    crc32c: crc,
+                    lsn: at.lsn,
+                    epoch: at.epoch,
+                    chain: at.chain,
+                });
+            }
+            other => bail!("an unexpected {other:?} frame in a backup"),
+        }
+    }
+    let manifest = Manifest {
+        format: 1,
+        source: args.from.clone(),
+        cluster_id,
+        taken_unix_ms,
+        shards,
+    };
+    sync_dir(&args.to)?;
+    let tmp = args.to.join(format!("{MANIFEST}.tmp"));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)? + "\n")?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, args.to.join(MANIFEST))?;
+    sync_dir(&args.to)?;
+    let bytes: u64 = manifest.shards.iter().map(|s| s.bytes).sum();
+    println!(
+        "backup of {} ({} shards, {:.1} MB) written to {} in {:.2} s",
+        args.from,
+        manifest.shards.len(),
+        bytes as f64 / 1e6,
+        args.to.display(),
+        started.elapsed().as_secs_f64()
+    );
+    for s in &manifest.shards {
+        println!(
+            "  shard {}: {} at lsn {} (epoch {}), {} bytes",
+            s.shard, s.file, s.lsn, s.epoch, s.bytes
+        );
+    }
+    Ok(())
+}
+
+fn shard_file(shard: u32) -> String {
+    format!("shard-{shard:04}.snap")
+}
+
+/// The snapshot's own header verifies and names the position it was sent
+/// with. (Every block is verified when it is restored.)
+fn check_header(path: &Path, shard: u32, at: Expect) -> anyhow::Result<()> {
+    use zerocopy::FromBytes;
+    let mut head = vec![0u8; 4096];
+    let n = std::fs::File::open(path)?.read(&mut head)?;
+    head.truncate(n);
+    let (raw, _) = SnapshotHeader::read_from_prefix(&head)
+        .map_err(|_| anyhow::anyhow!("{}: shorter than a header", path.display()))?;
+    let log = LogId {
+        cluster_id: raw.cluster_id,
+        shard,
+    };
+    let h = SnapshotHeader::decode(&head, log).with_context(|| format!("{}", path.display()))?;
+    ensure!(
+        h.lsn.get() == at.lsn && h.chain.get() == at.chain && h.epoch.get() == at.epoch,
+        "{}: the snapshot stands for lsn {}, not the lsn {} it was sent with",
+        path.display(),
+        h.lsn.get(),
+        at.lsn
+    );
+    Ok(())
+}
+
+pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let path = args.from.join(MANIFEST);
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "{}: not a complete backup (tidewal backup writes it last)",
+            path.display()
+        )
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).with_context(|| format!("{}", path.display()))?;
+    ensure!(
+        manifest.format == 1,
+        "{}: backup format {} (this tidewal reads 1)",
+        path.display(),
+        manifest.format
+    );
+    let count = manifest.shards.len() as u32;
+    ensure!(count > 0, "{}: no shards", path.display());
+    for (i, s) in manifest.shards.iter().enumerate() {
+        ensure!(
+            s.shard == i as u32 && s.file == shard_file(s.shard),
+            "{}: shard {i} is listed as {} / {}",
+            path.display(),
+            s.shard,
+            s.file
+        );
+        // Damage at rest is found before anything is made.
+        let file = args.from.join(&s.file);
+        let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+        let crc = crc32c_append(0, &bytes);
+        ensure!(
+            bytes.len() as u64 == s.bytes && crc == s.crc32c,
+            "{}: damaged: {} bytes with CRC32C {crc:08x}, the manifest says {} bytes, {:08x}",
+            file.display(),
+            bytes.len(),
+            s.bytes,
+            s.crc32c
+        );
+    }
+    new_dir(&args.data_dir)?;
+    let options = tidewal::engine::Options::new()
+        .with_shard_count(count)
+        .with_executor_count(1)
+        .with_allow_buffered_io(args.allow_buffered_io);
+    let engine = tidewal::engine::Engine::open(&args.data_dir, options)?;
+    for s in &manifest.shards {
+        let incoming = engine.shard_dir(s.shard).join("restore-incoming");
+        std::fs::copy(args.from.join(&s.file), &incoming)
+            .with_context(|| format!("copying {} into place", s.file))?;
+        let want = Expect {
+            lsn: s.lsn,
+            chain: s.chain,
+            epoch: s.epoch,
+        };
+        let at = tidewal::engine::block_on(engine.install_snapshot(s.shard, incoming, want))
+            .with_context(|| format!("restoring shard {} from {}", s.shard, s.file))?;
+        ensure!(
+            at.lsn == s.lsn && at.chain == s.chain,
+            "shard {}: restored to lsn {}, not {}",
+            s.shard,
+            at.lsn,
+            s.lsn
+        );
+    }
+    tidewal::engine::block_on(engine.close())?;
+    println!(
+        "restored {count} shards from {} (taken from {}) into {}",
+        args.from.display(),
+        manifest.source,
+        args.data_dir.display()
+    );
+    println!(
+        "start it with `tidewal node --data-dir {}`: as a primary it founds a cluster of its own; with --replica-of a node of the source cluster it catches up from the backup's positions",
+        args.data_dir.display()
+    );
+    Ok(())
+}
