@@ -383,6 +383,11 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
     }
     wait_converged(&primary, &c);
     // Through its upstream it hears the primary: no vote deposes it.
+    let heard = status(&c)["failover"]["primary_silence_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(heard < 1000, "{heard} ms");
+    assert_eq!(status(&primary)["failover"]["primary_silence_ms"], 0);
     let (granted, why) = vote(&c, epoch + 5, &a_addr, epoch);
     assert_eq!(granted, 0);
     assert!(why.contains("through it a primary"), "{why}");

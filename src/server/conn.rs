@@ -571,7 +571,10 @@ impl Conn {
             Command::Fetch => {
                 Slot::Later(Box::pin(super::failover::fetch(self.shared.clone(), args)))
             }
-            Command::Peers => Slot::Ready(super::failover::peers_command(&self.shared, &args)),
+            Command::Peers => Slot::Later(Box::pin(super::failover::peers_command(
+                self.shared.clone(),
+                args,
+            ))),
             Command::Config => config_command(&self.shared, &args),
             Command::Introspect => Slot::Ready(match args.get(1).map(|a| a.to_ascii_uppercase()) {
                 Some(sub) if sub == b"COUNT" => Reply::Int(Command::ALL.len() as i64),

@@ -1149,8 +1149,10 @@ async fn gather(
 }
 
 /// `TIDEWAL.PEERS [HOST:PORT ...]`: sets the peers (until restart; the
-/// config's `peers` at start), then lists them.
-pub(super) fn peers_command(shared: &Shared, args: &[Bytes]) -> Reply {
+/// config's `peers` at start), then lists them. Names are resolved (to
+/// leave this node out) on glommio's blocking thread: a slow DNS server
+/// does not stall the executor's clients and shards.
+pub(super) async fn peers_command(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
     if args.len() > 1 {
         let list: Vec<String> = args[1..]
             .iter()
@@ -1159,10 +1161,15 @@ pub(super) fn peers_command(shared: &Shared, args: &[Bytes]) -> Reply {
         if let Some(bad) = list.iter().find(|p| !is_host_port(p)) {
             return Reply::err(format!("TIDEWAL.PEERS: {bad:?} is not HOST:PORT"));
         }
-        set_peers(shared, &list);
+        let setting = shared.clone();
+        glommio::executor()
+            .spawn_blocking(move || {
+                set_peers(&setting, &list);
+            })
+            .await;
     }
     Reply::Array(
-        peers(shared)
+        peers(&shared)
             .into_iter()
             .map(|p| Reply::Bulk(p.into()))
             .collect(),
@@ -1171,6 +1178,7 @@ pub(super) fn peers_command(shared: &Shared, args: &[Bytes]) -> Reply {
 
 /// The status page's `failover` object.
 pub(super) fn status(shared: &Shared) -> serde_json::Value {
+    let silence = Some(primary_silence_ms(shared)).filter(|ms| *ms != u64::MAX);
     let Ok(f) = shared.failover.lock() else {
         return serde_json::Value::Null;
     };
@@ -1183,6 +1191,7 @@ pub(super) fn status(shared: &Shared) -> serde_json::Value {
         "voted_for": f.voted_for,
         "fence_epoch": f.fence,
         "stopped_seconds": f.stopped.map(|t| t.elapsed().as_secs_f64()),
+        "primary_silence_ms": silence,
         "elections": f.elections,
         "won": f.won,
         "last": f.last,
