@@ -85,6 +85,7 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
         replicas[0]["lag_seconds"], 0.0,
         "0 when caught up, also when idle"
     );
+    assert_eq!(replicas[0]["catch_up_seconds"], 0.0);
     let rs = status(&replica);
     assert_eq!(rs["role"], "replica");
     assert_eq!(rs["upstream"]["connected"], true);

@@ -274,6 +274,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                     .unwrap_or(0)
                     .min(free_bytes)
             };
+            let catch_up_seconds = d.catch_up_seconds(lag);
             let released = d.flushed.iter().zip(&first).any(|(f, first)| f < first);
             let alerting = thresholds.update(&mut d.alert, lag, lag_seconds);
             if alerting {
@@ -328,6 +329,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 "epoch": d.epoch,
                 "lag_bytes": lag,
                 "lag_seconds": lag_seconds,
+                "catch_up_seconds": catch_up_seconds,
                 "sent_lsn": d.sent,
                 "written_lsn": d.written,
                 "flushed_lsn": d.flushed,

@@ -95,9 +95,59 @@ pub(super) struct Downstream {
     /// part; null when they do not tell), `detected_at_lsn`, `to_lsn` (its
     /// end).
     pub diverged: Option<serde_json::Value>,
+    /// The sum of `flushed` as status pages saw it, and when: its rate
+    /// estimates `catch_up_seconds`.
+    pub progress: VecDeque<(Instant, u64)>,
 }
 
+/// How far back `catch_up_seconds` looks, and how often it takes a note.
+const PROGRESS_WINDOW: Duration = Duration::from_secs(30);
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 impl Downstream {
+    /// Estimated seconds until the downstream holds durably what this node
+    /// holds now (`lag` bytes), at the rate it made records durable since
+    /// the newest note at least a second old (notes are taken when the
+    /// status page is read, and kept for [`PROGRESS_WINDOW`]). 0 when
+    /// caught up; `None` while there is no such note, or it made no
+    /// progress since.
+    pub fn catch_up_seconds(&mut self, lag: u64) -> Option<f64> {
+        let now = Instant::now();
+        let flushed: u64 = self.flushed.iter().sum();
+        // Positions forgotten (a rewind or install here): start again.
+        if self.progress.back().is_some_and(|(_, f)| *f > flushed) {
+            self.progress.clear();
+        }
+        while self
+            .progress
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > PROGRESS_WINDOW)
+        {
+            self.progress.pop_front();
+        }
+        if self
+            .progress
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= PROGRESS_EVERY)
+        {
+            self.progress.push_back((now, flushed));
+        }
+        if lag == 0 {
+            return Some(0.0);
+        }
+        // The most recent rate: from the newest note at least a second old.
+        let (since, then) = *self
+            .progress
+            .iter()
+            .rev()
+            .find(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))?;
+        let seconds = now.duration_since(since).as_secs_f64();
+        if flushed <= then {
+            return None;
+        }
+        Some(lag as f64 * seconds / (flushed - then) as f64)
+    }
+
     /// Seconds since the oldest batch the downstream has not yet made
     /// durable was sent (0 when it has everything it was sent).
     pub fn unacked_seconds(&self) -> f64 {
@@ -1692,7 +1742,39 @@ pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::{fork_point, rewind_point};
+    use super::{Downstream, fork_point, rewind_point};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn catch_up_seconds_is_the_lag_at_the_rate_the_downstream_made_records_durable() {
+        let mut d = Downstream {
+            flushed: vec![1_000, 0],
+            ..Downstream::default()
+        };
+        // No earlier note: no estimate yet (unless caught up).
+        assert_eq!(d.catch_up_seconds(4_000), None);
+        assert_eq!(d.catch_up_seconds(0), Some(0.0));
+        // 2,000 bytes made durable in the last 10 s: 200 B/s, so 4,000
+        // bytes behind is 20 s away.
+        let ten_ago = Instant::now() - Duration::from_secs(10);
+        d.progress.clear();
+        d.progress.push_back((ten_ago, 0));
+        d.flushed = vec![1_500, 500];
+        let eta = d.catch_up_seconds(4_000).unwrap();
+        assert!((eta - 20.0).abs() < 0.1, "{eta}");
+        // Notes older than the window are dropped: with only recent ones
+        // and no progress since, no estimate.
+        d.progress.clear();
+        d.progress
+            .push_back((Instant::now() - Duration::from_secs(40), 0));
+        d.progress
+            .push_back((Instant::now() - Duration::from_secs(5), 2_000));
+        assert_eq!(d.catch_up_seconds(4_000), None, "stalled");
+        // Positions forgotten (they went back): start again.
+        d.flushed = vec![0, 0];
+        assert_eq!(d.catch_up_seconds(4_000), None);
+        assert_eq!(d.progress.len(), 1);
+    }
 
     #[test]
     fn a_rewind_goes_only_where_the_histories_part_after_agreeing() {
