@@ -107,6 +107,10 @@ fn a_replica_converges_serves_reads_and_catches_up_after_kill_9() {
         metrics.contains("tidewal_replica_connected{replica=\"replica-1\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("tidewal_replica_catch_up_seconds{replica=\"replica-1\"} 0.0"),
+        "{metrics}"
+    );
     let role: (String, String, i64, String, i64) = redis::cmd("ROLE").query(&mut r).unwrap();
     assert_eq!((role.0.as_str(), role.3.as_str()), ("slave", "connected"));
     assert_eq!(role.2, primary.listen.port() as i64);

@@ -564,6 +564,7 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
     let lag_bytes = Family::<ReplicaLabel, Gauge>::default();
     let lag_seconds = Family::<ReplicaLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let connected = Family::<ReplicaLabel, Gauge>::default();
+    let catch_up = Family::<ReplicaLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for r in doc["replicas"].as_array().into_iter().flatten() {
         let label = ReplicaLabel {
             replica: r["node_id"].as_str().unwrap_or("").to_string(),
@@ -577,6 +578,10 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         connected.get_or_create(&label).set(i64::from(
             r["status"] == "streaming" || r["status"] == "catching_up",
         ));
+        // Absent while there is no estimate (null on the status page).
+        if let Some(seconds) = r["catch_up_seconds"].as_f64() {
+            catch_up.get_or_create(&label).set(seconds);
+        }
     }
     registry.register_with_unit(
         "replica_lag",
@@ -594,6 +599,12 @@ fn metrics(shared: &Shared, stats: &[ShardStats]) -> String {
         "replica_connected",
         "1 while a replica streams or catches up",
         connected,
+    );
+    registry.register_with_unit(
+        "replica_catch_up",
+        "Estimated time until a replica holds what this node holds now (catch_up_seconds)",
+        Unit::Seconds,
+        catch_up,
     );
     let policy = &doc["commit_policy"];
     registry.register(
