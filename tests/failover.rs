@@ -363,7 +363,22 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
         ],
     );
     let a_addr = a.listen.to_string();
-    let c = start(cdir.path(), &["--replica-of", &a_addr, "--node-id", "c"]);
+    let hook_out = pdir.path().join("promoted.txt");
+    let hook = format!(
+        "echo \"$TIDEWAL_REASON $TIDEWAL_EPOCH $TIDEWAL_LISTEN\" > {}",
+        hook_out.display()
+    );
+    let c = start(
+        cdir.path(),
+        &[
+            "--replica-of",
+            &a_addr,
+            "--node-id",
+            "c",
+            "--on-promote",
+            &hook,
+        ],
+    );
     let c_addr = c.listen.to_string();
     for node in [&primary, &a, &c] {
         let _: Vec<String> = redis::cmd("TIDEWAL.PEERS")
@@ -403,6 +418,11 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
     let s = status(&c);
     assert!(s["epoch"].as_u64().unwrap() > epoch, "{s}");
     assert_eq!(s["failover"]["won"], 1, "{s}");
+    // Its on_promote hook ran (where DNS would be pointed at it).
+    let want = format!("elected {} {c_addr}\n", s["epoch"]);
+    wait_for("the on_promote hook ran", || {
+        (std::fs::read_to_string(&hook_out).unwrap_or_default() == want).then_some(())
+    });
     assert_eq!(status(&a)["failover"]["elections"], 0, "a never stands");
     wait_for("its old upstream follows it", || {
         let s = status(&a);

@@ -593,7 +593,16 @@ fn a_frame_from_an_old_epoch_is_refused() {
 fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
     let (pdir, adir, bdir) = (disk_dir(), disk_dir(), disk_dir());
     let primary = NodeProcess::start(pdir.path(), &["--shards", "2"]);
-    let a = NodeProcess::start(adir.path(), &["--shards", "2", "--node-id", "a"]);
+    // a runs a hook when it becomes the primary (to update DNS, say).
+    let hook_out = pdir.path().join("promoted.txt");
+    let hook = format!(
+        "echo \"$TIDEWAL_REASON $TIDEWAL_EPOCH $TIDEWAL_NODE_ID $TIDEWAL_LISTEN\" > {}",
+        hook_out.display()
+    );
+    let a = NodeProcess::start(
+        adir.path(),
+        &["--shards", "2", "--node-id", "a", "--on-promote", &hook],
+    );
     let b = NodeProcess::start(bdir.path(), &["--shards", "2", "--node-id", "b"]);
     let mut c = primary.client();
     for i in 0..200 {
@@ -650,6 +659,16 @@ fn replicaof_over_resp_cascades_and_promotes_with_a_new_epoch() {
     let sa = status(&a);
     assert_eq!(sa["role"], "primary");
     assert_eq!(sa["epoch"].as_u64().unwrap(), before + 1);
+    let want = format!("replicaof {} a {}\n", before + 1, a.listen);
+    let started = Instant::now();
+    while std::fs::read_to_string(&hook_out).unwrap_or_default() != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the on_promote hook wrote {:?}",
+            std::fs::read_to_string(&hook_out)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _: () = ac.set("after-promotion", 1).unwrap();
     wait_converged(&a, &b);
     assert_eq!(bc.get::<_, i64>("after-promotion").unwrap(), 1);

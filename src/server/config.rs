@@ -66,6 +66,13 @@ pub struct NodeConfig {
     /// does not still votes, and follows whoever is elected: for a replica
     /// that should never be primary (a remote one, a small one).
     pub failover_candidate: bool,
+    /// A shell command (`sh -c`) run each time this node becomes the
+    /// primary (elected, or `REPLICAOF NO ONE`): to point DNS, a virtual
+    /// IP or service discovery at it. It gets `TIDEWAL_LISTEN`,
+    /// `TIDEWAL_NODE_ID`, `TIDEWAL_EPOCH` and `TIDEWAL_REASON`
+    /// (`elected` or `replicaof`); the node does not wait for it, and logs
+    /// how it ended. Empty: none.
+    pub on_promote: String,
     pub limits: Limits,
     /// When a replica's lag raises an alert on the status page.
     pub lag_alert: LagAlert,
@@ -135,6 +142,7 @@ impl Default for NodeConfig {
             peers: Vec::new(),
             election_timeout_ms: 2_000,
             failover_candidate: true,
+            on_promote: String::new(),
             limits: Limits::default(),
             lag_alert: LagAlert::default(),
             retention: Retention::default(),

@@ -840,6 +840,7 @@ impl Conn {
                 let epoch = shared.engine.begin_epoch().await?;
                 shared.set_upstream("");
                 tracing::warn!(epoch, "promoted to primary by REPLICAOF NO ONE");
+                super::failover::on_promote(&shared, epoch, "replicaof");
                 Ok(Reply::Ok)
             });
         }

@@ -1045,6 +1045,7 @@ async fn stand(shared: &Arc<Shared>, timeout: Duration) {
             let _ = keep_vote(shared).await;
             note(&format!("elected; primary in epoch {begun}"), epoch, votes);
             tracing::warn!(epoch = begun, votes, "elected: promoted to primary");
+            on_promote(shared, begun, "elected");
         }
         Ok(begun) => {
             // Its floor rose meanwhile (a frame taken as it stopped): an
@@ -1066,6 +1067,38 @@ async fn stand(shared: &Arc<Shared>, timeout: Duration) {
             epoch,
             votes,
         ),
+    }
+}
+
+/// Runs the configured `on_promote` command, if any, on a thread of its
+/// own: the node does not wait for it (a hook that hangs delays nothing),
+/// and logs how it ended.
+pub(super) fn on_promote(shared: &Shared, epoch: u64, reason: &'static str) {
+    let command = shared.config.on_promote.clone();
+    if command.is_empty() {
+        return;
+    }
+    let (listen, node_id) = (shared.listen.to_string(), shared.node_id.clone());
+    let spawned = std::thread::Builder::new()
+        .name("on-promote".into())
+        .spawn(move || {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .env("TIDEWAL_LISTEN", &listen)
+                .env("TIDEWAL_NODE_ID", &node_id)
+                .env("TIDEWAL_EPOCH", epoch.to_string())
+                .env("TIDEWAL_REASON", reason)
+                .stdin(std::process::Stdio::null())
+                .status();
+            match status {
+                Ok(s) if s.success() => tracing::info!(%command, epoch, "on_promote ran"),
+                Ok(s) => tracing::error!(%command, epoch, status = %s, "on_promote failed"),
+                Err(e) => tracing::error!(%command, epoch, error = %e, "on_promote did not start"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "on_promote: no thread to run it");
     }
 }
 

@@ -60,6 +60,11 @@ pub struct NodeArgs {
     /// Never stand in an election (still vote, and follow whoever wins).
     #[arg(long)]
     no_failover_candidate: bool,
+    /// Shell command run each time this node becomes the primary (elected
+    /// or `REPLICAOF NO ONE`), e.g. to update DNS; gets TIDEWAL_LISTEN,
+    /// TIDEWAL_NODE_ID, TIDEWAL_EPOCH, TIDEWAL_REASON.
+    #[arg(long, value_name = "CMD")]
+    on_promote: Option<String>,
     /// Executors (cores) to run on (default: every allowed core).
     #[arg(long, value_name = "N")]
     executors: Option<u32>,
@@ -129,6 +134,9 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if args.no_failover_candidate {
         config.failover_candidate = false;
+    }
+    if let Some(v) = &args.on_promote {
+        config.on_promote = v.clone();
     }
     if let Some(v) = args.executors {
         config.engine.executor_count = v;
