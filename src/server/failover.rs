@@ -137,14 +137,25 @@ impl Failover {
     /// so the cascade does not take the heartbeats of a replica for a
     /// live primary (it would refuse its vote to every candidate).
     fn silence(&self, heard: Heard) -> Duration {
-        let since = [self.since, heard.last_frame, self.stopped]
-            .into_iter()
-            .flatten()
-            .max();
-        since.map_or(Duration::MAX, |t| {
+        since_latest([self.since, heard.last_frame, self.stopped], heard)
+    }
+
+    /// [`Failover::silence`] without the time it stopped following: how
+    /// long since it last heard a primary, which goes on growing after it
+    /// voted or stood.
+    fn primary_silence(&self, heard: Heard) -> Duration {
+        since_latest([self.since, heard.last_frame, None], heard)
+    }
+}
+
+fn since_latest(instants: [Option<Instant>; 3], heard: Heard) -> Duration {
+    instants
+        .into_iter()
+        .flatten()
+        .max()
+        .map_or(Duration::MAX, |t| {
             t.elapsed().saturating_add(heard.upstream_silence)
         })
-    }
 }
 
 /// What this node last heard from its upstream, for [`Failover::silence`].
@@ -165,20 +176,29 @@ fn heard(shared: &Shared) -> Heard {
         .unwrap_or_default()
 }
 
-/// What this node's heartbeats tell its downstreams: milliseconds since it
-/// last heard a primary. Zero from a primary; from a replica that stopped
-/// following (it voted or stood), or never heard one, `u64::MAX`.
-pub(super) fn primary_silence_ms(shared: &Shared) -> u64 {
+/// How long since this node last heard a primary: zero on a primary; on a
+/// replica, since its upstream's last frame (or since it began to follow)
+/// plus what that upstream's last heartbeat said, also after it stopped
+/// following. `None`: it never heard one.
+pub(super) fn primary_silence(shared: &Shared) -> Option<Duration> {
     if !shared.is_replica() {
-        return 0;
+        return Some(Duration::ZERO);
     }
     let heard = heard(shared);
-    match shared.failover.lock() {
-        Ok(f) if f.stopped.is_none() => {
-            u64::try_from(f.silence(heard).as_millis()).unwrap_or(u64::MAX)
-        }
-        _ => u64::MAX,
-    }
+    let silence = shared.failover.lock().ok()?.primary_silence(heard);
+    (silence != Duration::MAX).then_some(silence)
+}
+
+/// What this node's heartbeats tell its downstreams, in milliseconds:
+/// [`primary_silence`] less one heartbeat interval, the gap every link
+/// has between two heartbeats. Without that, silences added hop by hop
+/// would reach a 1 s election timeout in a two-link cascade whose primary
+/// is up (500 ms on each link). `u64::MAX`: it never heard one.
+pub(super) fn primary_silence_ms(shared: &Shared) -> u64 {
+    primary_silence(shared).map_or(u64::MAX, |d| {
+        u64::try_from(d.saturating_sub(super::replication::HEARTBEAT).as_millis())
+            .unwrap_or(u64::MAX)
+    })
 }
 
 /// Loads the vote kept in the data directory; one that cannot be read
@@ -1211,7 +1231,7 @@ pub(super) async fn peers_command(shared: Arc<Shared>, args: Vec<Bytes>) -> Repl
 
 /// The status page's `failover` object.
 pub(super) fn status(shared: &Shared) -> serde_json::Value {
-    let silence = Some(primary_silence_ms(shared)).filter(|ms| *ms != u64::MAX);
+    let silence = primary_silence(shared).map(|d| d.as_millis() as u64);
     let Ok(f) = shared.failover.lock() else {
         return serde_json::Value::Null;
     };

@@ -205,7 +205,7 @@ pub(super) struct Upstream {
 const INCOMING_SNAPSHOT: &str = "resync-incoming";
 
 /// How often the upstream tells each downstream its head and clock.
-const HEARTBEAT: Duration = Duration::from_millis(500);
+pub(super) const HEARTBEAT: Duration = Duration::from_millis(500);
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -1198,6 +1198,11 @@ async fn follow_once(
     if let Ok(mut u) = shared.upstream.lock() {
         u.connected = true;
         u.last_error = None;
+        // Until this link's first heartbeat says otherwise (none comes
+        // while snapshots are sent), the upstream is taken to hear its
+        // primary, as before heartbeats carried it: a value from an
+        // earlier link does not stand for this one.
+        u.upstream_silence = Duration::ZERO;
         u.applied = stats.iter().map(|s| s.next_lsn).collect();
         u.head = u.applied.clone();
         u.epoch = stats.iter().map(|s| s.epoch).collect();
