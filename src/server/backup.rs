@@ -6,11 +6,12 @@
 //! replica holds is a prefix of the primary's log) and sends it as the
 //! replication stream sends one to a re-syncing replica: `Snapshot` frames
 //! and a `SnapshotEnd` with the position it stands for. Then it closes the
-//! connection. A failure is a `Refuse` frame with the reason. Nothing else
-//! changes on the node: it is not a downstream, holds no WAL for the
-//! backup, and counts it toward no commit level. `tidewal backup` is the
-//! client, `tidewal restore` makes a data directory of what it received
-//! (FORMAT.md, Backup).
+//! connection. A failure (the node stopping included) is a `Refuse` frame
+//! with the reason. The backup is not a downstream: the node holds no WAL
+//! for it and counts it toward no commit level. Its snapshots join the
+//! node's own (the two newest are kept, as after a periodic snapshot) but
+//! release no WAL. `tidewal backup` is the client, `tidewal restore` makes
+//! a data directory of what it received (FORMAT.md, Backup).
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use glommio::net::TcpStream;
 
 use super::Shared;
 use super::replication::{frame, send_snapshot};
+use crate::engine::EngineError;
 use crate::format::FrameKind;
 
 pub(super) const BACKUP_COMMAND: &[u8] = b"TIDEWAL.BACKUP";
@@ -37,14 +39,7 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
 async fn send(stream: &mut TcpStream, shared: &Shared) -> Result<(), String> {
     let started = std::time::Instant::now();
     for shard in 0..shared.engine.shard_count() {
-        // A snapshot of now: the newest one may be far behind. It releases
-        // WAL as a periodic snapshot does, never what replicas still need.
-        let hold = super::retention_hold(shared, shard);
-        let lsn = shared
-            .engine
-            .snapshot_shard(shard, hold)
-            .await
-            .map_err(|e| format!("shard {shard}: taking a snapshot for the backup: {e}"))?;
+        let lsn = snapshot(shared, shard).await?;
         let epoch = shared
             .engine
             .stats()
@@ -57,4 +52,26 @@ async fn send(stream: &mut TcpStream, shared: &Shared) -> Result<(), String> {
     }
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "backup sent");
     Ok(())
+}
+
+/// A snapshot of `shard` as it is now (the newest one may be far behind),
+/// releasing no WAL (hold 0). One already being taken (a periodic one,
+/// another backup's, a re-sync's) is waited out.
+async fn snapshot(shared: &Shared, shard: u32) -> Result<u64, String> {
+    loop {
+        if shared.stopping() {
+            return Err("the node is stopping".into());
+        }
+        match shared.engine.snapshot_shard(shard, 0).await {
+            Ok(lsn) => return Ok(lsn),
+            Err(EngineError::SnapshotInProgress) => {
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "shard {shard}: taking a snapshot for the backup: {e}"
+                ));
+            }
+        }
+    }
 }

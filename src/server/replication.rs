@@ -694,10 +694,13 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<(std::path::PathBuf, Expect,
         .collect();
     found.sort_unstable_by_key(|(lsn, _)| std::cmp::Reverse(*lsn));
     for (_, path) in found {
-        let Ok(bytes) = std::fs::read(&path).map(|b| b.get(..4096).map(<[u8]>::to_vec)) else {
+        // The header only, not the file (which may be gigabytes).
+        use std::io::Read;
+        let mut head = [0u8; size_of::<crate::format::SnapshotHeader>()];
+        let read = std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head));
+        if read.is_err() {
             continue;
-        };
-        let Some(head) = bytes else { continue };
+        }
         let Ok((h, _)) = crate::format::SnapshotHeader::read_from_prefix(&head) else {
             continue;
         };
@@ -721,7 +724,6 @@ pub(super) async fn send_snapshot(
     epoch: u64,
     writer: &mut (impl futures_lite::AsyncWrite + Unpin),
 ) -> Result<Expect, String> {
-    use std::io::Read;
     let dir = shared.engine.shard_dir(shard);
     if newest_snapshot(&dir).is_none() {
         let hold = super::retention_hold(shared, shard);
@@ -734,13 +736,35 @@ pub(super) async fn send_snapshot(
     let (path, at, _) = newest_snapshot(&dir)
         .ok_or_else(|| format!("shard {shard}: no snapshot to re-sync from"))?;
     // Open before reading: a snapshot released meanwhile stays readable.
-    let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    tracing::info!(shard, lsn = at.lsn, file = %path.display(), "sending a snapshot to re-sync a downstream");
+    let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = Arc::new(file);
+    tracing::info!(shard, lsn = at.lsn, file = %path.display(), "sending a snapshot");
     let mut offset = 0u64;
-    let mut piece = vec![0u8; SNAPSHOT_PIECE];
     let e = |x: std::io::Error| x.to_string();
     loop {
-        let n = file.read(&mut piece).map_err(e)?;
+        if shared.stopping() {
+            return Err("the node is stopping".into());
+        }
+        // Read on glommio's blocking thread: the file is cold (written
+        // with O_DIRECT), and the executor serves shards and clients.
+        let f = file.clone();
+        let (piece, n) = glommio::executor()
+            .spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut piece = vec![0u8; SNAPSHOT_PIECE];
+                let mut n = 0;
+                while n < piece.len() {
+                    match f.read_at(&mut piece[n..], offset + n as u64) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(x) if x.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(x) => return Err(x),
+                    }
+                }
+                Ok((piece, n))
+            })
+            .await
+            .map_err(e)?;
         if n == 0 {
             break;
         }
@@ -755,7 +779,6 @@ pub(super) async fn send_snapshot(
             .await
             .map_err(e)?;
         offset += n as u64;
-        glommio::yield_if_needed().await;
     }
     let end = crate::format::SnapshotEnd {
         file_bytes: offset.into(),
