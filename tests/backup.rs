@@ -192,11 +192,27 @@ fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
         path(&work.path().join("http")),
     ]);
     assert!(!ok, "{out}");
-    assert!(!work.path().join("http/BACKUP.json").exists());
+    // Nothing is left behind: no target, no staging directory.
+    let left: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(left, ["full"], "a failed backup leaves nothing");
 
     let backup = work.path().join("backup");
     let (ok, out) = tidewal(&["backup", "--from", &addr, "--to", path(&backup)]);
     assert!(ok, "{out}");
+
+    // Restored into a directory that holds something: refused.
+    let (ok, out) = tidewal(&[
+        "restore",
+        "--from",
+        path(&backup),
+        "--data-dir",
+        path(&full),
+    ]);
+    assert!(!ok && out.contains("not empty"), "{out}");
+    assert_eq!(std::fs::read_to_string(full.join("keep")).unwrap(), "mine");
 
     // A byte flipped at rest: restore refuses before it makes anything.
     let file = backup.join("shard-0001.snap");

@@ -6,7 +6,9 @@
 //! `TIDEWAL.BACKUP` sent it (`src/server/backup.rs`), and `BACKUP.json`,
 //! written last, naming each file with its length, CRC32C and the log
 //! position it stands for. A directory without `BACKUP.json` is not a
-//! backup. FORMAT.md, Backup.
+//! backup. Both commands work in a hidden sibling directory that takes the
+//! target's place only when complete and durable, and is removed if they
+//! fail. FORMAT.md, Backup.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -80,17 +82,70 @@ struct ShardBackup {
     chain: u32,
 }
 
-/// A directory that does not exist yet (made here) or is empty.
-fn new_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        let mut entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
-        ensure!(
-            entries.next().is_none(),
-            "{} is not empty: nothing is overwritten",
-            dir.display()
-        );
+/// `dir` must not exist yet or be empty. The work is done in a sibling
+/// staging directory, which takes `dir`'s place (a rename, then the parent
+/// synced) only once it is complete and durable, and is removed on
+/// failure: an interrupted run leaves no directory that looks finished.
+struct Staging {
+    target: PathBuf,
+    path: PathBuf,
+    done: bool,
+}
+
+impl Staging {
+    fn new(target: &Path, what: &str) -> anyhow::Result<Staging> {
+        if target.exists() {
+            let mut entries =
+                std::fs::read_dir(target).with_context(|| format!("{}", target.display()))?;
+            ensure!(
+                entries.next().is_none(),
+                "{} is not empty: nothing is overwritten",
+                target.display()
+            );
+        }
+        let name = target
+            .file_name()
+            .with_context(|| format!("{}: not a directory name", target.display()))?;
+        let path = target.with_file_name(format!(
+            ".{}.{what}-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Staging {
+            target: target.to_path_buf(),
+            path,
+            done: false,
+        })
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+
+    /// Makes the staged directory `target` (replacing an empty one).
+    fn finish(mut self) -> anyhow::Result<()> {
+        sync_dir(&self.path)?;
+        std::fs::rename(&self.path, &self.target).with_context(|| {
+            format!(
+                "moving {} to {}",
+                self.path.display(),
+                self.target.display()
+            )
+        })?;
+        self.done = true;
+        let parent = self
+            .target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        sync_dir(parent)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
@@ -99,9 +154,25 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("syncing {}", dir.display()))
 }
 
+/// Length and CRC32C of a file, read in pieces.
+fn crc_of(path: &Path) -> anyhow::Result<(u64, u32)> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let (mut len, mut crc) = (0u64, 0u32);
+    let mut piece = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut piece)?;
+        if n == 0 {
+            return Ok((len, crc));
+        }
+        crc = crc32c_append(crc, &piece[..n]);
+        len += n as u64;
+    }
+}
+
 pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    new_dir(&args.to)?;
+    let staging = Staging::new(&args.to, "partial")?;
+    let dir = staging.path.clone();
     let addr = args
         .from
         .to_socket_addrs()
@@ -110,9 +181,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{} resolves to no address", args.from))?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connecting to {}", args.from))?;
-    // A snapshot of a large shard takes a while; silence this long is a
-    // node gone.
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    // The node sends nothing while it snapshots a shard, which for a large
+    // one takes a while; silence this long is a node gone.
+    stream.set_read_timeout(Some(Duration::from_secs(30 * 60)))?;
     let taken_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -175,7 +246,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             FrameKind::Snapshot => {
                 ensure!(shard == expected, "shard {shard} sent, {expected} expected");
                 if start == 0 {
-                    let path = args.to.join(shard_file(shard));
+                    let path = dir.join(shard_file(shard));
                     let f = std::fs::File::create(&path)
                         .with_context(|| format!("creating {}", path.display()))?;
                     file = Some((shard, f, 0, 0));
@@ -211,7 +282,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
                     chain: end.chain.get(),
                     epoch: end.epoch.get(),
                 };
-                check_header(&args.to.join(shard_file(shard)), shard, at)?;
+                check_header(&dir.join(shard_file(shard)), shard, at)?;
                 shards.push(ShardBackup {
                     shard,
                     file: shard_file(shard),
@@ -232,12 +303,10 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         taken_unix_ms,
         shards,
     };
-    sync_dir(&args.to)?;
-    let tmp = args.to.join(format!("{MANIFEST}.tmp"));
-    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)? + "\n")?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, args.to.join(MANIFEST))?;
-    sync_dir(&args.to)?;
+    let path = dir.join(MANIFEST);
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)? + "\n")?;
+    std::fs::File::open(&path)?.sync_all()?;
+    staging.finish()?;
     let bytes: u64 = manifest.shards.iter().map(|s| s.bytes).sum();
     println!(
         "backup of {} ({} shards, {:.1} MB) written to {} in {:.2} s",
@@ -312,23 +381,21 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         );
         // Damage at rest is found before anything is made.
         let file = args.from.join(&s.file);
-        let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
-        let crc = crc32c_append(0, &bytes);
+        let (len, crc) = crc_of(&file)?;
         ensure!(
-            bytes.len() as u64 == s.bytes && crc == s.crc32c,
-            "{}: damaged: {} bytes with CRC32C {crc:08x}, the manifest says {} bytes, {:08x}",
+            len == s.bytes && crc == s.crc32c,
+            "{}: damaged: {len} bytes with CRC32C {crc:08x}, the manifest says {} bytes, {:08x}",
             file.display(),
-            bytes.len(),
             s.bytes,
             s.crc32c
         );
     }
-    new_dir(&args.data_dir)?;
+    let staging = Staging::new(&args.data_dir, "restoring")?;
     let options = tidewal::engine::Options::new()
         .with_shard_count(count)
         .with_executor_count(1)
         .with_allow_buffered_io(args.allow_buffered_io);
-    let engine = tidewal::engine::Engine::open(&args.data_dir, options)?;
+    let engine = tidewal::engine::Engine::open(&staging.path, options)?;
     for s in &manifest.shards {
         let incoming = engine.shard_dir(s.shard).join("restore-incoming");
         std::fs::copy(args.from.join(&s.file), &incoming)
@@ -349,6 +416,8 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     tidewal::engine::block_on(engine.close())?;
+    drop(engine);
+    staging.finish()?;
     println!(
         "restored {count} shards from {} (taken from {}) into {}",
         args.from.display(),
