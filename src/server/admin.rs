@@ -243,6 +243,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                     .max(d.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()))
             };
             let caught_up_sends = head.iter().zip(&d.sent).all(|(h, s)| s >= h);
+            let catch_up_seconds = d.catch_up_seconds(lag, head.iter().sum(), caught_up_sends);
             let state = match (
                 &d.refused,
                 d.connected,
@@ -274,7 +275,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                     .unwrap_or(0)
                     .min(free_bytes)
             };
-            let catch_up_seconds = d.catch_up_seconds(lag);
+
             let released = d.flushed.iter().zip(&first).any(|(f, first)| f < first);
             let alerting = thresholds.update(&mut d.alert, lag, lag_seconds);
             if alerting {

@@ -95,57 +95,82 @@ pub(super) struct Downstream {
     /// part; null when they do not tell), `detected_at_lsn`, `to_lsn` (its
     /// end).
     pub diverged: Option<serde_json::Value>,
-    /// The sum of `flushed` as status pages saw it, and when: its rate
-    /// estimates `catch_up_seconds`.
-    pub progress: VecDeque<(Instant, u64)>,
+    /// Notes of `(when, sum of flushed, sum of this node's durable head)`
+    /// taken as status pages are read: their rates estimate
+    /// `catch_up_seconds`.
+    pub progress: VecDeque<Progress>,
+}
+
+/// A note for `catch_up_seconds`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Progress {
+    at: Instant,
+    flushed: u64,
+    head: u64,
 }
 
 /// How far back `catch_up_seconds` looks, and how often it takes a note.
-const PROGRESS_WINDOW: Duration = Duration::from_secs(30);
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+const PROGRESS_WINDOW: Duration = Duration::from_secs(300);
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl Downstream {
-    /// Estimated seconds until the downstream holds durably what this node
-    /// holds now (`lag` bytes), at the rate it made records durable since
-    /// the newest note at least a second old (notes are taken when the
-    /// status page is read, and kept for [`PROGRESS_WINDOW`]). 0 when
-    /// caught up; `None` while there is no such note, or it made no
-    /// progress since.
-    pub fn catch_up_seconds(&mut self, lag: u64) -> Option<f64> {
+    /// Estimated seconds until the downstream has caught up, `lag` bytes
+    /// behind this node's durable `head` (summed over shards), from the
+    /// rates since the newest note at least a second old (notes are taken
+    /// when the status page is read, at most one a second, kept
+    /// [`PROGRESS_WINDOW`]). Catching up (`sent_all` false), the lag
+    /// closes at the rate it makes records durable less the rate this
+    /// node writes them: `None` unless that is positive. Streaming (sent
+    /// everything, acks on the way), what is in flight takes the lag at
+    /// its rate of making records durable. 0 when caught up; `None` with no
+    /// such note.
+    pub fn catch_up_seconds(&mut self, lag: u64, head: u64, sent_all: bool) -> Option<f64> {
         let now = Instant::now();
         let flushed: u64 = self.flushed.iter().sum();
-        // Positions forgotten (a rewind or install here): start again.
-        if self.progress.back().is_some_and(|(_, f)| *f > flushed) {
+        // Positions forgotten, or this node's log cut (a rewind or install
+        // here): start again.
+        if self
+            .progress
+            .back()
+            .is_some_and(|p| p.flushed > flushed || p.head > head)
+        {
             self.progress.clear();
         }
         while self
             .progress
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > PROGRESS_WINDOW)
+            .is_some_and(|p| now.duration_since(p.at) > PROGRESS_WINDOW)
         {
             self.progress.pop_front();
         }
         if self
             .progress
             .back()
-            .is_none_or(|(t, _)| now.duration_since(*t) >= PROGRESS_EVERY)
+            .is_none_or(|p| now.duration_since(p.at) >= PROGRESS_EVERY)
         {
-            self.progress.push_back((now, flushed));
+            self.progress.push_back(Progress {
+                at: now,
+                flushed,
+                head,
+            });
         }
         if lag == 0 {
             return Some(0.0);
         }
-        // The most recent rate: from the newest note at least a second old.
-        let (since, then) = *self
+        // The most recent rates: from the newest note at least a second old.
+        let then = *self
             .progress
             .iter()
             .rev()
-            .find(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))?;
-        let seconds = now.duration_since(since).as_secs_f64();
-        if flushed <= then {
-            return None;
-        }
-        Some(lag as f64 * seconds / (flushed - then) as f64)
+            .find(|p| now.duration_since(p.at) >= Duration::from_secs(1))?;
+        let seconds = now.duration_since(then.at).as_secs_f64();
+        let durable_rate = (flushed - then.flushed) as f64 / seconds;
+        let closing = if sent_all {
+            durable_rate
+        } else {
+            durable_rate - (head - then.head) as f64 / seconds
+        };
+        (closing > 0.0).then(|| lag as f64 / closing)
     }
 
     /// Seconds since the oldest batch the downstream has not yet made
@@ -1774,33 +1799,40 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
-    fn catch_up_seconds_is_the_lag_at_the_rate_the_downstream_made_records_durable() {
+    fn catch_up_seconds_is_the_lag_over_the_rate_it_closes_at() {
+        use super::Progress;
+        let note = |ago: u64, flushed: u64, head: u64| Progress {
+            at: Instant::now() - Duration::from_secs(ago),
+            flushed,
+            head,
+        };
         let mut d = Downstream {
             flushed: vec![1_000, 0],
             ..Downstream::default()
         };
         // No earlier note: no estimate yet (unless caught up).
-        assert_eq!(d.catch_up_seconds(4_000), None);
-        assert_eq!(d.catch_up_seconds(0), Some(0.0));
-        // 2,000 bytes made durable in the last 10 s: 200 B/s, so 4,000
-        // bytes behind is 20 s away.
-        let ten_ago = Instant::now() - Duration::from_secs(10);
-        d.progress.clear();
-        d.progress.push_back((ten_ago, 0));
-        d.flushed = vec![1_500, 500];
-        let eta = d.catch_up_seconds(4_000).unwrap();
+        assert_eq!(d.catch_up_seconds(4_000, 5_000, false), None);
+        assert_eq!(d.catch_up_seconds(0, 1_000, true), Some(0.0));
+        // Catching up: 3,000 bytes made durable in the last 10 s while this
+        // node wrote 1,000: the lag closes at 200 B/s, 4,000 bytes is 20 s.
+        d.progress = [note(10, 0, 5_000)].into();
+        d.flushed = vec![2_500, 500];
+        let eta = d.catch_up_seconds(4_000, 6_000, false).unwrap();
         assert!((eta - 20.0).abs() < 0.1, "{eta}");
-        // Notes older than the window are dropped: with only recent ones
-        // and no progress since, no estimate.
-        d.progress.clear();
-        d.progress
-            .push_back((Instant::now() - Duration::from_secs(40), 0));
-        d.progress
-            .push_back((Instant::now() - Duration::from_secs(5), 2_000));
-        assert_eq!(d.catch_up_seconds(4_000), None, "stalled");
+        // Falling behind (writes outpace it): no estimate.
+        d.progress = [note(10, 0, 5_000)].into();
+        assert_eq!(d.catch_up_seconds(4_000, 9_000, false), None);
+        // Streaming, acks on the way: the lag at its durable rate (300 B/s).
+        d.progress = [note(10, 0, 5_000)].into();
+        let eta = d.catch_up_seconds(300, 9_000, true).unwrap();
+        assert!((eta - 1.0).abs() < 0.01, "{eta}");
+        // Notes older than the window are dropped; no progress since the
+        // one left: no estimate.
+        d.progress = [note(400, 0, 0), note(5, 3_000, 9_000)].into();
+        assert_eq!(d.catch_up_seconds(4_000, 9_000, false), None, "stalled");
         // Positions forgotten (they went back): start again.
         d.flushed = vec![0, 0];
-        assert_eq!(d.catch_up_seconds(4_000), None);
+        assert_eq!(d.catch_up_seconds(4_000, 9_000, false), None);
         assert_eq!(d.progress.len(), 1);
     }
 
