@@ -127,18 +127,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  replica {} follows the primary", replica.listen);
     println!("  cascade {} follows the replica", cascade.listen);
-    // Every node knows the others: automatic failover.
-    let addrs: Vec<String> = [&primary, &replica, &cascade]
-        .iter()
-        .map(|n| n.listen.to_string())
-        .collect();
-    for node in [&primary, &replica, &cascade] {
-        let mut args: Vec<&[u8]> = vec![b"TIDEWAL.PEERS"];
-        args.extend(addrs.iter().map(|a| a.as_bytes()));
-        Client::connect(node.listen)?
-            .ok(&args)
-            .with_context(|| format!("setting {}'s peers", node.name))?;
-    }
     let streaming = |s: &serde_json::Value| s["replicas"][0]["status"] == "streaming";
     wait_status(
         &primary,
@@ -346,6 +334,19 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
         "\nfailover: {FAILOVER_WRITERS} clients write at replicated(1) for {:.0} s, then the primary is killed (SIGKILL)",
         FAILOVER_LOAD.as_secs_f64()
     );
+    // Every node knows the others from now on: automatic failover (not
+    // during the load above, whose figures are of the topology as started).
+    let addrs: Vec<String> = [&primary, &replica, &cascade]
+        .iter()
+        .map(|n| n.listen.to_string())
+        .collect();
+    for node in [&primary, &replica, &cascade] {
+        let mut args: Vec<&[u8]> = vec![b"TIDEWAL.PEERS"];
+        args.extend(addrs.iter().map(|a| a.as_bytes()));
+        Client::connect(node.listen)?
+            .ok(&args)
+            .with_context(|| format!("setting {}'s peers", node.name))?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..FAILOVER_WRITERS)
         .map(|w| -> anyhow::Result<_> {
