@@ -282,7 +282,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
                     chain: end.chain.get(),
                     epoch: end.epoch.get(),
                 };
-                check_header(&dir.join(shard_file(shard)), shard, at)?;
+                verify_snapshot(&dir.join(shard_file(shard)), shard, at)?;
                 shards.push(ShardBackup {
                     shard,
                     file: shard_file(shard),
@@ -329,13 +329,16 @@ fn shard_file(shard: u32) -> String {
     format!("shard-{shard:04}.snap")
 }
 
-/// The snapshot's own header verifies and names the position it was sent
-/// with. (Every block is verified when it is restored.)
-fn check_header(path: &Path, shard: u32, at: Expect) -> anyhow::Result<()> {
+/// The snapshot verifies: its header (and the position it was sent with)
+/// and every block's checksum and place, read back from the disk after it
+/// was synced. (Restoring loads the entries too.)
+fn verify_snapshot(path: &Path, shard: u32, at: Expect) -> anyhow::Result<()> {
+    use tidewal::format::{SNAPSHOT_BLOCK_BYTES, SNAPSHOT_PAYLOAD_BYTES, decode_snapshot_block};
     use zerocopy::FromBytes;
-    let mut head = vec![0u8; 4096];
-    let n = std::fs::File::open(path)?.read(&mut head)?;
-    head.truncate(n);
+    let mut file = std::fs::File::open(path)?;
+    let mut head = vec![0u8; tidewal::io::BLOCK_BYTES as usize];
+    file.read_exact(&mut head)
+        .with_context(|| format!("{}: shorter than a header", path.display()))?;
     let (raw, _) = SnapshotHeader::read_from_prefix(&head)
         .map_err(|_| anyhow::anyhow!("{}: shorter than a header", path.display()))?;
     let log = LogId {
@@ -349,6 +352,22 @@ fn check_header(path: &Path, shard: u32, at: Expect) -> anyhow::Result<()> {
         path.display(),
         h.lsn.get(),
         at.lsn
+    );
+    let blocks = h.stream_bytes.get().div_ceil(SNAPSHOT_PAYLOAD_BYTES as u64);
+    let mut block = vec![0u8; SNAPSHOT_BLOCK_BYTES];
+    let mut payload_bytes = 0u64;
+    for index in 0..blocks {
+        file.read_exact(&mut block)
+            .with_context(|| format!("{}: truncated at block {index}", path.display()))?;
+        let payload = decode_snapshot_block(&block, index)
+            .with_context(|| format!("{}: block {index}", path.display()))?;
+        payload_bytes += payload.len() as u64;
+    }
+    ensure!(
+        payload_bytes == h.stream_bytes.get(),
+        "{}: {payload_bytes} bytes in its blocks, its header says {}",
+        path.display(),
+        h.stream_bytes.get()
     );
     Ok(())
 }
