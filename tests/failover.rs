@@ -403,9 +403,21 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
         .unwrap();
     assert!(heard < 1000, "{heard} ms");
     assert_eq!(status(&primary)["failover"]["primary_silence_ms"], 0);
-    let (granted, why) = vote(&c, epoch + 5, &a_addr, epoch);
+    let (granted, why) = vote(&c, epoch + 5, "127.0.0.1:1", epoch);
     assert_eq!(granted, 0);
     assert!(why.contains("through it a primary"), "{why}");
+    // Except to its upstream: a candidate stands because it heard no
+    // primary, so what the cascade hears through it says nothing (asked
+    // with PRE: nothing is taken).
+    let answer: Vec<redis::Value> = redis::cmd("TIDEWAL.VOTE")
+        .arg(epoch + 5)
+        .arg(&a_addr)
+        .arg(epoch)
+        .arg("PRE")
+        .query(&mut c.client())
+        .unwrap();
+    assert_eq!(answer[0], redis::Value::Int(1), "{answer:?}");
+    assert_eq!(status(&c)["failover"]["vote_epoch"], 0);
 
     let mut primary = primary;
     primary.child.kill().unwrap();

@@ -47,7 +47,7 @@ async fn send(stream: &mut TcpStream, shared: &Shared) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .get(shard as usize)
             .map_or(0, |s| s.epoch);
-        let at = send_snapshot(shared, shard, epoch, stream).await?;
+        let at = send_snapshot(shared, shard, epoch, stream, true).await?;
         tracing::info!(shard, lsn, sent = at.lsn, "backup: shard sent");
     }
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "backup sent");

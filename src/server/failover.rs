@@ -16,8 +16,10 @@
 //!    on following), and if so stands in epoch `T`, one above every epoch
 //!    it has seen or voted in. It hears a primary through its upstream's
 //!    frames (records or heartbeats); an upstream that is itself a replica
-//!    says in each heartbeat how long it has heard none, and that counts
-//!    as the cascade's silence too.
+//!    says in each heartbeat how long it has heard none (less one
+//!    heartbeat interval, the gap every link has), and that counts as the
+//!    cascade's silence too; except when the upstream is the candidate
+//!    asking for its vote, whose standing says it heard none.
 //! 2. Standing, it votes for itself, durably, stops following (it acks
 //!    nothing more to the old primary), and asks every peer for its vote
 //!    (`TIDEWAL.VOTE`). A peer grants one vote per epoch, kept durably
@@ -441,7 +443,13 @@ pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
             promoting: f.promoting.is_some(),
             vote_epoch: f.vote_epoch,
             voted_for: &f.voted_for,
-            hears_upstream: !was_primary && f.stopped.is_none() && f.silence(heard) < timeout,
+            // What it hears through the candidate itself (a cascade asked
+            // by its upstream) says nothing: the candidate stands because
+            // it heard no primary for the timeout.
+            hears_upstream: !was_primary
+                && f.stopped.is_none()
+                && f.silence(heard) < timeout
+                && shared.replica_of() != candidate,
             // The figures were read before the lock: a node that has just
             // won knows its epoch from its fence (raised before it leads).
             log_epoch: ours.max(if was_primary { f.fence } else { 0 }),
@@ -1231,7 +1239,7 @@ pub(super) async fn peers_command(shared: Arc<Shared>, args: Vec<Bytes>) -> Repl
 
 /// The status page's `failover` object.
 pub(super) fn status(shared: &Shared) -> serde_json::Value {
-    let silence = primary_silence(shared).map(|d| d.as_millis() as u64);
+    let silence = primary_silence(shared).and_then(|d| u64::try_from(d.as_millis()).ok());
     let Ok(f) = shared.failover.lock() else {
         return serde_json::Value::Null;
     };

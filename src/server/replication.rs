@@ -125,7 +125,16 @@ impl Downstream {
     /// its rate of making records durable. 0 when caught up; `None` with no
     /// such note.
     pub fn catch_up_seconds(&mut self, lag: u64, head: u64, sent_all: bool) -> Option<f64> {
-        let now = Instant::now();
+        self.catch_up_seconds_at(Instant::now(), lag, head, sent_all)
+    }
+
+    fn catch_up_seconds_at(
+        &mut self,
+        now: Instant,
+        lag: u64,
+        head: u64,
+        sent_all: bool,
+    ) -> Option<f64> {
         let flushed: u64 = self.flushed.iter().sum();
         // Positions forgotten, or this node's log cut (a rewind or install
         // here): start again.
@@ -499,7 +508,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         for shard in snapshots {
             set_resyncing(&shared, &key, true);
             let epoch = current[shard as usize].get();
-            let sent = send_snapshot(&shared, shard, epoch, &mut writer).await;
+            let sent = send_snapshot(&shared, shard, epoch, &mut writer, false).await;
             set_resyncing(&shared, &key, false);
             match sent {
                 Ok(at) => {
@@ -743,11 +752,15 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<(std::path::PathBuf, Expect,
 /// Sends `shard`'s newest snapshot (taking one first when there is none)
 /// as `Snapshot` frames and a `SnapshotEnd`; returns its position, from
 /// which records follow.
+/// With `end_when_stopping` (a backup), a node that begins to stop ends
+/// the sending with an error; a re-sync is not ended so (its downstream
+/// would take the error for a refusal), it ends with the process.
 pub(super) async fn send_snapshot(
     shared: &Shared,
     shard: u32,
     epoch: u64,
     writer: &mut (impl futures_lite::AsyncWrite + Unpin),
+    end_when_stopping: bool,
 ) -> Result<Expect, String> {
     let dir = shared.engine.shard_dir(shard);
     if newest_snapshot(&dir).is_none() {
@@ -767,7 +780,7 @@ pub(super) async fn send_snapshot(
     let mut offset = 0u64;
     let e = |x: std::io::Error| x.to_string();
     loop {
-        if shared.stopping() {
+        if end_when_stopping && shared.stopping() {
             return Err("the node is stopping".into());
         }
         // Read on glommio's blocking thread: the file is cold (written
@@ -1517,8 +1530,13 @@ async fn follow_once(
                     }
                     u.clock_skew_micros = beat.unix_micros.get() as i64 - now_micros;
                     // An upstream that predates the field sends 0: it is
-                    // taken to hear its primary, as it was before.
-                    u.upstream_silence = Duration::from_millis(start);
+                    // taken to hear its primary, as it was before. One that
+                    // never heard a primary sends u64::MAX: so is this one.
+                    u.upstream_silence = if start == u64::MAX {
+                        Duration::MAX
+                    } else {
+                        Duration::from_millis(start)
+                    };
                     note_behind(&mut u);
                 }
             }
@@ -1801,8 +1819,12 @@ mod tests {
     #[test]
     fn catch_up_seconds_is_the_lag_over_the_rate_it_closes_at() {
         use super::Progress;
+        // Times after a base, never before it: an Instant cannot go below
+        // the machine's boot.
+        let base = Instant::now();
+        let now = base + Duration::from_secs(500);
         let note = |ago: u64, flushed: u64, head: u64| Progress {
-            at: Instant::now() - Duration::from_secs(ago),
+            at: now - Duration::from_secs(ago),
             flushed,
             head,
         };
@@ -1811,28 +1833,32 @@ mod tests {
             ..Downstream::default()
         };
         // No earlier note: no estimate yet (unless caught up).
-        assert_eq!(d.catch_up_seconds(4_000, 5_000, false), None);
-        assert_eq!(d.catch_up_seconds(0, 1_000, true), Some(0.0));
+        assert_eq!(d.catch_up_seconds_at(now, 4_000, 5_000, false), None);
+        assert_eq!(d.catch_up_seconds_at(now, 0, 1_000, true), Some(0.0));
         // Catching up: 3,000 bytes made durable in the last 10 s while this
         // node wrote 1,000: the lag closes at 200 B/s, 4,000 bytes is 20 s.
         d.progress = [note(10, 0, 5_000)].into();
         d.flushed = vec![2_500, 500];
-        let eta = d.catch_up_seconds(4_000, 6_000, false).unwrap();
+        let eta = d.catch_up_seconds_at(now, 4_000, 6_000, false).unwrap();
         assert!((eta - 20.0).abs() < 0.1, "{eta}");
         // Falling behind (writes outpace it): no estimate.
         d.progress = [note(10, 0, 5_000)].into();
-        assert_eq!(d.catch_up_seconds(4_000, 9_000, false), None);
+        assert_eq!(d.catch_up_seconds_at(now, 4_000, 9_000, false), None);
         // Streaming, acks on the way: the lag at its durable rate (300 B/s).
         d.progress = [note(10, 0, 5_000)].into();
-        let eta = d.catch_up_seconds(300, 9_000, true).unwrap();
+        let eta = d.catch_up_seconds_at(now, 300, 9_000, true).unwrap();
         assert!((eta - 1.0).abs() < 0.01, "{eta}");
         // Notes older than the window are dropped; no progress since the
         // one left: no estimate.
         d.progress = [note(400, 0, 0), note(5, 3_000, 9_000)].into();
-        assert_eq!(d.catch_up_seconds(4_000, 9_000, false), None, "stalled");
+        assert_eq!(
+            d.catch_up_seconds_at(now, 4_000, 9_000, false),
+            None,
+            "stalled"
+        );
         // Positions forgotten (they went back): start again.
         d.flushed = vec![0, 0];
-        assert_eq!(d.catch_up_seconds(4_000, 9_000, false), None);
+        assert_eq!(d.catch_up_seconds_at(now, 4_000, 9_000, false), None);
         assert_eq!(d.progress.len(), 1);
     }
 
