@@ -134,11 +134,22 @@ fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replic
         status(&node)
     );
     drop(node);
+    // A restore that did not finish leaves RESTORING: no node starts there.
+    std::fs::write(restored.join("RESTORING"), "").unwrap();
+    let refused = NodeProcess::try_start(&restored, &[])
+        .err()
+        .expect("refused");
+    assert!(
+        refused.contains("unfinished `tidewal restore`"),
+        "{refused}"
+    );
 
-    // Restored again and started as a replica of the primary: its log is
+    // Restored again, into a directory made for it (filled in place, not
+    // renamed over), and started as a replica of the primary: its log is
     // a prefix of the primary's, so it streams on from the backup's
     // position and converges.
     let again = work.path().join("again");
+    std::fs::create_dir(&again).unwrap();
     let (ok, out) = tidewal(&[
         "restore",
         "--from",
@@ -230,6 +241,27 @@ fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
     ]);
     assert!(!ok && out.contains("damaged"), "{out}");
     assert!(!target.exists(), "nothing is made from a damaged backup");
+    // Damage only the restore finds (a byte of the first block's entries,
+    // the manifest's CRC made to match): into a directory made for it,
+    // which is left empty.
+    bytes[at] ^= 0x10;
+    bytes[4096 + 16 + 3] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(backup.join("BACKUP.json")).unwrap()).unwrap();
+    manifest["shards"][1]["crc32c"] = tidewal::format::crc32c(&bytes).into();
+    std::fs::write(backup.join("BACKUP.json"), manifest.to_string()).unwrap();
+    let empty = work.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, out) = tidewal(&[
+        "restore",
+        "--from",
+        path(&backup),
+        "--data-dir",
+        path(&empty),
+    ]);
+    assert!(!ok, "{out}");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "{out}");
 
     // A backup without its manifest is not one.
     std::fs::remove_file(backup.join("BACKUP.json")).unwrap();

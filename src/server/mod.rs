@@ -281,7 +281,13 @@ pub enum NodeError {
     Listen { addr: String, error: std::io::Error },
     #[error("the vote file: {0}")]
     Vote(String),
+    #[error("{} holds an unfinished `tidewal restore` ({RESTORING} is there): restore again into an empty directory", .0.display())]
+    Restoring(std::path::PathBuf),
 }
+
+/// In a data directory while `tidewal restore` fills it: a node does not
+/// start on it (some shards may still be empty).
+pub const RESTORING: &str = "RESTORING";
 
 /// A running node.
 pub struct Node {
@@ -293,6 +299,9 @@ impl Node {
     /// Opens the data directory and starts serving.
     pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.check()?;
+        if config.data_dir.join(RESTORING).exists() {
+            return Err(NodeError::Restoring(config.data_dir.clone()));
+        }
         if config.spin_us > 0 && !config.engine.pin_executors {
             tracing::warn!(
                 spin_us = config.spin_us,

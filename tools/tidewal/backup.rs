@@ -82,47 +82,82 @@ struct ShardBackup {
     chain: u32,
 }
 
-/// `dir` must not exist yet or be empty. The work is done in a sibling
-/// staging directory, which takes `dir`'s place (a rename, then the parent
-/// synced) only once it is complete and durable, and is removed on
-/// failure: an interrupted run leaves no directory that looks finished.
+/// In a data directory, while `tidewal restore` fills it: a node refuses
+/// to start on it (`tidewal::server::RESTORING`).
+const RESTORING: &str = tidewal::server::RESTORING;
+
+/// Where the work is done. A target that does not exist yet is built as a
+/// hidden sibling directory, which takes its place (a rename, then the
+/// parent synced) only once complete and durable. One that exists (it must
+/// be an empty directory: a mount point, a symlink's target, one made for
+/// the service) is filled in place, since a rename would put the data
+/// beside it, on another filesystem or instead of the link; there
+/// `BACKUP.json` (written last) or the absence of `RESTORING` (removed
+/// last, and a node refuses to start while it is there) says it is
+/// complete. On failure what was made is removed; a run killed outright
+/// leaves its hidden `.NAME.WHAT-PID` directory (or, in place, files
+/// without `BACKUP.json` or with `RESTORING`) for the operator.
 struct Staging {
     target: PathBuf,
     path: PathBuf,
+    in_place: bool,
+    marker: Option<&'static str>,
     done: bool,
 }
 
 impl Staging {
-    fn new(target: &Path, what: &str) -> anyhow::Result<Staging> {
-        if target.exists() {
+    fn new(target: &Path, what: &str, marker: Option<&'static str>) -> anyhow::Result<Staging> {
+        // `dir/.` and `dir/` name `dir`.
+        let target: PathBuf = target.components().collect();
+        let in_place = target.exists();
+        let path = if in_place {
             let mut entries =
-                std::fs::read_dir(target).with_context(|| format!("{}", target.display()))?;
+                std::fs::read_dir(&target).with_context(|| format!("{}", target.display()))?;
             ensure!(
                 entries.next().is_none(),
                 "{} is not empty: nothing is overwritten",
                 target.display()
             );
+            target.clone()
+        } else {
+            let name = target
+                .file_name()
+                .with_context(|| format!("{}: not a directory name", target.display()))?;
+            let path = target.with_file_name(format!(
+                ".{}.{what}-{}",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            path
+        };
+        if let Some(marker) = marker {
+            std::fs::write(path.join(marker), "")?;
+            std::fs::File::open(path.join(marker))?.sync_all()?;
+            sync_dir(&path)?;
         }
-        let name = target
-            .file_name()
-            .with_context(|| format!("{}: not a directory name", target.display()))?;
-        let path = target.with_file_name(format!(
-            ".{}.{what}-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Staging {
-            target: target.to_path_buf(),
+            target,
             path,
+            in_place,
+            marker,
             done: false,
         })
     }
 
-    /// Makes the staged directory `target` (replacing an empty one).
+    /// Makes the work `target`, durably.
     fn finish(mut self) -> anyhow::Result<()> {
         sync_dir(&self.path)?;
+        if let Some(marker) = self.marker {
+            std::fs::remove_file(self.path.join(marker))?;
+            sync_dir(&self.path)?;
+        }
+        if self.in_place {
+            self.done = true;
+            return Ok(());
+        }
         std::fs::rename(&self.path, &self.target).with_context(|| {
             format!(
                 "moving {} to {}",
@@ -142,8 +177,32 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        if !self.in_place {
             let _ = std::fs::remove_dir_all(&self.path);
+            return;
+        }
+        // It was empty: everything in it is this run's. The marker goes
+        // last, so a node never starts on a half-removed restore.
+        for entry in std::fs::read_dir(&self.path)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if Some(entry.file_name().to_string_lossy().as_ref()) == self.marker {
+                continue;
+            }
+            let p = entry.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+        if let Some(marker) = self.marker {
+            let _ = std::fs::remove_file(self.path.join(marker));
         }
     }
 }
@@ -171,7 +230,7 @@ fn crc_of(path: &Path) -> anyhow::Result<(u64, u32)> {
 
 pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let staging = Staging::new(&args.to, "partial")?;
+    let staging = Staging::new(&args.to, "partial", None)?;
     let dir = staging.path.clone();
     let addr = args
         .from
@@ -409,7 +468,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             s.crc32c
         );
     }
-    let staging = Staging::new(&args.data_dir, "restoring")?;
+    let staging = Staging::new(&args.data_dir, "restoring", Some(RESTORING))?;
     let options = tidewal::engine::Options::new()
         .with_shard_count(count)
         .with_executor_count(1)
