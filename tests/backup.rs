@@ -28,6 +28,11 @@ fn tidewal(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `tidewal restore --from BACKUP --data-dir DIR`.
+fn restore(backup: &Path, dir: &Path) -> (bool, String) {
+    tidewal(&["restore", "--from", path(backup), "--data-dir", path(dir)])
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
 }
@@ -105,13 +110,7 @@ fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replic
 
     // Restored and started on its own: exactly what the replica held.
     let restored = work.path().join("restored");
-    let (ok, out) = tidewal(&[
-        "restore",
-        "--from",
-        path(&backup),
-        "--data-dir",
-        path(&restored),
-    ]);
+    let (ok, out) = restore(&backup, &restored);
     assert!(ok, "{out}");
     let node = NodeProcess::start(&restored, &[]);
     let mut c = node.client();
@@ -150,13 +149,7 @@ fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replic
     // position and converges.
     let again = work.path().join("again");
     std::fs::create_dir(&again).unwrap();
-    let (ok, out) = tidewal(&[
-        "restore",
-        "--from",
-        path(&backup),
-        "--data-dir",
-        path(&again),
-    ]);
+    let (ok, out) = restore(&backup, &again);
     assert!(ok, "{out}");
     let mut again_args = replica_args.clone();
     again_args.retain(|a| *a != "replicated(1)" && *a != "--commit-level");
@@ -215,13 +208,7 @@ fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
     assert!(ok, "{out}");
 
     // Restored into a directory that holds something: refused.
-    let (ok, out) = tidewal(&[
-        "restore",
-        "--from",
-        path(&backup),
-        "--data-dir",
-        path(&full),
-    ]);
+    let (ok, out) = restore(&backup, &full);
     assert!(!ok && out.contains("not empty"), "{out}");
     assert_eq!(std::fs::read_to_string(full.join("keep")).unwrap(), "mine");
 
@@ -232,13 +219,7 @@ fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
     bytes[at] ^= 0x10;
     std::fs::write(&file, &bytes).unwrap();
     let target = work.path().join("restored");
-    let (ok, out) = tidewal(&[
-        "restore",
-        "--from",
-        path(&backup),
-        "--data-dir",
-        path(&target),
-    ]);
+    let (ok, out) = restore(&backup, &target);
     assert!(!ok && out.contains("damaged"), "{out}");
     assert!(!target.exists(), "nothing is made from a damaged backup");
     // Damage only the restore finds (a byte of the first block's entries,
@@ -253,25 +234,13 @@ fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
     std::fs::write(backup.join("BACKUP.json"), manifest.to_string()).unwrap();
     let empty = work.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let (ok, out) = tidewal(&[
-        "restore",
-        "--from",
-        path(&backup),
-        "--data-dir",
-        path(&empty),
-    ]);
+    let (ok, out) = restore(&backup, &empty);
     assert!(!ok, "{out}");
     assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "{out}");
 
     // A backup without its manifest is not one.
     std::fs::remove_file(backup.join("BACKUP.json")).unwrap();
-    let (ok, out) = tidewal(&[
-        "restore",
-        "--from",
-        path(&backup),
-        "--data-dir",
-        path(&target),
-    ]);
+    let (ok, out) = restore(&backup, &target);
     assert!(!ok && out.contains("not a complete backup"), "{out}");
     assert!(!target.exists());
 

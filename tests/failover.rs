@@ -49,6 +49,39 @@ fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProcess {
     NodeProcess::start(dir, &args)
 }
 
+/// A primary "p", and "a" following it, which votes but never stands.
+fn primary_and_voter(pdir: &std::path::Path, adir: &std::path::Path) -> (NodeProcess, NodeProcess) {
+    let primary = start(pdir, &["--node-id", "p"]);
+    let p_addr = primary.listen.to_string();
+    let a = start(
+        adir,
+        &[
+            "--replica-of",
+            &p_addr,
+            "--node-id",
+            "a",
+            "--no-failover-candidate",
+        ],
+    );
+    (primary, a)
+}
+
+/// Makes `nodes` each other's failover peers (`TIDEWAL.PEERS`).
+fn make_peers(nodes: &[&NodeProcess]) {
+    for node in nodes {
+        let mut cmd = redis::cmd("TIDEWAL.PEERS");
+        for n in nodes {
+            cmd.arg(n.listen.to_string());
+        }
+        let peers: Vec<String> = cmd.query(&mut node.client()).unwrap();
+        assert_eq!(
+            peers.len(),
+            nodes.len() - 1,
+            "a node is not its own peer: {peers:?}"
+        );
+    }
+}
+
 fn vote(node: &NodeProcess, epoch: u64, candidate: &str, log_epoch: u64) -> (i64, String) {
     let mut c = node.client();
     let answer: Vec<redis::Value> = redis::cmd("TIDEWAL.VOTE")
@@ -72,35 +105,17 @@ fn vote(node: &NodeProcess, epoch: u64, candidate: &str, log_epoch: u64) -> (i64
 #[test]
 fn the_primary_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost() {
     let (pdir, adir, bdir) = (disk_dir(), disk_dir(), disk_dir());
-    let primary = start(pdir.path(), &["--node-id", "p"]);
-    let p_addr = primary.listen.to_string();
     // a keeps up, and never stands; b, behind a slow link, is the only
     // candidate.
-    let a = start(
-        adir.path(),
-        &[
-            "--replica-of",
-            &p_addr,
-            "--node-id",
-            "a",
-            "--no-failover-candidate",
-        ],
-    );
+    let (primary, a) = primary_and_voter(pdir.path(), adir.path());
+    let p_addr = primary.listen.to_string();
     let proxy = Proxy::start(primary.listen);
     let b = start(
         bdir.path(),
         &["--replica-of", &proxy.addr.to_string(), "--node-id", "b"],
     );
     let (a_addr, b_addr) = (a.listen.to_string(), b.listen.to_string());
-    for node in [&primary, &a, &b] {
-        let peers: Vec<String> = redis::cmd("TIDEWAL.PEERS")
-            .arg(&p_addr)
-            .arg(&a_addr)
-            .arg(&b_addr)
-            .query(&mut node.client())
-            .unwrap();
-        assert_eq!(peers.len(), 2, "a node is not its own peer: {peers:?}");
-    }
+    make_peers(&[&primary, &a, &b]);
     let epoch = status(&primary)["epoch"].as_u64().unwrap();
     let mut c = primary.client();
     for i in 0..200 {
@@ -350,18 +365,7 @@ fn a_node_that_voted_never_acknowledges_for_an_older_primary_even_after_a_restar
 #[test]
 fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
     let (pdir, adir, cdir) = (disk_dir(), disk_dir(), disk_dir());
-    let primary = start(pdir.path(), &["--node-id", "p"]);
-    let p_addr = primary.listen.to_string();
-    let a = start(
-        adir.path(),
-        &[
-            "--replica-of",
-            &p_addr,
-            "--node-id",
-            "a",
-            "--no-failover-candidate",
-        ],
-    );
+    let (primary, a) = primary_and_voter(pdir.path(), adir.path());
     let a_addr = a.listen.to_string();
     let hook_out = pdir.path().join("promoted.txt");
     let hook = format!(
@@ -380,14 +384,7 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
         ],
     );
     let c_addr = c.listen.to_string();
-    for node in [&primary, &a, &c] {
-        let _: Vec<String> = redis::cmd("TIDEWAL.PEERS")
-            .arg(&p_addr)
-            .arg(&a_addr)
-            .arg(&c_addr)
-            .query(&mut node.client())
-            .unwrap();
-    }
+    make_peers(&[&primary, &a, &c]);
     let epoch = status(&primary)["epoch"].as_u64().unwrap();
     let mut pc = primary.client();
     let mut acked = Vec::new();
