@@ -452,3 +452,39 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
         elected_after.as_secs_f64()
     );
 }
+
+/// `tidewal bench failover` runs end to end: a failover on new nodes, its
+/// times, and the acknowledged writes it checked (the harness, not its
+/// figures: performance is measured by running it).
+#[test]
+fn bench_failover_measures_a_failover_end_to_end() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(["bench", "failover", "--runs", "1", "--seconds", "0.5"])
+        .args(["--cascade", "--writers", "2"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run tidewal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("run  1: "), "{stdout}");
+    assert!(
+        stdout.contains("new primary elected, seconds after the kill"),
+        "{stdout}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("acknowledged writes: "))
+        .expect(&stdout);
+    let acked: u64 = line["acknowledged writes: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(acked > 0, "{stdout}");
+    assert!(line.ends_with(", 0 lost"), "{stdout}");
+}

@@ -326,21 +326,78 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     failover(primary, replica, cascade)
 }
 
-/// The primary is killed (SIGKILL) under `replicated(1)` writes; the
-/// replica and the cascade elect one of them, which must hold every write
-/// the old primary acknowledged, and the other follows it.
+/// The demo's failover phase: [`failover_once`], printed.
 fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyhow::Result<()> {
     println!(
         "\nfailover: {FAILOVER_WRITERS} clients write at replicated(1) for {:.0} s, then the primary is killed (SIGKILL)",
         FAILOVER_LOAD.as_secs_f64()
     );
-    // Every node knows the others from now on: automatic failover (not
-    // during the load above, whose figures are of the topology as started).
-    let addrs: Vec<String> = [&primary, &replica, &cascade]
+    let run = failover_once(primary, replica, cascade, FAILOVER_WRITERS, FAILOVER_LOAD)?;
+    println!(
+        "  {} acknowledged writes before the kill; the {} was elected primary after {:.2} s (epoch {}), the {} followed it after {:.2} s",
+        run.acked,
+        run.winner,
+        run.elected_after.as_secs_f64(),
+        run.epoch,
+        run.other,
+        run.followed_after.as_secs_f64(),
+    );
+    println!(
+        "  acknowledged writes on the new primary: {} of {} ({} lost); 1000 more replicated(1) writes taken, both logs identical",
+        run.acked - run.lost.len(),
+        run.acked,
+        run.lost.len()
+    );
+    run.check()
+}
+
+/// What one failover did.
+pub struct FailoverRun {
+    pub winner: String,
+    pub other: String,
+    /// The winner's epoch.
+    pub epoch: u64,
+    /// Writes acknowledged (at `replicated(1)`) before the kill.
+    pub acked: usize,
+    /// Of those, the ones the new primary does not hold.
+    pub lost: Vec<String>,
+    /// From the kill to a primary among the others, and to the other one
+    /// following it.
+    pub elected_after: Duration,
+    pub followed_after: Duration,
+}
+
+impl FailoverRun {
+    /// An error when an acknowledged write was lost.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !self.lost.is_empty() {
+            bail!(
+                "the failover lost {} acknowledged writes, e.g. {:?}",
+                self.lost.len(),
+                &self.lost[..self.lost.len().min(5)]
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Makes the three nodes each other's peers; `writers` clients write at
+/// `replicated(1)` on the primary for `load`, then the primary is killed
+/// (SIGKILL). Waits until `a` or `b` is elected and the other follows it,
+/// checks every acknowledged write on the new primary, writes 1000 more
+/// there and waits until the two logs are identical; stops both.
+pub fn failover_once(
+    primary: NodeChild,
+    a: NodeChild,
+    b: NodeChild,
+    writers: usize,
+    load: Duration,
+) -> anyhow::Result<FailoverRun> {
+    let addrs: Vec<String> = [&primary, &a, &b]
         .iter()
         .map(|n| n.listen.to_string())
         .collect();
-    for node in [&primary, &replica, &cascade] {
+    for node in [&primary, &a, &b] {
         let mut args: Vec<&[u8]> = vec![b"TIDEWAL.PEERS"];
         args.extend(addrs.iter().map(|a| a.as_bytes()));
         Client::connect(node.listen)?
@@ -348,7 +405,7 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
             .with_context(|| format!("setting {}'s peers", node.name))?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..FAILOVER_WRITERS)
+    let writers: Vec<_> = (0..writers)
         .map(|w| -> anyhow::Result<_> {
             let mut c = Client::connect(primary.listen)?;
             c.ok(&[b"CLIENT", b"COMMIT-LEVEL", b"replicated(1)"])?;
@@ -369,7 +426,7 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
             }))
         })
         .collect::<anyhow::Result<_>>()?;
-    std::thread::sleep(FAILOVER_LOAD);
+    std::thread::sleep(load);
     stop.store(true, Ordering::Relaxed);
     primary.kill()?;
     let killed = Instant::now();
@@ -379,15 +436,19 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
     }
     let limit = Duration::from_secs(30);
     let (winner, other, elected) = loop {
-        let (r, c) = (replica.status()?, cascade.status()?);
-        if r["role"] == "primary" {
-            break (replica, cascade, r);
+        let (sa, sb) = (a.status()?, b.status()?);
+        if sa["role"] == "primary" {
+            break (a, b, sa);
         }
-        if c["role"] == "primary" {
-            break (cascade, replica, c);
+        if sb["role"] == "primary" {
+            break (b, a, sb);
         }
         if killed.elapsed() > limit {
-            bail!("no primary was elected within {limit:?}: replica {r}, cascade {c}");
+            bail!(
+                "no primary was elected within {limit:?}: {} {sa}, {} {sb}",
+                a.name,
+                b.name
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -396,7 +457,7 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
     wait_status(&other, "following the new primary", limit, |s| {
         s["upstream"]["host"] == winner_addr.as_str() && s["upstream"]["connected"] == true
     })?;
-    let following_after = killed.elapsed();
+    let followed_after = killed.elapsed();
     let mut c = Client::connect(winner.listen)?;
     let mut lost = Vec::new();
     for key in &acked {
@@ -409,31 +470,18 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
         c.ok(&[b"SET", format!("after:{i}").as_bytes(), b"v"])?;
     }
     wait_converged(&winner, &[&other], limit).context("after the failover")?;
-    println!(
-        "  {} acknowledged writes before the kill; the {} was elected primary after {:.2} s (epoch {}), the {} followed it after {:.2} s",
-        acked.len(),
-        winner.name,
-        elected_after.as_secs_f64(),
-        elected["epoch"],
-        other.name,
-        following_after.as_secs_f64(),
-    );
-    println!(
-        "  acknowledged writes on the new primary: {} of {} ({} lost); 1000 more replicated(1) writes taken, both logs identical",
-        acked.len() - lost.len(),
-        acked.len(),
-        lost.len()
-    );
+    let run = FailoverRun {
+        winner: winner.name.clone(),
+        other: other.name.clone(),
+        epoch: elected["epoch"].as_u64().unwrap_or(0),
+        acked: acked.len(),
+        lost,
+        elected_after,
+        followed_after,
+    };
     other.stop();
     winner.stop();
-    if !lost.is_empty() {
-        bail!(
-            "the failover lost {} acknowledged writes, e.g. {:?}",
-            lost.len(),
-            &lost[..lost.len().min(5)]
-        );
-    }
-    Ok(())
+    Ok(run)
 }
 
 /// Write latency (p50, p99) and replica lag over time, as SVG.

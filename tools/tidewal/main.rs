@@ -12,6 +12,7 @@
 //!   disk's own ceiling, measured in the same run.
 
 mod backup;
+mod bench_failover;
 mod bench_repl;
 mod bench_wal;
 mod cluster;
@@ -82,6 +83,9 @@ enum BenchCommand {
     /// Durable commits/s and latency at each commit level with one and two
     /// replicas (and Redis with WAIT where installed), lag, catch-up speed.
     Replication(bench_repl::BenchReplArgs),
+    /// Automatic failover over many runs: time to elect a new primary and
+    /// to follow it after a SIGKILL, and acknowledged writes lost (none).
+    Failover(bench_failover::BenchFailoverArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +105,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Wal(args)) => bench_wal::run(args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Replication(args)) => {
             bench_repl::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Failover(args)) => {
+            bench_failover::run(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Backup(args) => backup::backup(args).map(|()| ExitCode::SUCCESS),
         Command::Restore(args) => backup::restore(args).map(|()| ExitCode::SUCCESS),
