@@ -9,24 +9,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::disk_dir;
-use common::node::{NodeProcess, positions, status};
+use common::node::{NodeProcess, positions, status, tidewal};
 use redis::Commands;
-
-/// Runs `tidewal ARGS`: (success, stdout and stderr).
-fn tidewal(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run tidewal");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
 
 /// `tidewal restore --from BACKUP --data-dir DIR`.
 fn restore(backup: &Path, dir: &Path) -> (bool, String) {

@@ -458,18 +458,18 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
 /// figures: performance is measured by running it).
 #[test]
 fn bench_failover_measures_a_failover_end_to_end() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidewal"))
-        .args(["bench", "failover", "--runs", "1", "--seconds", "0.5"])
-        .args(["--cascade", "--writers", "2"])
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run tidewal");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout) = common::node::tidewal(&[
+        "bench",
+        "failover",
+        "--runs",
+        "1",
+        "--seconds",
+        "0.5",
+        "--cascade",
+        "--writers",
+        "2",
+    ]);
+    assert!(ok, "{stdout}");
     assert!(stdout.contains("run  1: "), "{stdout}");
     assert!(
         stdout.contains("new primary elected, seconds after the kill"),

@@ -13,6 +13,18 @@ pub fn config_file(dir: &Path, name: &str, toml: &str) -> String {
     path.to_str().expect("a UTF-8 path").to_string()
 }
 
+/// Runs `tidewal ARGS` to its end: (success, stdout then stderr).
+pub fn tidewal(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run tidewal");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// A running node process; killed when dropped.
 pub struct NodeProcess {
     pub child: Child,
