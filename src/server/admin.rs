@@ -275,7 +275,6 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                     .unwrap_or(0)
                     .min(free_bytes)
             };
-
             let released = d.flushed.iter().zip(&first).any(|(f, first)| f < first);
             let alerting = thresholds.update(&mut d.alert, lag, lag_seconds);
             if alerting {
