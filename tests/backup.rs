@@ -9,10 +9,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::disk_dir;
-use common::node::{NodeProcess, positions, status, tidewal};
+use common::node::{NodeProcess, positions, status, tidewal, wait_converged};
 use redis::Commands;
 
 /// `tidewal restore --from BACKUP --data-dir DIR`.
@@ -22,19 +21,6 @@ fn restore(backup: &Path, dir: &Path) -> (bool, String) {
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
-}
-
-fn wait_converged(a: &NodeProcess, b: &NodeProcess) {
-    let started = Instant::now();
-    while positions(a) != positions(b) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no convergence: {:?} / {:?}",
-            positions(a),
-            positions(b)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn snapshots_in(dir: &Path) -> usize {

@@ -12,7 +12,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::node::{NodeProcess, positions, status};
+use common::node::{NodeProcess, status, wait_converged};
 use common::proxy::Proxy;
 use common::{disk_dir, quarantined};
 use redis::Commands;
@@ -27,12 +27,6 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         assert!(started.elapsed() < Duration::from_secs(30), "{what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {
-    wait_for("the replica converges", || {
-        (positions(primary) == positions(replica)).then_some(())
-    });
 }
 
 /// A 2-shard node whose failover timeout is 1 s, on `extra`'s terms.

@@ -8,27 +8,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::node::{NodeProcess, config_file, positions, status};
+use common::node::{NodeProcess, config_file, positions, status, wait_converged};
 use common::{disk_dir, quarantined};
 use redis::Commands;
 use serde_json::Value;
 
 /// Waits until the replica holds exactly the primary's logs.
-fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {
-    let started = Instant::now();
-    loop {
-        let (p, r) = (positions(primary), positions(replica));
-        if p == r {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "replica did not converge: primary {p:?}, replica {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The 4-shard replica `replica-1` of `upstream`, over `dir`.
 fn start_replica(dir: &std::path::Path, upstream: &str) -> NodeProcess {
     start_replica_n(dir, upstream, 4)

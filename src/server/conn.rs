@@ -1092,7 +1092,7 @@ fn bulk_or_nil(value: Option<Bytes>) -> Reply {
 }
 
 /// A decimal i64 as Redis accepts it (no spaces, no `+`, no leading zeros).
-fn parse_i64(bytes: &[u8]) -> Option<i64> {
+pub(super) fn parse_i64(bytes: &[u8]) -> Option<i64> {
     let s = std::str::from_utf8(bytes).ok()?;
     let digits = s.strip_prefix('-').unwrap_or(s);
     if digits.is_empty()

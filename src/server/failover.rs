@@ -396,16 +396,18 @@ pub(super) fn check_start_as_primary(shared: &Shared) -> Result<(), crate::engin
     Ok(())
 }
 
+/// Argument `i` of an election command as a number: a decimal as Redis
+/// takes one (`conn::parse_i64`), not negative.
+fn arg_u64(args: &[Bytes], i: usize) -> Option<u64> {
+    super::conn::parse_i64(&args[i]).and_then(|n| u64::try_from(n).ok())
+}
+
 /// `TIDEWAL.VOTE epoch candidate candidate_log_epoch [PRE]`: grants or
 /// refuses this node's vote. A grant carries each shard's durable LSN and
 /// the epoch of its last record; a refusal, the highest epoch this node has
 /// voted in or seen. With `PRE`, only says whether it would, taking nothing.
 pub(super) async fn vote(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
-    let number = |i: usize| {
-        std::str::from_utf8(&args[i])
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-    };
+    let number = |i: usize| arg_u64(&args, i);
     let (Some(epoch), Some(their_log)) = (number(1), number(3)) else {
         return Reply::err("TIDEWAL.VOTE epoch candidate log-epoch: epochs are numbers");
     };
@@ -606,11 +608,7 @@ pub(super) async fn who(shared: Arc<Shared>) -> Reply {
 /// `lsn` on, which must continue `(chain, epoch)`; empty when there are
 /// none.
 pub(super) async fn fetch(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
-    let number = |i: usize| {
-        std::str::from_utf8(&args[i])
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-    };
+    let number = |i: usize| arg_u64(&args, i);
     let (Some(shard), Some(lsn), Some(chain), Some(epoch)) =
         (number(1), number(2), number(3), number(4))
     else {

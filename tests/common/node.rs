@@ -13,6 +13,23 @@ pub fn config_file(dir: &Path, name: &str, toml: &str) -> String {
     path.to_str().expect("a UTF-8 path").to_string()
 }
 
+/// Waits (up to 30 s) until `replica` holds exactly `primary`'s logs
+/// (`(head_lsn, chain)` of every shard).
+pub fn wait_converged(primary: &NodeProcess, replica: &NodeProcess) {
+    let started = Instant::now();
+    loop {
+        let (p, r) = (positions(primary), positions(replica));
+        if p == r {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "replica did not converge: primary {p:?}, replica {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `tidewal ARGS` to its end: (success, stdout then stderr).
 pub fn tidewal(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tidewal"))
