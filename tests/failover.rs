@@ -350,6 +350,88 @@ fn a_node_that_voted_never_acknowledges_for_an_older_primary_even_after_a_restar
     assert!(refused.contains("vote file"), "{refused}");
 }
 
+/// With failover peers, only a peer's acknowledgement makes a write
+/// `replicated(1)`: the winner of an election gathers what the peers hold,
+/// so a write held by a replica that does not vote could be lost. Without
+/// peers every replica counts, as before.
+#[test]
+fn only_the_failover_peers_acknowledge_replicated_writes() {
+    let (pdir, adir, rdir) = (disk_dir(), disk_dir(), disk_dir());
+    let primary = start(
+        pdir.path(),
+        &["--node-id", "p", "--commit-timeout-ms", "1000"],
+    );
+    let p_addr = primary.listen.to_string();
+    let replica = |dir: &std::path::Path, id: &str| {
+        start(
+            dir,
+            &[
+                "--replica-of",
+                &p_addr,
+                "--node-id",
+                id,
+                "--no-failover-candidate",
+            ],
+        )
+    };
+    let a = replica(adir.path(), "a");
+    let outside = replica(rdir.path(), "r");
+    let mut c = primary.client();
+    let _: () = c.set("no-peers", 1).unwrap();
+    let counts = |node: &NodeProcess| -> Vec<(String, bool)> {
+        let s = status(node);
+        let mut v: Vec<(String, bool)> = s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let id = r["node_id"].as_str().unwrap().to_string();
+                (id, r["counts_for_commit"].as_bool().unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        counts(&primary),
+        [("a".into(), true), ("r".into(), true)],
+        "without peers every replica counts"
+    );
+
+    // "a" becomes the primary's only peer: its node id is asked for
+    // before TIDEWAL.PEERS answers.
+    let _: Vec<String> = redis::cmd("TIDEWAL.PEERS")
+        .arg(a.listen.to_string())
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(counts(&primary), [("a".into(), true), ("r".into(), false)]);
+    let s = status(&primary);
+    assert_eq!(s["failover"]["peer_ids"][a.listen.to_string()], "a", "{s}");
+    let _: () = c.set("with-a", 1).unwrap();
+
+    // Without "a", the replica outside the peers still receives every
+    // write, but it acknowledges none of them as replicated.
+    assert_eq!(a.terminate().code(), Some(0));
+    wait_for("the primary sees its peer gone", || {
+        let s = status(&primary);
+        let a = s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node_id"] == "a")
+            .cloned()
+            .unwrap();
+        (a["status"] == "disconnected").then_some(())
+    });
+    let err = c.set::<_, _, ()>("only-r", 1).unwrap_err().to_string();
+    assert!(err.contains("TIMEOUT"), "{err}");
+    wait_converged(&primary, &outside);
+    let held: Option<i64> = outside.client().get("only-r").unwrap();
+    assert_eq!(held, Some(1), "the replica outside the peers has the write");
+    let waited: i64 = redis::cmd("WAIT").arg(1).arg(200).query(&mut c).unwrap();
+    assert_eq!(waited, 0, "WAIT counts as replicated(1) does");
+}
+
 /// A cascaded replica hears the primary only through its upstream, a
 /// replica: that upstream's heartbeats say how long it has heard no primary,
 /// so once the primary dies the cascade neither takes them for a live

@@ -323,6 +323,7 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 "downstreams": cascaded,
                 "host": d.host,
                 "node_id": d.node_id,
+                "counts_for_commit": d.counts,
                 "status": if d.resyncing && d.refused.is_none() { "resyncing" } else { state },
                 "needs_resync": released,
                 "resyncs": d.resyncs,

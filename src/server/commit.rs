@@ -297,9 +297,12 @@ fn holding_in(
     commit: Commit,
 ) -> usize {
     let applied = matches!(commit, Commit::Applied(_));
+    // `all` waits for every replica; a count of them only for those whose
+    // copy survives a failover (see `Downstream::counts`).
+    let all = matches!(commit, Commit::All);
     downstreams
         .values()
-        .filter(|d| d.connected && d.refused.is_none())
+        .filter(|d| d.connected && d.refused.is_none() && (all || d.counts))
         .filter(|d| {
             written.iter().all(|(shard, lsn)| {
                 let i = *shard as usize;
@@ -473,8 +476,27 @@ mod tests {
             written: vec![1000, 500],
             flushed: vec![1000, 500],
             applied: vec![1000, 500],
+            counts: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_replica_outside_the_failover_peers_counts_only_for_all() {
+        let mut all = BTreeMap::new();
+        let outside = super::super::replication::Downstream {
+            counts: false,
+            ..holding_replica()
+        };
+        all.insert("r".to_string(), outside);
+        let write = BTreeMap::from([(0, 800)]);
+        assert_eq!(holding_in(&all, &write, Commit::Replicated(1)), 0);
+        assert_eq!(holding_in(&all, &write, Commit::Applied(1)), 0);
+        assert_eq!(holding_in(&all, &write, Commit::All), 1);
+        all.insert("peer".to_string(), holding_replica());
+        assert_eq!(holding_in(&all, &write, Commit::Replicated(1)), 1);
+        assert_eq!(holding_in(&all, &write, Commit::Replicated(2)).min(2), 1);
+        assert_eq!(holding_in(&all, &write, Commit::All), 2);
     }
 
     #[test]

@@ -98,6 +98,9 @@ const REPLY_BYTES_MAX: usize = 64 << 20;
 pub(super) struct Failover {
     /// The other data nodes (`HOST:PORT` of their client ports).
     pub peers: Vec<String>,
+    /// Each peer's node id, as its `TIDEWAL.WHO` last said: the replicas
+    /// that count toward `replicated(k)` are found by it (`counts_for_commit`).
+    pub peer_ids: std::collections::BTreeMap<String, String>,
     /// The highest epoch this node voted in, and for whom.
     pub vote_epoch: u64,
     pub voted_for: String,
@@ -310,8 +313,73 @@ pub(super) fn set_peers(shared: &Shared, peers: &[String]) -> Vec<String> {
         .collect();
     if let Ok(mut f) = shared.failover.lock() {
         f.peers = peers.clone();
+        f.peer_ids.retain(|p, _| peers.contains(p));
     }
+    recount(shared);
     peers
+}
+
+/// Whether a replica's acknowledgements count toward `replicated(k)`,
+/// `applied(k)` and `WAIT`: always without peers; with them (failover on),
+/// only a peer's. The winner of an election gathers what a majority of the
+/// peers hold: a write held only by a replica that does not vote could be
+/// lost in a failover, so it must not be acknowledged as replicated.
+pub(super) fn counts_for_commit(shared: &Shared, node_id: &str) -> bool {
+    shared
+        .failover
+        .lock()
+        .map(|f| f.peers.is_empty() || f.peer_ids.values().any(|id| id == node_id))
+        .unwrap_or(false)
+}
+
+/// Sets each downstream's `counts` again (the peers or their ids changed)
+/// and wakes the writes waiting for replicas.
+fn recount(shared: &Shared) {
+    let Ok(f) = shared.failover.lock() else {
+        return;
+    };
+    let (open, ids): (bool, Vec<String>) =
+        (f.peers.is_empty(), f.peer_ids.values().cloned().collect());
+    drop(f);
+    if let Ok(mut downstreams) = shared.downstreams.lock() {
+        for d in downstreams.values_mut() {
+            d.counts = open || ids.contains(&d.node_id);
+        }
+    }
+    shared.ack_signal.notify(shared);
+}
+
+/// Notes the node ids that peers' `TIDEWAL.WHO` answers carry.
+fn note_ids(shared: &Shared, answers: &[(String, Result<Reply, String>)]) {
+    let mut changed = false;
+    if let Ok(mut f) = shared.failover.lock() {
+        for (peer, answer) in answers {
+            if let Some(id) = who_node_id(answer)
+                && f.peers.contains(peer)
+                && f.peer_ids.get(peer) != Some(&id)
+            {
+                f.peer_ids.insert(peer.clone(), id);
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        recount(shared);
+    }
+}
+
+/// Whether some peer's node id is not known yet.
+fn ids_unknown(shared: &Shared) -> bool {
+    shared
+        .failover
+        .lock()
+        .is_ok_and(|f| f.peers.iter().any(|p| !f.peer_ids.contains_key(p)))
+}
+
+/// Asks every peer `TIDEWAL.WHO` for its node id.
+async fn learn_ids(shared: &Shared, limit: Duration) {
+    let answers = ask_all(&peers(shared), vec![WHO_COMMAND.to_vec()], limit).await;
+    note_ids(shared, &answers);
 }
 
 fn peers(shared: &Shared) -> Vec<String> {
@@ -601,6 +669,7 @@ pub(super) async fn who(shared: Arc<Shared>) -> Reply {
         Reply::bulk(role),
         Reply::Int(epoch as i64),
         Reply::Bulk(Bytes::from(shared.replica_of())),
+        Reply::Bulk(Bytes::from(shared.node_id.clone())),
     ])
 }
 
@@ -702,6 +771,19 @@ fn who_answer(answer: &Result<Reply, String>) -> Option<(bool, u64)> {
     }
 }
 
+/// The node id a `TIDEWAL.WHO` answer carries (its fourth element).
+fn who_node_id(answer: &Result<Reply, String>) -> Option<String> {
+    match answer {
+        Ok(Reply::Array(a)) => match a.get(3) {
+            Some(Reply::Bulk(id)) if !id.is_empty() => {
+                Some(String::from_utf8_lossy(id).into_owned())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The primary in the highest epoch at or above `min_epoch` that a peer
 /// says it is (`TIDEWAL.WHO`), with that epoch.
 async fn primary_at_least(
@@ -710,6 +792,7 @@ async fn primary_at_least(
     limit: Duration,
 ) -> Option<(String, u64)> {
     let answers = ask_all(&peers(shared), vec![WHO_COMMAND.to_vec()], limit).await;
+    note_ids(shared, &answers);
     let mut best: Option<(String, u64)> = None;
     for (peer, answer) in answers {
         if let Some((true, e)) = who_answer(&answer)
@@ -823,11 +906,26 @@ pub(super) async fn elections(shared: Arc<Shared>) {
     let mut tried = Instant::now();
     // The last time it asked its peers who is primary (none yet).
     let mut last_check: Option<Instant> = None;
+    // The last time it asked for the node ids of peers it had none for.
+    let mut last_ids: Option<Instant> = None;
+    let asking_ids = std::rc::Rc::new(std::cell::Cell::new(false));
     let due = |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
     while !shared.stopping() {
         glommio::timer::sleep(tick).await;
         if peers(&shared).is_empty() {
             continue;
+        }
+        if ids_unknown(&shared) && due(last_ids, tick * 2) && !asking_ids.get() {
+            // Apart from this loop: a peer that does not answer must not
+            // hold back an election.
+            last_ids = Some(Instant::now());
+            asking_ids.set(true);
+            let (shared, asking) = (shared.clone(), asking_ids.clone());
+            glommio::spawn_local(async move {
+                learn_ids(&shared, timeout).await;
+                asking.set(false);
+            })
+            .detach();
         }
         // This node's log epoch, asked of the engine only when needed.
         let our_epoch = || async { shared.engine.stats().await.map(|s| log_epoch(&s)) };
@@ -1226,6 +1324,13 @@ pub(super) async fn peers_command(shared: Arc<Shared>, args: Vec<Bytes>) -> Repl
                 set_peers(&setting, &list);
             })
             .await;
+        // Their node ids, before the answer: until a peer's is known, its
+        // acknowledgements do not count toward `replicated(k)`.
+        learn_ids(
+            &shared,
+            Duration::from_millis(shared.config.election_timeout_ms),
+        )
+        .await;
     }
     Reply::Array(
         peers(&shared)
@@ -1244,6 +1349,7 @@ pub(super) fn status(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "enabled": !f.peers.is_empty(),
         "peers": f.peers,
+        "peer_ids": f.peer_ids,
         "election_timeout_ms": shared.config.election_timeout_ms,
         "candidate": shared.config.failover_candidate,
         "vote_epoch": f.vote_epoch,

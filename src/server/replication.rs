@@ -83,6 +83,10 @@ pub(super) struct Downstream {
     /// (catching up); `None` once a batch reached the head.
     pub behind_since: Option<Instant>,
     pub refused: Option<String>,
+    /// Whether its acknowledgements count toward `replicated(k)`,
+    /// `applied(k)` and `WAIT`: with failover peers, only a peer's do
+    /// (`failover::counts_for_commit`).
+    pub counts: bool,
     /// Whether its lag alert is raised (see `LagAlert`).
     pub alert: bool,
     /// A snapshot is being sent to it.
@@ -502,6 +506,10 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
             if swapped() {
                 return Err(io_err("a shard was re-synced here while the downstream said Hello"));
             }
+            let mut status = status;
+            // Under the lock, so a change of peers (`failover::recount`) is
+            // not missed in between.
+            status.counts = super::failover::counts_for_commit(&shared, &node_id);
             d.insert(key.clone(), status);
         }
         tracing::info!(downstream = %key, "replica attached");
