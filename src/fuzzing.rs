@@ -116,7 +116,7 @@ pub fn frame_decode(data: &[u8]) {
         FrameKind::Heartbeat => {
             let _ = decode_fixed::<Heartbeat>(f.kind, f.payload);
         }
-        FrameKind::SnapshotEnd => {
+        FrameKind::SnapshotEnd | FrameKind::Cut => {
             let _ = decode_fixed::<crate::format::SnapshotEnd>(f.kind, f.payload);
         }
         FrameKind::Records

@@ -134,6 +134,160 @@ fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replic
     assert_eq!(v, "x");
 }
 
+/// The indices of the `seq{i}` keys a node holds, sorted.
+fn seq_keys(node: &NodeProcess) -> Vec<u64> {
+    let mut c = node.client();
+    let mut found: Vec<u64> = c
+        .scan_match::<_, String>("seq*")
+        .unwrap()
+        .map(|k| k.unwrap()[3..].parse().unwrap())
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Whether `keys` are 0, 1, ..., n - 1.
+fn is_prefix(keys: &[u64]) -> bool {
+    keys.iter().enumerate().all(|(i, k)| *k == i as u64)
+}
+
+/// A backup is one moment of the whole data set, though its shards are
+/// snapshotted one after another while writes go on: a client writes
+/// `seq0`, `seq1`, ... each after the one before was acknowledged, spread
+/// over four shards, and what is restored is exactly `seq0` to some `seqN`
+/// (the primary's consistent cut), never a later key without an earlier.
+#[test]
+fn a_backup_taken_under_writes_restores_one_moment_of_every_shard() {
+    let (pdir, rdir, work) = (disk_dir(), disk_dir(), disk_dir());
+    let args = ["--shards", "4", "--commit-level", "local"];
+    let primary = NodeProcess::start(pdir.path(), &args);
+    let p_addr = primary.listen.to_string();
+    let mut replica_args = args.to_vec();
+    replica_args.extend(["--replica-of", p_addr.as_str()]);
+    let replica = NodeProcess::start(rdir.path(), &replica_args);
+    // Enough data that each shard's snapshot takes a while.
+    let mut pc = primary.client();
+    let value = "v".repeat(2000);
+    for chunk in 0..20 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.set(format!("bulk{chunk}-{i}"), &value).ignore();
+        }
+        let _: () = pipe.query(&mut pc).unwrap();
+    }
+    wait_converged(&primary, &replica);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        let mut c = primary.client();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _: () = c.set(format!("seq{i}"), i).unwrap();
+                i += 1;
+                acked.store(i, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    while acked.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let before = acked.load(std::sync::atomic::Ordering::Relaxed);
+    let backup = work.path().join("backup");
+    let r_addr = replica.listen.to_string();
+    let (ok, out) = tidewal(&["backup", "--from", &r_addr, "--to", path(&backup)]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(ok, "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(backup.join("BACKUP.json")).unwrap()).unwrap();
+    let shards = manifest["shards"].as_array().unwrap();
+    assert_eq!(manifest["consistent"], true, "{manifest}");
+    let tail_bytes: u64 = shards
+        .iter()
+        .map(|s| s["tail"]["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(tail_bytes > 0, "no shard moved on to the cut: {manifest}");
+
+    // TIDEWAL.CUT: the primary's heads, also when a replica is asked (it
+    // asks its upstream).
+    wait_converged(&primary, &replica);
+    let cut_of = |n: &NodeProcess| -> Vec<(u64, u64, u64)> {
+        redis::cmd("TIDEWAL.CUT").query(&mut n.client()).unwrap()
+    };
+    let cut = cut_of(&primary);
+    assert_eq!(cut_of(&replica), cut);
+    let heads: Vec<(u64, u64)> = cut.iter().map(|c| (c.0, c.1)).collect();
+    assert_eq!(heads, positions(&primary));
+
+    let restored = work.path().join("restored");
+    let (ok, out) = restore(&backup, &restored);
+    assert!(ok, "{out}");
+    let node = NodeProcess::start(&restored, &[]);
+    let keys = seq_keys(&node);
+    assert!(
+        is_prefix(&keys),
+        "not one moment: {} keys, the first missing one before {:?}",
+        keys.len(),
+        keys.last()
+    );
+    assert!(
+        keys.len() as u64 >= before,
+        "{} keys restored, {before} were acknowledged before the backup began",
+        keys.len()
+    );
+    for (s, p) in shards.iter().zip(positions(&node)) {
+        assert_eq!(s["tail"]["lsn"].as_u64().unwrap(), p.0, "{manifest}");
+    }
+    eprintln!(
+        "consistent backup: {} of {} acknowledged keys, {tail_bytes} bytes of records to the cut",
+        keys.len(),
+        acked.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(node);
+
+    // Without the records to the cut (the snapshots alone, as before cuts
+    // were taken), the shards stand at different moments: a later key
+    // without an earlier one.
+    let mut bare = manifest.clone();
+    for s in bare["shards"].as_array_mut().unwrap() {
+        s.as_object_mut().unwrap().remove("tail");
+    }
+    std::fs::write(
+        backup.join("BACKUP.json"),
+        serde_json::to_vec_pretty(&bare).unwrap(),
+    )
+    .unwrap();
+    let snapshots_only = work.path().join("snapshots-only");
+    let (ok, out) = restore(&backup, &snapshots_only);
+    assert!(ok, "{out}");
+    let node = NodeProcess::start(&snapshots_only, &[]);
+    assert!(
+        !is_prefix(&seq_keys(&node)),
+        "the snapshots alone were one moment too: the test shows nothing"
+    );
+
+    // With its primary gone, a replica still gives a backup (when one may
+    // be wanted most), of what it holds, and says it is no cut of the
+    // primary's.
+    primary.kill9();
+    let lone = work.path().join("lone");
+    let (ok, out) = tidewal(&["backup", "--from", &r_addr, "--to", path(&lone)]);
+    assert!(ok, "{out}");
+    assert!(out.contains("could not ask its primary"), "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lone.join("BACKUP.json")).unwrap()).unwrap();
+    assert_eq!(manifest["consistent"], false, "{manifest}");
+    let lone_restored = work.path().join("lone-restored");
+    let (ok, out) = restore(&lone, &lone_restored);
+    assert!(ok, "{out}");
+    let node = NodeProcess::start(&lone_restored, &[]);
+    assert_eq!(seq_keys(&node), seq_keys(&replica));
+    assert_eq!(positions(&node), positions(&replica));
+}
+
 #[test]
 fn bad_backups_and_bad_targets_are_refused_with_nothing_made() {
     let (ndir, work) = (disk_dir(), disk_dir());

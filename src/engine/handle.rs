@@ -172,6 +172,13 @@ enum Request {
     Stats {
         reply: Reply<Vec<ShardStats>>,
     },
+    /// [`Engine::cut`]: the executor says it is `frozen` and takes no
+    /// request until `release` brings where to send its shards' heads
+    /// (read as it resumes); a dropped `release` resumes it too.
+    Freeze {
+        frozen: oneshot::Sender<()>,
+        release: oneshot::Receiver<oneshot::Sender<Vec<(u32, Expect)>>>,
+    },
     /// Runs on the executor's thread (where it may spawn local tasks).
     Run(Box<dyn FnOnce() + Send>),
     Close {
@@ -609,6 +616,48 @@ impl Engine {
     }
 
     /// Every shard's figures, in shard order.
+    /// A consistent cut: each shard's head (where its next record goes),
+    /// such that every write acknowledged before any record inside the cut
+    /// was staged is inside it too. Shards on different cores have no
+    /// common clock, so the heads are not read one after another: first
+    /// every executor stops taking requests, then each reads its heads as
+    /// it resumes. A write on one shard staged before its executor stopped
+    /// was asked for before then, so whatever it followed (a write answered
+    /// before it was asked for) was staged before every executor had
+    /// stopped, and is below its shard's head, read later. Writes wait
+    /// meanwhile for about one message to and from every core.
+    pub async fn cut(&self) -> Result<Vec<Expect>, EngineError> {
+        let mut frozen = Vec::new();
+        let mut releases = Vec::new();
+        for tx in &self.inner.executors {
+            let (frozen_tx, frozen_rx) = oneshot::channel();
+            let (release_tx, release_rx) = oneshot::channel();
+            tx.send(Request::Freeze {
+                frozen: frozen_tx,
+                release: release_rx,
+            })
+            .map_err(|_| EngineError::Closed)?;
+            frozen.push(frozen_rx);
+            releases.push(release_tx);
+        }
+        // On an error here `releases` is dropped: every executor resumes.
+        for rx in frozen {
+            rx.await.map_err(|_| EngineError::Closed)?;
+        }
+        let mut heads = Vec::new();
+        for release in releases {
+            let (tx, rx) = oneshot::channel();
+            let _ = release.send(tx);
+            heads.push(rx);
+        }
+        let mut all = Vec::new();
+        for rx in heads {
+            all.extend(rx.await.map_err(|_| EngineError::Closed)?);
+        }
+        all.sort_by_key(|(shard, _)| *shard);
+        Ok(all.into_iter().map(|(_, head)| head).collect())
+    }
+
     pub async fn stats(&self) -> Result<Vec<ShardStats>, EngineError> {
         let mut waits = Vec::new();
         for tx in &self.inner.executors {
@@ -954,6 +1003,18 @@ async fn run_executor(
                     _ => {
                         let _ = reply.send(Err(EngineError::Closed));
                     }
+                }
+                continue;
+            }
+            Request::Freeze { frozen, release } => {
+                let _ = frozen.send(());
+                if let Ok(heads) = release.await {
+                    let _ = heads.send(
+                        owned
+                            .iter()
+                            .map(|(id, shard)| (*id, shard.wal().next_position()))
+                            .collect(),
+                    );
                 }
                 continue;
             }
@@ -1348,6 +1409,7 @@ async fn serve(shards: &BTreeMap<u32, Rc<Shard<DmaStorage>>>, request: Request) 
         Request::Close { .. }
         | Request::Run(_)
         | Request::Stats { .. }
+        | Request::Freeze { .. }
         | Request::Swap { .. }
         | Request::RaiseEpochFloor { .. } => {
             unreachable!("handled by the executor loop")

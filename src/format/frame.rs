@@ -104,6 +104,14 @@ pub enum FrameKind {
     /// past it aside, and says Hello again from there; only the divergent
     /// suffix is then sent. No payload; the stream ends after it.
     Rewind = 10,
+    /// Upstream → backup client (`TIDEWAL.BACKUP`): shard `shard`'s
+    /// records from its snapshot's position up to the backup's consistent
+    /// cut were sent (as `Records` frames); the payload, laid out as
+    /// [`SnapshotEnd`], is the cut (`lsn`, `chain`, `epoch`) and the bytes
+    /// of records sent (`file_bytes`); `reserved` is 0 for the primary's
+    /// consistent cut, 1 when the node could not ask its primary and its
+    /// own heads stand in.
+    Cut = 11,
 }
 
 impl FrameKind {
@@ -119,6 +127,7 @@ impl FrameKind {
             8 => Some(Self::SnapshotEnd),
             9 => Some(Self::Report),
             10 => Some(Self::Rewind),
+            11 => Some(Self::Cut),
             _ => None,
         }
     }

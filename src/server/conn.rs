@@ -568,6 +568,7 @@ impl Conn {
                 Slot::Later(Box::pin(super::failover::vote(self.shared.clone(), args)))
             }
             Command::Who => Slot::Later(Box::pin(super::failover::who(self.shared.clone()))),
+            Command::Cut => Slot::Later(Box::pin(super::backup::cut_command(self.shared.clone()))),
             Command::Fetch => {
                 Slot::Later(Box::pin(super::failover::fetch(self.shared.clone(), args)))
             }
@@ -1231,15 +1232,18 @@ enum Command {
     Vote,
     Who,
     Fetch,
+    /// `TIDEWAL.CUT`: a consistent cut of the primary's logs (backups).
+    Cut,
     /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
     Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 32] = [
+    const ALL: [(&'static [u8], Command); 33] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (super::backup::BACKUP_COMMAND, Command::Backup),
+        (super::backup::CUT_COMMAND, Command::Cut),
         (super::failover::VOTE_COMMAND, Command::Vote),
         (super::failover::WHO_COMMAND, Command::Who),
         (super::failover::FETCH_COMMAND, Command::Fetch),
@@ -1348,6 +1352,7 @@ impl Command {
             Command::Backup => 1,
             Command::Vote => -4,
             Command::Who => 1,
+            Command::Cut => 1,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

@@ -697,7 +697,7 @@ pub(super) async fn fetch(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
 }
 
 /// Sends one command to `addr` and reads its reply, within `limit`.
-async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<Reply, String> {
+pub(super) async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<Reply, String> {
     let work = async {
         let mut stream = TcpStream::connect(addr)
             .await

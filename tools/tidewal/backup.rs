@@ -3,10 +3,12 @@
 //! directory made of one.
 //!
 //! A backup is a directory: one snapshot file per shard, as the node's
-//! `TIDEWAL.BACKUP` sent it (`src/server/backup.rs`), and `BACKUP.json`,
-//! written last, naming each file with its length, CRC32C and the log
-//! position it stands for. A directory without `BACKUP.json` is not a
-//! backup. Both commands work in a hidden sibling directory that takes the
+//! `TIDEWAL.BACKUP` sent it (`src/server/backup.rs`), the records from
+//! each snapshot's position up to the primary's consistent cut (one
+//! `.tail` file per shard), and `BACKUP.json`, written last, naming each
+//! file with its length, CRC32C and the log positions. Restored, every
+//! shard stands at the cut: the data set as it was at one moment. A
+//! directory without `BACKUP.json` is not a backup. Both commands work in a hidden sibling directory that takes the
 //! target's place only when complete and durable, and is removed if they
 //! fail. FORMAT.md, Backup.
 
@@ -19,8 +21,8 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tidewal::format::{
-    Expect, FRAME_HEADER_BYTES, FrameKind, LogId, SnapshotEnd, SnapshotHeader, crc32c_append,
-    decode_fixed, decode_frame, frame_len,
+    Decoded, Expect, FRAME_HEADER_BYTES, FrameKind, LogId, RECORD_HEADER_BYTES, SnapshotEnd,
+    SnapshotHeader, crc32c_append, decode_fixed, decode_frame, decode_record, frame_len,
 };
 
 /// The manifest of a backup directory.
@@ -64,6 +66,11 @@ struct Manifest {
     cluster_id: String,
     /// When the node was asked, milliseconds since the Unix epoch.
     taken_unix_ms: u64,
+    /// Every shard stands at the primary's consistent cut (one moment of
+    /// the whole data set). False when the node could not ask its primary
+    /// (its own heads stand in) and in backups from before cuts.
+    #[serde(default)]
+    consistent: bool,
     shards: Vec<ShardBackup>,
 }
 
@@ -77,6 +84,23 @@ struct ShardBackup {
     crc32c: u32,
     /// The log position the snapshot stands for: the shard's state after
     /// every record below `lsn`.
+    lsn: u64,
+    epoch: u64,
+    chain: u32,
+    /// The records from `lsn` up to the consistent cut (absent in backups
+    /// from before cuts were taken: their shards stand at different
+    /// moments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tail: Option<TailBackup>,
+}
+
+/// A shard's records from its snapshot's position to the cut, as on disk.
+#[derive(Serialize, Deserialize, Debug)]
+struct TailBackup {
+    file: String,
+    bytes: u64,
+    crc32c: u32,
+    /// The cut: the shard's log ends here once the records are replayed.
     lsn: u64,
     epoch: u64,
     chain: u32,
@@ -265,36 +289,32 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             args.from
         ),
     };
-    let mut shards = Vec::new();
+    let mut shards: Vec<ShardBackup> = Vec::new();
     let mut input: Vec<u8> = Vec::new();
     let mut file: Option<(u32, std::fs::File, u64, u32)> = None;
-    while shards.len() < shard_count as usize {
-        let frame = loop {
-            match decode_frame(&input, PAYLOAD_MAX).context("a bad frame from the node")? {
-                Some(f) => break f,
-                None => {
-                    let want = frame_len(&input).unwrap_or(FRAME_HEADER_BYTES);
-                    let have = input.len();
-                    input.resize(want.max(have + 1), 0);
-                    let n = reader.read(&mut input[have..])?;
-                    input.truncate(have + n);
-                    ensure!(
-                        n > 0,
-                        "{} closed the connection after {} of {shard_count} shards",
-                        args.from,
-                        shards.len()
-                    );
-                }
+    let mut read_frame = |input: &mut Vec<u8>, what: &str| -> anyhow::Result<_> {
+        loop {
+            if let Some(f) =
+                decode_frame(input, PAYLOAD_MAX).context("a bad frame from the node")?
+            {
+                let frame = (f.kind, f.shard, f.start_lsn, f.payload.to_vec());
+                let used = f.consumed;
+                input.drain(..used);
+                return Ok(frame);
             }
-        };
-        let (kind, shard, start, payload, used) = (
-            frame.kind,
-            frame.shard,
-            frame.start_lsn,
-            frame.payload.to_vec(),
-            frame.consumed,
-        );
-        input.drain(..used);
+            let want = frame_len(input).unwrap_or(FRAME_HEADER_BYTES);
+            let have = input.len();
+            input.resize(want.max(have + 1), 0);
+            let n = reader.read(&mut input[have..])?;
+            input.truncate(have + n);
+            ensure!(n > 0, "{} closed the connection {what}", args.from);
+        }
+    };
+    while shards.len() < shard_count as usize {
+        let (kind, shard, start, payload) = read_frame(
+            &mut input,
+            &format!("after {} of {shard_count} shards", shards.len()),
+        )?;
         let expected = shards.len() as u32;
         match kind {
             FrameKind::Refuse => bail!(
@@ -350,16 +370,96 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
                     lsn: at.lsn,
                     epoch: at.epoch,
                     chain: at.chain,
+                    tail: None,
                 });
             }
             other => bail!("an unexpected {other:?} frame in a backup"),
         }
+    }
+    // Then each shard's records up to the primary's consistent cut.
+    let mut tail: Option<(std::fs::File, u64, u32)> = None;
+    let mut next = 0u32;
+    let mut consistent = true;
+    while next < shard_count {
+        let (kind, shard, start, payload) = read_frame(
+            &mut input,
+            &format!("before shard {next} reached the consistent cut"),
+        )?;
+        match kind {
+            FrameKind::Refuse => bail!(
+                "{} could not take the backup: {}",
+                args.from,
+                String::from_utf8_lossy(&payload)
+            ),
+            FrameKind::Records | FrameKind::Cut => {
+                ensure!(
+                    shard == next,
+                    "shard {shard}'s records sent, {next}'s expected"
+                );
+            }
+            other => bail!("an unexpected {other:?} frame in a backup"),
+        }
+        let s = &mut shards[shard as usize];
+        if tail.is_none() {
+            let path = dir.join(tail_file(shard));
+            let f = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            tail = Some((f, 0, 0));
+        }
+        let Some((f, written, crc)) = tail.as_mut() else {
+            unreachable!("set above")
+        };
+        if kind == FrameKind::Records {
+            ensure!(
+                start == s.lsn + *written,
+                "shard {shard}: records at lsn {start}, expected {}",
+                s.lsn + *written
+            );
+            f.write_all(&payload)?;
+            *written += payload.len() as u64;
+            *crc = crc32c_append(*crc, &payload);
+            continue;
+        }
+        let end = decode_fixed::<SnapshotEnd>(kind, &payload)?;
+        consistent &= end.reserved.get() == 0;
+        let Some((f, written, crc)) = tail.take() else {
+            unreachable!("set above")
+        };
+        ensure!(
+            written == end.file_bytes.get(),
+            "shard {shard}: {} bytes of records announced, {written} received",
+            end.file_bytes.get()
+        );
+        f.sync_all()?;
+        drop(f);
+        let from = Expect {
+            lsn: s.lsn,
+            chain: s.chain,
+            epoch: s.epoch,
+        };
+        let reached = walk_records(&dir.join(tail_file(shard)), from, |_| Ok(()))?;
+        ensure!(
+            reached.lsn == end.lsn.get() && reached.chain == end.chain.get(),
+            "shard {shard}: its records end at lsn {}, the cut is at {}",
+            reached.lsn,
+            end.lsn.get()
+        );
+        s.tail = Some(TailBackup {
+            file: tail_file(shard),
+            bytes: written,
+            crc32c: crc,
+            lsn: end.lsn.get(),
+            epoch: end.epoch.get(),
+            chain: end.chain.get(),
+        });
+        next += 1;
     }
     let manifest = Manifest {
         format: 1,
         source: args.from.clone(),
         cluster_id,
         taken_unix_ms,
+        consistent,
         shards,
     };
     let path = dir.join(MANIFEST);
@@ -375,9 +475,16 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         args.to.display(),
         started.elapsed().as_secs_f64()
     );
-    for s in &manifest.shards {
+    if !consistent {
         println!(
-            "  shard {}: {} at lsn {} (epoch {}), {} bytes",
+            "warning: {} could not ask its primary for a consistent cut (see its log): each shard stands where the node's log ended, not necessarily at one moment of the primary's",
+            args.from
+        );
+    }
+    for s in &manifest.shards {
+        let cut = s.tail.as_ref().map_or(s.lsn, |t| t.lsn);
+        println!(
+            "  shard {}: {} at lsn {} (epoch {}), {} bytes, then records to the cut at lsn {cut}",
             s.shard, s.file, s.lsn, s.epoch, s.bytes
         );
     }
@@ -386,6 +493,70 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
 
 fn shard_file(shard: u32) -> String {
     format!("shard-{shard:04}.snap")
+}
+
+fn tail_file(shard: u32) -> String {
+    format!("shard-{shard:04}.tail")
+}
+
+/// Walks the records of a `.tail` file, which must continue the log at
+/// `from` (chain and LSN checked record by record), calling `each` with
+/// every record as encoded; returns the position after the last one.
+fn walk_records(
+    path: &Path,
+    from: Expect,
+    mut each: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Expect> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut file = BufReader::with_capacity(1 << 20, file);
+    let mut at = from;
+    let mut record = Vec::new();
+    loop {
+        record.clear();
+        let n = (&mut file)
+            .take(RECORD_HEADER_BYTES as u64)
+            .read_to_end(&mut record)?;
+        if n == 0 {
+            return Ok(at);
+        }
+        loop {
+            match decode_record(&record, at)
+                .with_context(|| format!("{}: the record at lsn {}", path.display(), at.lsn))?
+            {
+                Decoded::Record(r) => {
+                    ensure!(
+                        r.encoded_len() == record.len(),
+                        "{}: the record at lsn {} is {} bytes, {} read",
+                        path.display(),
+                        at.lsn,
+                        r.encoded_len(),
+                        record.len()
+                    );
+                    let next = r.next();
+                    each(&record)?;
+                    at = next;
+                    break;
+                }
+                Decoded::Incomplete { needed } => {
+                    let have = record.len();
+                    ensure!(
+                        needed > have,
+                        "{}: a record at lsn {} it cannot read",
+                        path.display(),
+                        at.lsn
+                    );
+                    record.resize(needed, 0);
+                    file.read_exact(&mut record[have..]).with_context(|| {
+                        format!(
+                            "{}: truncated in the record at lsn {}",
+                            path.display(),
+                            at.lsn
+                        )
+                    })?;
+                }
+            }
+        }
+    }
 }
 
 /// The snapshot verifies: its header (and the position it was sent with)
@@ -431,6 +602,37 @@ fn verify_snapshot(path: &Path, shard: u32, at: Expect) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replays a `.tail` file into `shard` (at `from`, its snapshot's
+/// position), about 1 MiB of whole records at a time, each made durable.
+fn replay(
+    engine: &tidewal::engine::Engine,
+    shard: u32,
+    path: &Path,
+    from: Expect,
+) -> anyhow::Result<()> {
+    let mut chunk: Vec<u8> = Vec::new();
+    let flush = |chunk: &mut Vec<u8>| -> anyhow::Result<()> {
+        if !chunk.is_empty() {
+            let records = bytes::Bytes::from(std::mem::take(chunk));
+            tidewal::engine::block_on(engine.replicate_at(
+                shard,
+                records,
+                tidewal::engine::CommitLevel::Local,
+            ))
+            .with_context(|| format!("shard {shard}: replaying {}", path.display()))?;
+        }
+        Ok(())
+    };
+    walk_records(path, from, |record| {
+        if chunk.len() + record.len() > 1 << 20 {
+            flush(&mut chunk)?;
+        }
+        chunk.extend_from_slice(record);
+        Ok(())
+    })?;
+    flush(&mut chunk)
+}
+
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let path = args.from.join(MANIFEST);
     let text = std::fs::read(&path).with_context(|| {
@@ -458,15 +660,25 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             s.file
         );
         // Damage at rest is found before anything is made.
-        let file = args.from.join(&s.file);
-        let (len, crc) = crc_of(&file)?;
-        ensure!(
-            len == s.bytes && crc == s.crc32c,
-            "{}: damaged: {len} bytes with CRC32C {crc:08x}, the manifest says {} bytes, {:08x}",
-            file.display(),
-            s.bytes,
-            s.crc32c
-        );
+        let listed = std::iter::once((&s.file, s.bytes, s.crc32c))
+            .chain(s.tail.as_ref().map(|t| (&t.file, t.bytes, t.crc32c)));
+        for (name, bytes, crc32c) in listed {
+            let file = args.from.join(name);
+            let (len, crc) = crc_of(&file)?;
+            ensure!(
+                len == bytes && crc == crc32c,
+                "{}: damaged: {len} bytes with CRC32C {crc:08x}, the manifest says {bytes} bytes, {crc32c:08x}",
+                file.display(),
+            );
+        }
+        if let Some(t) = &s.tail {
+            ensure!(
+                t.file == tail_file(s.shard),
+                "{}: shard {i}'s records are listed as {}",
+                path.display(),
+                t.file
+            );
+        }
     }
     let staging = Staging::new(&args.data_dir, "restoring", Some(RESTORING))?;
     let options = tidewal::engine::Options::new()
@@ -492,6 +704,20 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             at.lsn,
             s.lsn
         );
+        if let Some(t) = &s.tail {
+            replay(&engine, s.shard, &args.from.join(&t.file), at)?;
+            let head = tidewal::engine::block_on(engine.stats())?
+                .into_iter()
+                .find(|x| x.shard == s.shard)
+                .with_context(|| format!("shard {}: no figures", s.shard))?;
+            ensure!(
+                head.next_lsn == t.lsn && head.chain == t.chain,
+                "shard {}: its log ends at lsn {} after the records, not at the cut {}",
+                s.shard,
+                head.next_lsn,
+                t.lsn
+            );
+        }
     }
     tidewal::engine::block_on(engine.close())?;
     drop(engine);
