@@ -252,6 +252,8 @@ fn a_backup_taken_under_writes_restores_one_moment_of_every_shard() {
     // were taken), the shards stand at different moments: a later key
     // without an earlier one.
     let mut bare = manifest.clone();
+    assert_eq!(bare["format"], 2, "records to a cut make format 2");
+    bare["format"] = 1.into();
     for s in bare["shards"].as_array_mut().unwrap() {
         s.as_object_mut().unwrap().remove("tail");
     }
@@ -273,6 +275,13 @@ fn a_backup_taken_under_writes_restores_one_moment_of_every_shard() {
     // be wanted most), of what it holds, and says it is no cut of the
     // primary's.
     primary.kill9();
+    // A replica passes TIDEWAL.CUT on to its upstream, here gone: it does
+    // not answer with heads of its own.
+    let err = redis::cmd("TIDEWAL.CUT")
+        .query::<Vec<(u64, u64, u64)>>(&mut replica.client())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&p_addr), "{err}");
     let lone = work.path().join("lone");
     let (ok, out) = tidewal(&["backup", "--from", &r_addr, "--to", path(&lone)]);
     assert!(ok, "{out}");

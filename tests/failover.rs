@@ -377,7 +377,6 @@ fn only_the_failover_peers_acknowledge_replicated_writes() {
     let a = replica(adir.path(), "a");
     let outside = replica(rdir.path(), "r");
     let mut c = primary.client();
-    let _: () = c.set("no-peers", 1).unwrap();
     let counts = |node: &NodeProcess| -> Vec<(String, bool)> {
         let s = status(node);
         let mut v: Vec<(String, bool)> = s["replicas"]
@@ -392,11 +391,15 @@ fn only_the_failover_peers_acknowledge_replicated_writes() {
         v.sort();
         v
     };
+    wait_for("both replicas attach", || {
+        (counts(&primary).len() == 2).then_some(())
+    });
     assert_eq!(
         counts(&primary),
         [("a".into(), true), ("r".into(), true)],
         "without peers every replica counts"
     );
+    let _: () = c.set("no-peers", 1).unwrap();
 
     // "a" becomes the primary's only peer: its node id is asked for
     // before TIDEWAL.PEERS answers.

@@ -203,6 +203,10 @@ struct Inner {
     lock: Mutex<Option<File>>,
     dir: PathBuf,
     cluster_id: [u8; 16],
+    /// Held while a cut posts its `Freeze` requests: every mailbox then
+    /// sees the cuts in one order, so two at once cannot each wait for an
+    /// executor the other froze.
+    cutting: Mutex<()>,
 }
 
 /// A handle to an open engine. Cheap to clone, `Send + Sync`.
@@ -285,6 +289,7 @@ impl Engine {
                 lock: Mutex::new(Some(lock)),
                 dir: dir.clone(),
                 cluster_id,
+                cutting: Mutex::new(()),
             }),
         };
         if let Some(e) = failure {
@@ -615,7 +620,6 @@ impl Engine {
         })
     }
 
-    /// Every shard's figures, in shard order.
     /// A consistent cut: each shard's head (where its next record goes),
     /// such that every write acknowledged before any record inside the cut
     /// was staged is inside it too. Shards on different cores have no
@@ -625,10 +629,13 @@ impl Engine {
     /// was asked for before then, so whatever it followed (a write answered
     /// before it was asked for) was staged before every executor had
     /// stopped, and is below its shard's head, read later. Writes wait
-    /// meanwhile for about one message to and from every core.
+    /// meanwhile for about one message to and from every core. (A batch
+    /// written with [`BatchAtomicity::PerShard`] is one write per shard:
+    /// a cut may fall between its parts.)
     pub async fn cut(&self) -> Result<Vec<Expect>, EngineError> {
         let mut frozen = Vec::new();
         let mut releases = Vec::new();
+        let order = self.inner.cutting.lock().unwrap_or_else(|e| e.into_inner());
         for tx in &self.inner.executors {
             let (frozen_tx, frozen_rx) = oneshot::channel();
             let (release_tx, release_rx) = oneshot::channel();
@@ -640,6 +647,7 @@ impl Engine {
             frozen.push(frozen_rx);
             releases.push(release_tx);
         }
+        drop(order);
         // On an error here `releases` is dropped: every executor resumes.
         for rx in frozen {
             rx.await.map_err(|_| EngineError::Closed)?;
@@ -658,6 +666,7 @@ impl Engine {
         Ok(all.into_iter().map(|(_, head)| head).collect())
     }
 
+    /// Every shard's figures, in shard order.
     pub async fn stats(&self) -> Result<Vec<ShardStats>, EngineError> {
         let mut waits = Vec::new();
         for tx in &self.inner.executors {

@@ -48,6 +48,10 @@ const CUT_WAIT: Duration = Duration::from_secs(60);
 /// How long a node waits for its upstream's answer to `TIDEWAL.CUT`.
 const CUT_ASK: Duration = Duration::from_secs(10);
 
+/// Most replicas a `TIDEWAL.CUT` is passed up through (a cycle of
+/// upstreams, which a misconfiguration could make, ends there).
+const CUT_HOPS_MAX: u64 = 16;
+
 /// Sends the backup on `stream` (after the `+BACKUP` line), then closes it.
 pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     if let Err(why) = send(&mut stream, &shared).await {
@@ -59,11 +63,43 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.close().await;
 }
 
+/// Numbers the backups under way (`Shared::backup_holds`).
+static NEXT_BACKUP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A backup's hold on the WAL from its snapshots on, while it runs.
+struct Hold<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Hold<'_> {
+    fn set(&self, shard: u32, lsn: u64) {
+        if let Ok(mut b) = self.shared.backup_holds.lock() {
+            b.entry(self.id).or_default().insert(shard, lsn);
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.shared.backup_holds.lock() {
+            b.remove(&self.id);
+        }
+    }
+}
+
 async fn send(stream: &mut TcpStream, shared: &Shared) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut snapshots = Vec::new();
+    // Periodic snapshots meanwhile release no record it still sends.
+    let hold = Hold {
+        shared,
+        id: NEXT_BACKUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    };
     for shard in 0..shared.engine.shard_count() {
         let lsn = snapshot(shared, shard).await?;
+        // The snapshot sent is this one or a newer one.
+        hold.set(shard, lsn);
         let epoch = shared
             .engine
             .stats()
@@ -79,7 +115,7 @@ async fn send(stream: &mut TcpStream, shared: &Shared) -> Result<(), String> {
     // primary's head, so the cut is reached by records alone. A replica
     // that cannot ask (its primary is down: a backup may be wanted most
     // then) stands in with its own heads, and says so.
-    let (cut, own) = match cut(shared).await {
+    let (cut, own) = match cut(shared, 0).await {
         Ok(cut) => (cut, false),
         Err(why) => {
             tracing::warn!(%why, "backup: no consistent cut from the primary; this node's own heads stand in");
@@ -118,8 +154,9 @@ async fn send(stream: &mut TcpStream, shared: &Shared) -> Result<(), String> {
 }
 
 /// The consistent cut: this node's own on a primary, its upstream's
-/// (asked on, up to the primary) on a replica.
-async fn cut(shared: &Shared) -> Result<Vec<Expect>, String> {
+/// (asked on, up to the primary) on a replica. `hops`: replicas it came
+/// through.
+async fn cut(shared: &Shared, hops: u64) -> Result<Vec<Expect>, String> {
     if !shared.is_replica() {
         return shared
             .engine
@@ -127,8 +164,14 @@ async fn cut(shared: &Shared) -> Result<Vec<Expect>, String> {
             .await
             .map_err(|e| format!("taking a cut: {e}"));
     }
+    if hops >= CUT_HOPS_MAX {
+        return Err(format!(
+            "passed through {hops} replicas without reaching a primary: do the upstreams form a cycle?"
+        ));
+    }
     let upstream = shared.replica_of();
-    let answer = super::failover::call(&upstream, &[CUT_COMMAND], CUT_ASK).await?;
+    let hops = (hops + 1).to_string();
+    let answer = super::failover::call(&upstream, &[CUT_COMMAND, hops.as_bytes()], CUT_ASK).await?;
     let bad = || format!("{upstream} answered TIDEWAL.CUT with {answer:?}");
     let Reply::Array(shards) = &answer else {
         return Err(match &answer {
@@ -154,11 +197,18 @@ async fn cut(shared: &Shared) -> Result<Vec<Expect>, String> {
         .ok_or_else(bad)
 }
 
-/// `TIDEWAL.CUT`: `[[lsn, chain, epoch] per shard]`, a consistent cut of
-/// the primary's logs (asked of the primary through the upstream on a
-/// replica).
-pub(super) async fn cut_command(shared: Arc<Shared>) -> Reply {
-    match cut(&shared).await {
+/// `TIDEWAL.CUT [hops]`: `[[lsn, chain, epoch] per shard]`, a consistent
+/// cut of the primary's logs (asked of the primary through the upstream on
+/// a replica; `hops` counts the replicas it came through).
+pub(super) async fn cut_command(shared: Arc<Shared>, args: Vec<bytes::Bytes>) -> Reply {
+    let hops = match args.get(1) {
+        None => 0,
+        Some(h) => match super::conn::parse_i64(h).and_then(|n| u64::try_from(n).ok()) {
+            Some(h) => h,
+            None => return Reply::err("TIDEWAL.CUT [hops]: hops is a number"),
+        },
+    };
+    match cut(&shared, hops).await {
         Ok(cut) => Reply::Array(
             cut.iter()
                 .map(|e| {

@@ -240,6 +240,9 @@ pub(super) struct Degraded {
     pub since: Option<Instant>,
     /// Replicas that must be in sync again to leave the state.
     pub want: usize,
+    /// The level that degraded was `all` (every replica counts then, not
+    /// only those `Downstream::counts` lets count).
+    pub all: bool,
     /// Writes answered below their level, in total.
     pub writes: u64,
     /// Writes that failed their level (`fail` policy), in total.
@@ -425,6 +428,7 @@ pub(super) async fn settle(
                             "replicas did not acknowledge in time: commits degrade to local until they catch up");
                         d.since = Some(Instant::now());
                         d.want = short.wanted;
+                        d.all = commit == Commit::All;
                     }
                 } else {
                     d.failed += 1;
@@ -453,7 +457,7 @@ pub(super) fn maybe_recover(shared: &Shared) {
         .lock()
         .map(|ds| {
             ds.values()
-                .filter(|x| x.connected && x.refused.is_none())
+                .filter(|x| x.connected && x.refused.is_none() && (d.all || x.counts))
                 .filter(|x| x.flushed == x.sent)
                 .count()
         })
@@ -495,7 +499,7 @@ mod tests {
         assert_eq!(holding_in(&all, &write, Commit::All), 1);
         all.insert("peer".to_string(), holding_replica());
         assert_eq!(holding_in(&all, &write, Commit::Replicated(1)), 1);
-        assert_eq!(holding_in(&all, &write, Commit::Replicated(2)).min(2), 1);
+        assert_eq!(holding_in(&all, &write, Commit::Applied(1)), 1);
         assert_eq!(holding_in(&all, &write, Commit::All), 2);
     }
 

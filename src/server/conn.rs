@@ -568,7 +568,10 @@ impl Conn {
                 Slot::Later(Box::pin(super::failover::vote(self.shared.clone(), args)))
             }
             Command::Who => Slot::Later(Box::pin(super::failover::who(self.shared.clone()))),
-            Command::Cut => Slot::Later(Box::pin(super::backup::cut_command(self.shared.clone()))),
+            Command::Cut => Slot::Later(Box::pin(super::backup::cut_command(
+                self.shared.clone(),
+                args,
+            ))),
             Command::Fetch => {
                 Slot::Later(Box::pin(super::failover::fetch(self.shared.clone(), args)))
             }
@@ -1352,7 +1355,7 @@ impl Command {
             Command::Backup => 1,
             Command::Vote => -4,
             Command::Who => 1,
-            Command::Cut => 1,
+            Command::Cut => -1,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

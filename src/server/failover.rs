@@ -335,15 +335,15 @@ pub(super) fn counts_for_commit(shared: &Shared, node_id: &str) -> bool {
 /// Sets each downstream's `counts` again (the peers or their ids changed)
 /// and wakes the writes waiting for replicas.
 fn recount(shared: &Shared) {
-    let Ok(f) = shared.failover.lock() else {
-        return;
-    };
-    let (open, ids): (bool, Vec<String>) =
-        (f.peers.is_empty(), f.peer_ids.values().cloned().collect());
-    drop(f);
+    // `downstreams` first, then `failover` inside it (the order a link
+    // that attaches takes them in): two recounts at once cannot leave the
+    // older reading of the peers last.
     if let Ok(mut downstreams) = shared.downstreams.lock() {
+        let Ok(f) = shared.failover.lock() else {
+            return;
+        };
         for d in downstreams.values_mut() {
-            d.counts = open || ids.contains(&d.node_id);
+            d.counts = f.peers.is_empty() || f.peer_ids.values().any(|id| *id == d.node_id);
         }
     }
     shared.ack_signal.notify(shared);
@@ -382,7 +382,7 @@ async fn learn_ids(shared: &Shared, limit: Duration) {
     note_ids(shared, &answers);
 }
 
-fn peers(shared: &Shared) -> Vec<String> {
+pub(super) fn peers(shared: &Shared) -> Vec<String> {
     shared
         .failover
         .lock()
@@ -708,7 +708,10 @@ pub(super) async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<
         for a in args {
             Reply::Bulk(Bytes::copy_from_slice(a)).encode(&mut out);
         }
-        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
         let mut input = Vec::new();
         let mut buf = vec![0; 64 << 10];
         loop {
@@ -718,7 +721,10 @@ pub(super) async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<
                     return Err(format!("{addr} answered more than {REPLY_BYTES_MAX} bytes"));
                 }
                 None => {
-                    let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+                    let n = stream
+                        .read(&mut buf)
+                        .await
+                        .map_err(|e| format!("{addr}: {e}"))?;
                     if n == 0 {
                         return Err(format!("{addr} closed before answering"));
                     }

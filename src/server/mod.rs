@@ -86,6 +86,11 @@ pub(crate) struct Shared {
     swap_generation: AtomicU64,
     /// Each shard's durable LSN as the retention task last saw it.
     durable_hint: std::sync::Mutex<Vec<u64>>,
+    /// Backups under way (by number): per shard, the position of the
+    /// snapshot each sent, from which it still reads records up to its cut.
+    /// WAL at or above it is not released meanwhile.
+    backup_holds:
+        std::sync::Mutex<std::collections::BTreeMap<u64, std::collections::BTreeMap<u32, u64>>>,
     /// The replication cluster this node belongs to (`CLUSTER_FILE`): a
     /// primary's own, or the one a replica adopted from its upstream when it
     /// first joined; all zeros while a new replica has not joined yet.
@@ -216,8 +221,21 @@ const CLUSTER_FILE: &str = "cluster_id";
 /// The lowest LSN of `shard` that replicas still need: the oldest durable
 /// position among the replicas this node knows (connected or not, unless
 /// refused), but no more than `retention.downstream_bytes_max` behind the
-/// head. WAL at or above it is not released.
+/// head, and the position of each backup under way's snapshot (unbounded:
+/// a backup ends within a minute of its snapshots). WAL at or above it is
+/// not released.
 fn retention_hold(shared: &Shared, shard: u32) -> u64 {
+    let backups = shared
+        .backup_holds
+        .lock()
+        .ok()
+        .and_then(|b| b.values().filter_map(|h| h.get(&shard).copied()).min())
+        .unwrap_or(u64::MAX);
+    downstream_hold(shared, shard).min(backups)
+}
+
+/// What the replicas this node knows hold back (see `retention_hold`).
+fn downstream_hold(shared: &Shared, shard: u32) -> u64 {
     let head = shared.downstreams.lock().ok().and_then(|d| {
         d.values()
             .filter(|d| d.refused.is_none())
@@ -328,6 +346,10 @@ impl Node {
         let admin = admin_claim.as_ref().map(|c| c.addr);
         let engine = Engine::open(&config.data_dir, config.engine_options())?;
         let node_id = if config.node_id.is_empty() {
+            if listen.ip().is_unspecified() && !config.peers.is_empty() {
+                // A primary knows its peers' replicas by node id.
+                tracing::warn!(%listen, "with failover peers, give every node its own --node-id: the default, the listen address, is the same on every host that listens on all addresses");
+            }
             listen.to_string()
         } else {
             config.node_id.clone()
@@ -353,6 +375,7 @@ impl Node {
             resync_requested: AtomicBool::new(false),
             cluster: std::sync::Mutex::new([0; 16]),
             durable_hint: Default::default(),
+            backup_holds: Default::default(),
             ack_signal: Default::default(),
             degraded: Default::default(),
             failover: Default::default(),

@@ -292,7 +292,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let mut shards: Vec<ShardBackup> = Vec::new();
     let mut input: Vec<u8> = Vec::new();
     let mut file: Option<(u32, std::fs::File, u64, u32)> = None;
-    let mut read_frame = |input: &mut Vec<u8>, what: &str| -> anyhow::Result<_> {
+    // The next frame; `None` where the node closed the connection between
+    // two frames.
+    let mut read_frame = |input: &mut Vec<u8>, what: &str| -> anyhow::Result<Option<_>> {
         loop {
             if let Some(f) =
                 decode_frame(input, PAYLOAD_MAX).context("a bad frame from the node")?
@@ -300,21 +302,24 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
                 let frame = (f.kind, f.shard, f.start_lsn, f.payload.to_vec());
                 let used = f.consumed;
                 input.drain(..used);
-                return Ok(frame);
+                return Ok(Some(frame));
             }
             let want = frame_len(input).unwrap_or(FRAME_HEADER_BYTES);
             let have = input.len();
             input.resize(want.max(have + 1), 0);
             let n = reader.read(&mut input[have..])?;
             input.truncate(have + n);
+            if n == 0 && have == 0 {
+                return Ok(None);
+            }
             ensure!(n > 0, "{} closed the connection {what}", args.from);
         }
     };
     while shards.len() < shard_count as usize {
-        let (kind, shard, start, payload) = read_frame(
-            &mut input,
-            &format!("after {} of {shard_count} shards", shards.len()),
-        )?;
+        let what = format!("after {} of {shard_count} shards", shards.len());
+        let Some((kind, shard, start, payload)) = read_frame(&mut input, &what)? else {
+            bail!("{} closed the connection {what}", args.from);
+        };
         let expected = shards.len() as u32;
         match kind {
             FrameKind::Refuse => bail!(
@@ -380,11 +385,19 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let mut tail: Option<(std::fs::File, u64, u32)> = None;
     let mut next = 0u32;
     let mut consistent = true;
+    // A node from before cuts ends the stream after the snapshots.
+    let mut cuts = true;
     while next < shard_count {
-        let (kind, shard, start, payload) = read_frame(
-            &mut input,
-            &format!("before shard {next} reached the consistent cut"),
-        )?;
+        let what = format!("before shard {next} reached the consistent cut");
+        let Some((kind, shard, start, payload)) = read_frame(&mut input, &what)? else {
+            ensure!(
+                next == 0 && tail.is_none(),
+                "{} closed the connection {what}",
+                args.from
+            );
+            (cuts, consistent) = (false, false);
+            break;
+        };
         match kind {
             FrameKind::Refuse => bail!(
                 "{} could not take the backup: {}",
@@ -410,10 +423,10 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             unreachable!("set above")
         };
         if kind == FrameKind::Records {
+            let expected = s.lsn.checked_add(*written).context("an LSN past 2^64")?;
             ensure!(
-                start == s.lsn + *written,
-                "shard {shard}: records at lsn {start}, expected {}",
-                s.lsn + *written
+                start == expected,
+                "shard {shard}: records at lsn {start}, expected {expected}"
             );
             f.write_all(&payload)?;
             *written += payload.len() as u64;
@@ -455,7 +468,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         next += 1;
     }
     let manifest = Manifest {
-        format: 1,
+        // 2 with records to a cut: a tidewal that reads only 1 (and would
+        // leave them out without a word) refuses it.
+        format: if cuts { 2 } else { 1 },
         source: args.from.clone(),
         cluster_id,
         taken_unix_ms,
@@ -475,7 +490,12 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         args.to.display(),
         started.elapsed().as_secs_f64()
     );
-    if !consistent {
+    if !cuts {
+        println!(
+            "warning: {} sends no records to a consistent cut (a tidewal from before them): each shard stands where its snapshot was taken, not at one moment",
+            args.from
+        );
+    } else if !consistent {
         println!(
             "warning: {} could not ask its primary for a consistent cut (see its log): each shard stands where the node's log ended, not necessarily at one moment of the primary's",
             args.from
@@ -644,10 +664,15 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let manifest: Manifest =
         serde_json::from_slice(&text).with_context(|| format!("{}", path.display()))?;
     ensure!(
-        manifest.format == 1,
-        "{}: backup format {} (this tidewal reads 1)",
+        manifest.format == 1 || manifest.format == 2,
+        "{}: backup format {} (this tidewal reads 1 and 2)",
         path.display(),
         manifest.format
+    );
+    ensure!(
+        manifest.format == 1 || manifest.shards.iter().all(|s| s.tail.is_some()),
+        "{}: format 2 lists every shard's records to the cut",
+        path.display()
     );
     let count = manifest.shards.len() as u32;
     ensure!(count > 0, "{}: no shards", path.display());
@@ -659,6 +684,14 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             s.shard,
             s.file
         );
+        if let Some(t) = &s.tail {
+            ensure!(
+                t.file == tail_file(s.shard),
+                "{}: shard {i}'s records are listed as {}",
+                path.display(),
+                t.file
+            );
+        }
         // Damage at rest is found before anything is made.
         let listed = std::iter::once((&s.file, s.bytes, s.crc32c))
             .chain(s.tail.as_ref().map(|t| (&t.file, t.bytes, t.crc32c)));
@@ -671,14 +704,12 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                 file.display(),
             );
         }
-        if let Some(t) = &s.tail {
-            ensure!(
-                t.file == tail_file(s.shard),
-                "{}: shard {i}'s records are listed as {}",
-                path.display(),
-                t.file
-            );
-        }
+    }
+    if !manifest.consistent {
+        println!(
+            "warning: {} is not one moment of its source's data set (BACKUP.json: consistent is false): each shard is restored where its backup stood",
+            args.from.display()
+        );
     }
     let staging = Staging::new(&args.data_dir, "restoring", Some(RESTORING))?;
     let options = tidewal::engine::Options::new()
