@@ -38,6 +38,8 @@ fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProcess {
         "1000",
         "--commit-level",
         "replicated(1)",
+        "--sentinel",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     NodeProcess::start(dir, &args)
@@ -74,6 +76,22 @@ fn make_peers(nodes: &[&NodeProcess]) {
             "a node is not its own peer: {peers:?}"
         );
     }
+}
+
+/// A connection to `node`'s Sentinel port.
+fn sentinel_port(node: &NodeProcess) -> redis::Connection {
+    let url = format!("redis://{}/", node.sentinel.expect("--sentinel"));
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// `SENTINEL get-master-addr-by-name tidewal` on `node`, as `HOST:PORT`.
+fn master_addr(node: &NodeProcess) -> String {
+    let (ip, port): (String, String) = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg("tidewal")
+        .query(&mut sentinel_port(node))
+        .unwrap();
+    format!("{ip}:{port}")
 }
 
 fn vote(node: &NodeProcess, epoch: u64, candidate: &str, log_epoch: u64) -> (i64, String) {
@@ -435,6 +453,81 @@ fn only_the_failover_peers_acknowledge_replicated_writes() {
     assert_eq!(waited, 0, "WAIT counts as replicated(1) does");
 }
 
+/// A Sentinel port answers what Sentinel clients ask, in Sentinel's
+/// shapes, and nothing else; a primary that is gone is flagged down.
+#[test]
+fn the_sentinel_port_answers_as_a_sentinel_and_only_as_one() {
+    let (pdir, adir) = (disk_dir(), disk_dir());
+    let (primary, a) = primary_and_voter(pdir.path(), adir.path());
+    let mut pc = primary.client();
+    let _: () = pc.set("k", 1).unwrap();
+    wait_converged(&primary, &a);
+    let mut s = sentinel_port(&a);
+    let role: (String, Vec<String>) = redis::cmd("ROLE").query(&mut s).unwrap();
+    assert_eq!(role, ("sentinel".to_string(), vec!["tidewal".to_string()]));
+    let masters: Vec<std::collections::HashMap<String, String>> =
+        redis::cmd("SENTINEL").arg("MASTERS").query(&mut s).unwrap();
+    assert_eq!(masters.len(), 1);
+    let m = &masters[0];
+    assert_eq!(m["name"], "tidewal");
+    assert_eq!(
+        format!("{}:{}", m["ip"], m["port"]),
+        primary.listen.to_string()
+    );
+    assert_eq!(m["flags"], "master");
+    assert_eq!(m["num-slaves"], "1");
+    let replicas: Vec<std::collections::HashMap<String, String>> = redis::cmd("SENTINEL")
+        .arg("REPLICAS")
+        .arg("tidewal")
+        .query(&mut s)
+        .unwrap();
+    assert_eq!(replicas.len(), 1);
+    let r = &replicas[0];
+    assert_eq!(format!("{}:{}", r["ip"], r["port"]), a.listen.to_string());
+    assert_eq!(r["flags"], "slave");
+    assert_eq!(
+        format!("{}:{}", r["master-host"], r["master-port"]),
+        primary.listen.to_string()
+    );
+    // Another name is not known; the node's own commands are not served
+    // there.
+    let none: Option<Vec<String>> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg("other")
+        .query(&mut s)
+        .unwrap();
+    assert_eq!(none, None);
+    let err = redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg("other")
+        .query::<()>(&mut s)
+        .unwrap_err();
+    assert!(err.to_string().contains("No such master"), "{err}");
+    let err = redis::cmd("GET").arg("k").query::<()>(&mut s).unwrap_err();
+    assert!(err.to_string().contains("Sentinel port"), "{err}");
+    let err = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("tidewal")
+        .query::<()>(&mut s)
+        .unwrap_err();
+    assert!(err.to_string().contains("MASTERS"), "{err}");
+    // The client port is unchanged: ROLE there is the replica's.
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut a.client()).unwrap();
+    assert_eq!(role[0], redis::Value::BulkString(b"slave".to_vec()));
+
+    // The primary gone (no peers here: no election), the replica still
+    // names it, flagged down, so clients look elsewhere.
+    let p_addr = primary.listen.to_string();
+    primary.kill9();
+    let m: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg("tidewal")
+        .query(&mut s)
+        .unwrap();
+    assert_eq!(format!("{}:{}", m["ip"], m["port"]), p_addr);
+    assert_eq!(m["flags"], "master,s_down,o_down");
+}
+
 /// A cascaded replica hears the primary only through its upstream, a
 /// replica: that upstream's heartbeats say how long it has heard no primary,
 /// so once the primary dies the cascade neither takes them for a live
@@ -464,6 +557,38 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
     );
     let c_addr = c.listen.to_string();
     make_peers(&[&primary, &a, &c]);
+    // Redis Sentinel clients, given every node as a "sentinel", find the
+    // primary from any of them, the cascade included (it asks up its
+    // upstreams), and ROLE lists each replica by its client port.
+    let p_addr = primary.listen.to_string();
+    for node in [&primary, &a, &c] {
+        assert_eq!(master_addr(node), p_addr);
+    }
+    let role: (String, i64, Vec<(String, String, String)>) =
+        redis::cmd("ROLE").query(&mut primary.client()).unwrap();
+    assert_eq!(
+        role.2
+            .iter()
+            .map(|r| format!("{}:{}", r.0, r.1))
+            .collect::<Vec<_>>(),
+        std::slice::from_ref(&a_addr)
+    );
+    let urls: Vec<String> = [&primary, &a, &c]
+        .iter()
+        .map(|n| format!("redis://{}/", n.sentinel.unwrap()))
+        .collect();
+    let mut sentinel = redis::sentinel::SentinelClient::build(
+        urls,
+        "tidewal".to_string(),
+        None,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .unwrap();
+    let _: () = sentinel
+        .get_connection()
+        .unwrap()
+        .set("via-sentinel", 1)
+        .unwrap();
     let epoch = status(&primary)["epoch"].as_u64().unwrap();
     let mut pc = primary.client();
     let mut acked = Vec::new();
@@ -517,7 +642,18 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
         (s["upstream"]["host"] == c_addr.as_str() && s["upstream"]["connected"] == true)
             .then_some(())
     });
+    // The same Sentinel client finds the new primary (the old one's
+    // address no longer answers; the others name the cascade).
+    for node in [&a, &c] {
+        assert_eq!(master_addr(node), c_addr);
+    }
+    let mut via = wait_for("a Sentinel client finds the new primary", || {
+        sentinel.get_connection().ok()
+    });
+    let _: () = via.set("via-sentinel-after", 1).unwrap();
     let mut cc = c.client();
+    assert_eq!(cc.get::<_, i64>("via-sentinel-after").unwrap(), 1);
+    assert_eq!(cc.get::<_, i64>("via-sentinel").unwrap(), 1);
     for key in &acked {
         assert!(
             cc.get::<_, Option<i64>>(key).unwrap().is_some(),

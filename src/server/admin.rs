@@ -7,6 +7,7 @@
 //! 4xx and the connection is closed; nothing a client sends can stop it.
 
 use std::fmt::Write as _;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -323,6 +324,11 @@ pub(super) fn status(shared: &Shared, stats: &[ShardStats]) -> serde_json::Value
                 "downstreams": cascaded,
                 "host": d.host,
                 "node_id": d.node_id,
+                "client_address": d.port.ne(&0).then(|| {
+                    let (ip, port) = d.client_address();
+                    std::net::IpAddr::from_str(&ip)
+                        .map_or_else(|_| format!("{ip}:{port}"), |ip| std::net::SocketAddr::new(ip, port).to_string())
+                }),
                 "counts_for_commit": d.counts,
                 "status": if d.resyncing && d.refused.is_none() { "resyncing" } else { state },
                 "needs_resync": released,

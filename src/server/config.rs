@@ -73,6 +73,14 @@ pub struct NodeConfig {
     /// (`elected` or `replicaof`); the node does not wait for it, and logs
     /// how it ended. Empty: none.
     pub on_promote: String,
+    /// Where this node also answers as a Redis Sentinel (`HOST:PORT`; empty:
+    /// not at all): clients that find their primary through Sentinel,
+    /// given every node's Sentinel address, find it here, also after a
+    /// failover (`sentinel.rs`). A port of its own, as Sentinel's is: on it
+    /// `ROLE` says `sentinel`, which such clients check.
+    pub sentinel: String,
+    /// The name the cluster goes by there (Sentinel's master name).
+    pub sentinel_name: String,
     pub limits: Limits,
     /// When a replica's lag raises an alert on the status page.
     pub lag_alert: LagAlert,
@@ -143,6 +151,8 @@ impl Default for NodeConfig {
             election_timeout_ms: 2_000,
             failover_candidate: true,
             on_promote: String::new(),
+            sentinel: String::new(),
+            sentinel_name: "tidewal".to_string(),
             limits: Limits::default(),
             lag_alert: LagAlert::default(),
             retention: Retention::default(),
@@ -268,6 +278,12 @@ impl NodeConfig {
             .find(|p| !super::failover::is_host_port(p))
         {
             return bad(format!("peers: {peer:?} is not HOST:PORT"));
+        }
+        if self.sentinel_name.is_empty() || self.sentinel_name.len() > 255 {
+            return bad(format!(
+                "sentinel_name = {:?} must be 1 to 255 bytes",
+                self.sentinel_name
+            ));
         }
         if self.election_timeout_ms > 3_600_000 {
             return bad(format!(

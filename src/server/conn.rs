@@ -70,6 +70,11 @@ struct Conn {
     /// Reads wait until this node has applied these writes
     /// (`CLIENT READ-AFTER`), up to the duration.
     read_after: Option<(Token, Duration)>,
+    /// The address the client reached this node at (`SENTINEL` names the
+    /// primary by its IP when it is this node and listens on every address).
+    local: Option<std::net::SocketAddr>,
+    /// A connection to the Sentinel port.
+    sentinel: bool,
 }
 
 type Written = std::rc::Rc<std::cell::RefCell<BTreeMap<u32, u64>>>;
@@ -191,7 +196,9 @@ impl Cursors {
 }
 
 /// Serves one client until it leaves, breaks the protocol, or the node stops.
-pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+/// `sentinel`: the connection came to the Sentinel port (`sentinel.rs`):
+/// it answers only what a Sentinel does.
+pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, sentinel: bool) {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(STOP_POLL));
@@ -205,6 +212,8 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         last: Default::default(),
         epoch: Default::default(),
         read_after: None,
+        local: stream.local_addr().ok(),
+        sentinel,
     };
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
@@ -379,6 +388,28 @@ impl Conn {
             .reply_buffer_bytes_max
             .min(1 << 20);
         let command = Command::of(&args[0]);
+        if self.sentinel {
+            let reply = match command {
+                Command::Role => Reply::Array(vec![
+                    Reply::bulk("sentinel"),
+                    Reply::Array(vec![Reply::bulk(self.shared.config.sentinel_name.clone())]),
+                ]),
+                Command::Sentinel
+                | Command::Ping
+                | Command::Echo
+                | Command::Quit
+                | Command::Client
+                | Command::Hello
+                | Command::Introspect => return Ok(self.run_command(command, args, slots)),
+                _ => Reply::err(format!(
+                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE and PING, not {} (the node's clients connect to {})",
+                    String::from_utf8_lossy(&args[0]).to_uppercase(),
+                    self.shared.listen
+                )),
+            };
+            slots.push(Slot::Ready(reply));
+            return Ok(After::Continue);
+        }
         if command.reads() && self.writes_pending {
             // Read after write: the writes before it land first.
             drain(slots, out, stream, flush_at).await?;
@@ -571,6 +602,11 @@ impl Conn {
             Command::Cut => Slot::Later(Box::pin(super::backup::cut_command(
                 self.shared.clone(),
                 args,
+            ))),
+            Command::Sentinel => Slot::Later(Box::pin(super::sentinel::command(
+                self.shared.clone(),
+                args,
+                self.local,
             ))),
             Command::Fetch => {
                 Slot::Later(Box::pin(super::failover::fetch(self.shared.clone(), args)))
@@ -1237,16 +1273,19 @@ enum Command {
     Fetch,
     /// `TIDEWAL.CUT`: a consistent cut of the primary's logs (backups).
     Cut,
+    /// Redis Sentinel's discovery commands (`sentinel.rs`).
+    Sentinel,
     /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
     Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 33] = [
+    const ALL: [(&'static [u8], Command); 34] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (super::backup::BACKUP_COMMAND, Command::Backup),
         (super::backup::CUT_COMMAND, Command::Cut),
+        (super::sentinel::SENTINEL_COMMAND, Command::Sentinel),
         (super::failover::VOTE_COMMAND, Command::Vote),
         (super::failover::WHO_COMMAND, Command::Who),
         (super::failover::FETCH_COMMAND, Command::Fetch),
@@ -1356,6 +1395,7 @@ impl Command {
             Command::Vote => -4,
             Command::Who => 1,
             Command::Cut => -1,
+            Command::Sentinel => -2,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

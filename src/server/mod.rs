@@ -27,6 +27,7 @@ pub mod glob;
 mod info;
 mod replication;
 pub mod resp;
+mod sentinel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -311,6 +312,7 @@ pub const RESTORING: &str = "RESTORING";
 pub struct Node {
     shared: Arc<Shared>,
     admin: Option<SocketAddr>,
+    sentinel: Option<SocketAddr>,
 }
 
 impl Node {
@@ -344,6 +346,12 @@ impl Node {
             Some(claim(&config.admin)?)
         };
         let admin = admin_claim.as_ref().map(|c| c.addr);
+        let sentinel_claim = if config.sentinel.is_empty() {
+            None
+        } else {
+            Some(claim(&config.sentinel)?)
+        };
+        let sentinel = sentinel_claim.as_ref().map(|c| c.addr);
         let engine = Engine::open(&config.data_dir, config.engine_options())?;
         let node_id = if config.node_id.is_empty() {
             if listen.ip().is_unspecified() && !config.peers.is_empty() {
@@ -403,6 +411,12 @@ impl Node {
             {
                 result = admin_on(admin, shared.clone());
             }
+            if result.is_ok()
+                && core == 0
+                && let Some(sentinel) = sentinel
+            {
+                result = sentinel_on(sentinel, shared.clone());
+            }
             if result.is_ok() && core == 0 && shared.config.retention.snapshot_every_bytes > 0 {
                 glommio::spawn_local(retain(shared.clone())).detach();
             }
@@ -429,7 +443,7 @@ impl Node {
             }
         }
         // The listeners hold the ports now.
-        drop((listen_claim, admin_claim));
+        drop((listen_claim, admin_claim, sentinel_claim));
         tracing::info!(
             %listen,
             admin = ?admin,
@@ -438,7 +452,11 @@ impl Node {
             shards = engine.shard_count(),
             "tidewal node serving"
         );
-        Ok(Node { shared, admin })
+        Ok(Node {
+            shared,
+            admin,
+            sentinel,
+        })
     }
 
     /// The address clients connect to.
@@ -449,6 +467,11 @@ impl Node {
     /// The admin HTTP address, when on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// The Sentinel address, when on.
+    pub fn sentinel_addr(&self) -> Option<SocketAddr> {
+        self.sentinel
     }
 
     pub fn engine(&self) -> &Engine {
@@ -577,10 +600,25 @@ fn admin_on(addr: SocketAddr, shared: Arc<Shared>) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Starts answering as a Redis Sentinel (`sentinel.rs`) on the first
+/// executor.
+fn sentinel_on(addr: SocketAddr, shared: Arc<Shared>) -> Result<(), NodeError> {
+    let listener = glommio::net::TcpListener::bind(addr).map_err(|e| NodeError::Listen {
+        addr: addr.to_string(),
+        error: std::io::Error::other(e.to_string()),
+    })?;
+    glommio::spawn_local(async move {
+        accept_loop(listener, shared, 0, Port::Sentinel).await;
+    })
+    .detach();
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Port {
     Clients,
     Admin,
+    Sentinel,
 }
 
 /// Accepts until the node stops. Clients count against the connection
@@ -636,7 +674,7 @@ async fn accept_loop(
         let shared = shared.clone();
         glommio::spawn_local(async move {
             let guard = ConnectionGuard(shared.clone());
-            conn::serve(stream, shared).await;
+            conn::serve(stream, shared, port == Port::Sentinel).await;
             drop(guard);
         })
         .detach();

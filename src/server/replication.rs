@@ -55,7 +55,11 @@ pub(super) const STREAM_COMMAND: &[u8] = b"TIDEWAL.STREAM";
 /// What the upstream knows of one downstream, for the status page.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Downstream {
+    /// The address its stream comes from.
     pub host: String,
+    /// Its client port, as its Hellos said (`start_lsn`; 0: not said):
+    /// with `host`'s IP, where clients reach it (`ROLE`, `SENTINEL`).
+    pub port: u16,
     pub node_id: String,
     pub connected: bool,
     /// The highest epoch the downstream has said it is in.
@@ -328,6 +332,8 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         // Shards whose downstream asked to be re-synced, and whether only a
         // snapshot will do (else a rewind to where the logs part may).
         let mut resync: BTreeMap<u32, bool> = BTreeMap::new();
+        // The downstream's client port, which its Hellos carry.
+        let mut client_port = 0u16;
         let deadline = Instant::now() + Duration::from_secs(10);
         while hellos.len() < shard_count as usize {
             let next = glommio::timer::timeout(
@@ -348,11 +354,14 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                     resync.insert(shard, !crate::format::resync_may_rewind(start));
                     None
                 }
-                Ok(Ok(Some((kind, shard, _, _, payload)))) => {
+                Ok(Ok(Some((kind, shard, _, start, payload)))) => {
                     let hello = match kind {
                         FrameKind::Hello => Some(Hello::decode(&payload).map_err(io_err)?),
                         _ => None,
                     };
+                    if hello.is_some() {
+                        client_port = u16::try_from(start).unwrap_or(0);
+                    }
                     let ours = shared.cluster();
                     match hello {
                         Some(h) if h.cluster_id != [0; 16] && ours != [0; 16] && h.cluster_id != ours => {
@@ -472,6 +481,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let at: Vec<u64> = pos.iter().map(|p| p.lsn).collect();
         let status = Downstream {
             host: host.clone(),
+            port: client_port,
             node_id: node_id.clone(),
             connected: true,
             epoch,
@@ -845,6 +855,21 @@ pub(super) async fn send_snapshot(
         .map_err(e)?;
     writer.flush().await.map_err(e)?;
     Ok(at)
+}
+
+impl Downstream {
+    /// Where clients reach it: its stream's IP and the client port its
+    /// Hellos said (its stream's port when they said none, as before).
+    pub fn client_address(&self) -> (String, u16) {
+        let (ip, port) = self.host.rsplit_once(':').unwrap_or((&self.host, "0"));
+        let ip = ip.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = if self.port != 0 {
+            self.port
+        } else {
+            port.parse().unwrap_or(0)
+        };
+        (ip, port)
+    }
 }
 
 /// What the per-shard readers hand the task writing the stream.
@@ -1249,11 +1274,12 @@ async fn follow_once(
             },
             node_id: shared.node_id.clone(),
         };
+        // `start_lsn`: this node's client port, where clients reach it.
         hellos.extend(frame(
             FrameKind::Hello,
             s.shard,
             s.epoch,
-            0,
+            u64::from(shared.listen.port()),
             &hello.encode(),
         ));
     }
@@ -1802,10 +1828,10 @@ pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
             d.values()
                 .filter(|d| d.connected)
                 .map(|d| {
-                    let (host, port) = d.host.rsplit_once(':').unwrap_or((&d.host, "0"));
+                    let (host, port) = d.client_address();
                     Reply::Array(vec![
-                        Reply::Bulk(Bytes::copy_from_slice(host.as_bytes())),
-                        Reply::Bulk(Bytes::copy_from_slice(port.as_bytes())),
+                        Reply::Bulk(Bytes::from(host)),
+                        Reply::Bulk(Bytes::from(port.to_string())),
                         Reply::Bulk(Bytes::from(d.flushed.iter().sum::<u64>().to_string())),
                     ])
                 })

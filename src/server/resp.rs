@@ -438,8 +438,9 @@ fn line(out: &mut BytesMut, prefix: u8, text: &[u8]) {
 /// Parses one reply from `input` (what a node reads when it asks another
 /// node something: votes, positions, records): the reply and the bytes it
 /// used, `None` while incomplete, or why it is not RESP2. Bulk strings
-/// longer than `bulk_bytes_max` and arrays nested deeper than two are
-/// refused before anything is allocated for them.
+/// longer than `bulk_bytes_max` and arrays nested deeper than three
+/// (`ROLE`'s list of replicas) are refused before anything is allocated
+/// for them.
 pub fn parse_reply(
     input: &[u8],
     bulk_bytes_max: usize,
@@ -493,7 +494,7 @@ fn reply_at(
             let body = Bytes::copy_from_slice(&input[next..next + len]);
             Ok(Some((Reply::Bulk(body), next + len + 2)))
         }
-        b'*' if depth < 2 => {
+        b'*' if depth < 3 => {
             let count = number()?;
             if count == -1 {
                 return Ok(Some((Reply::Nil, next)));
@@ -653,9 +654,14 @@ mod tests {
         ));
         assert!(parse_reply(b"*99999999\r\n", 64).is_err());
         assert!(
-            parse_reply(b"*1\r\n*1\r\n*1\r\n:1\r\n", 64).is_err(),
+            parse_reply(b"*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n", 64).is_err(),
             "too deep"
         );
+        // ROLE's list of replicas: three deep.
+        assert!(matches!(
+            parse_reply(b"*1\r\n*1\r\n*1\r\n:1\r\n", 64),
+            Ok(Some(_))
+        ));
         assert!(parse_reply(b"$1\r\nab\r\n", 64).is_err());
         assert!(parse_reply(b"?\r\n", 64).is_err());
     }

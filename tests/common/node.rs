@@ -47,6 +47,8 @@ pub struct NodeProcess {
     pub child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// With `--sentinel`: where it answers as a Redis Sentinel.
+    pub sentinel: Option<SocketAddr>,
     pub dir: PathBuf,
 }
 
@@ -77,12 +79,21 @@ impl NodeProcess {
                 .and_then(|rest| rest.trim().parse().ok())
                 .ok_or_else(|| format!("expected `{want}ADDR`, got {line:?}"))
         };
-        let addrs = addr("listen ").and_then(|l| Ok((l, addr("admin ")?)));
+        let with_sentinel = extra.contains(&"--sentinel");
+        let addrs = addr("listen ").and_then(|l| {
+            let admin = addr("admin ")?;
+            let sentinel = match with_sentinel {
+                true => Some(addr("sentinel ")?),
+                false => None,
+            };
+            Ok((l, admin, sentinel))
+        });
         match addrs {
-            Ok((listen, admin)) => Ok(NodeProcess {
+            Ok((listen, admin, sentinel)) => Ok(NodeProcess {
                 child,
                 listen,
                 admin,
+                sentinel,
                 dir: dir.to_path_buf(),
             }),
             Err(e) => {

@@ -65,6 +65,14 @@ pub struct NodeArgs {
     /// TIDEWAL_NODE_ID, TIDEWAL_EPOCH, TIDEWAL_REASON.
     #[arg(long, value_name = "CMD")]
     on_promote: Option<String>,
+    /// Also answer as a Redis Sentinel here (its own port, e.g. 26379):
+    /// Sentinel clients given every node's find the primary, also after a
+    /// failover.
+    #[arg(long, value_name = "HOST:PORT")]
+    sentinel: Option<String>,
+    /// The cluster's name for Sentinel clients (default "tidewal").
+    #[arg(long, value_name = "NAME")]
+    sentinel_name: Option<String>,
     /// Executors (cores) to run on (default: every allowed core).
     #[arg(long, value_name = "N")]
     executors: Option<u32>,
@@ -138,6 +146,12 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = &args.on_promote {
         config.on_promote = v.clone();
     }
+    if let Some(v) = &args.sentinel {
+        config.sentinel = v.clone();
+    }
+    if let Some(v) = &args.sentinel_name {
+        config.sentinel_name = v.clone();
+    }
     if let Some(v) = args.executors {
         config.engine.executor_count = v;
     }
@@ -173,6 +187,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         println!("listen {}", node.listen_addr());
         if let Some(admin) = node.admin_addr() {
             println!("admin {admin}");
+        }
+        if let Some(sentinel) = node.sentinel_addr() {
+            println!("sentinel {sentinel}");
         }
     }
     let signal = signals.forever().next();

@@ -1,0 +1,258 @@
+//! `SENTINEL`: every node can answer the Redis Sentinel commands that
+//! Sentinel-aware clients use to find the primary and its replicas
+//! (`MASTERS`, `MASTER`, `GET-MASTER-ADDR-BY-NAME`, `REPLICAS`/`SLAVES`).
+//! Given every node's Sentinel address, such a client finds the primary
+//! again after a failover without a line of tidewal-specific code: the
+//! spec's "applications reconnect seamlessly". Tested with redis-rs's
+//! `SentinelClient` (`tests/failover.rs`) and redis-py's `Sentinel`.
+//!
+//! It answers on a port of its own (`--sentinel`), as a Sentinel does:
+//! there `ROLE` says `sentinel` (clients check), and nothing else of the
+//! node's is served.
+//!
+//! A node finds the primary by walking up: itself if it is the primary,
+//! else its upstream, asked `TIDEWAL.WHO`, and that one's upstream, up to
+//! [`HOPS_MAX`] nodes. A primary that does not answer is reported with the
+//! flags `master,s_down,o_down`, which clients skip (they ask the next
+//! node; during an election no node names a live primary for a second or
+//! two). The replicas are the primary's `ROLE` answer. Only the cluster's
+//! own name (`sentinel_name`, default `tidewal`) is known; `SENTINELS`
+//! lists none (clients are given every node's Sentinel port). Sentinel's
+//! pub/sub (`+switch-master`) is not served: clients that wait for it
+//! rather than ask again (Jedis) are not covered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::Shared;
+use super::resp::Reply;
+
+pub(super) const SENTINEL_COMMAND: &[u8] = b"SENTINEL";
+
+/// Most nodes walked up a cascade to its primary.
+const HOPS_MAX: usize = 8;
+
+/// How long each node on the way may take to answer.
+const ASK: Duration = Duration::from_secs(1);
+
+/// The primary, as this node found it.
+struct Primary {
+    /// `HOST:PORT` of its client port.
+    addr: String,
+    /// It answered as the primary.
+    up: bool,
+}
+
+/// `SENTINEL subcommand [name]`. `local`: the address the client reached
+/// this node at (what it is named by when it is the primary itself).
+pub(super) async fn command(
+    shared: Arc<Shared>,
+    args: Vec<Bytes>,
+    local: Option<SocketAddr>,
+) -> Reply {
+    let sub = String::from_utf8_lossy(&args[1]).to_ascii_uppercase();
+    let name = args.get(2).map(|n| String::from_utf8_lossy(n).into_owned());
+    let ours = name.as_deref() == Some(shared.config.sentinel_name.as_str());
+    let no_such = || Reply::err("No such master with that name");
+    match (sub.as_str(), args.len()) {
+        ("MASTERS", 2) => {
+            let primary = find_primary(&shared, local).await;
+            let replicas = replicas(&shared, &primary).await.len();
+            Reply::Array(vec![master_info(&shared, &primary, replicas)])
+        }
+        ("MASTER", 3) if ours => {
+            let primary = find_primary(&shared, local).await;
+            let replicas = replicas(&shared, &primary).await.len();
+            master_info(&shared, &primary, replicas)
+        }
+        ("GET-MASTER-ADDR-BY-NAME", 3) if ours => {
+            let primary = find_primary(&shared, local).await;
+            let (ip, port) = split(&primary.addr);
+            Reply::Array(vec![Reply::bulk(ip), Reply::bulk(port.to_string())])
+        }
+        ("GET-MASTER-ADDR-BY-NAME", 3) => Reply::Nil,
+        ("REPLICAS" | "SLAVES", 3) if ours => {
+            let primary = find_primary(&shared, local).await;
+            let (host, port) = split(&primary.addr);
+            let list = replicas(&shared, &primary).await;
+            Reply::Array(
+                list.into_iter()
+                    .map(|(ip, p, offset)| replica_info(&shared, &ip, p, offset, &host, port))
+                    .collect(),
+            )
+        }
+        // The other nodes' Sentinel ports are not known here (peers are
+        // client ports): clients are given every node's.
+        ("SENTINELS", 3) if ours => Reply::Array(Vec::new()),
+        ("MASTER" | "REPLICAS" | "SLAVES" | "SENTINELS", 3) => no_such(),
+        ("MYID", 2) => Reply::bulk(shared.node_id.clone()),
+        _ => Reply::err(format!(
+            "SENTINEL {sub}: a tidewal node answers MASTERS, MASTER, GET-MASTER-ADDR-BY-NAME, REPLICAS, SLAVES, SENTINELS and MYID (with the name, where Sentinel takes one)"
+        )),
+    }
+}
+
+/// This node if it is the primary, else up its upstreams to the primary.
+async fn find_primary(shared: &Shared, local: Option<SocketAddr>) -> Primary {
+    if !shared.is_replica() {
+        // Its client port; listening on every address, at the address the
+        // client reached this node at.
+        let mut addr = shared.listen;
+        if let Some(local) = local
+            && addr.ip().is_unspecified()
+        {
+            addr.set_ip(local.ip());
+        }
+        return Primary {
+            addr: addr.to_string(),
+            up: true,
+        };
+    }
+    let mut addr = shared.replica_of();
+    for _ in 0..HOPS_MAX {
+        let answer = super::failover::call(&addr, &[super::failover::WHO_COMMAND], ASK).await;
+        let next = match &answer {
+            Ok(Reply::Array(a)) => match a.as_slice() {
+                [Reply::Bulk(role), Reply::Int(_), Reply::Bulk(upstream), ..] => {
+                    if role.as_ref() == b"primary" {
+                        return Primary { addr, up: true };
+                    }
+                    String::from_utf8_lossy(upstream).into_owned()
+                }
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        if next.is_empty() {
+            break;
+        }
+        addr = next;
+    }
+    Primary { addr, up: false }
+}
+
+/// The primary's replicas, `(ip, port, offset)`, as its `ROLE` lists them.
+async fn replicas(shared: &Shared, primary: &Primary) -> Vec<(String, u16, u64)> {
+    if !primary.up {
+        return Vec::new();
+    }
+    let role = if !shared.is_replica() {
+        super::replication::role(shared, 0)
+    } else {
+        match super::failover::call(&primary.addr, &[b"ROLE"], ASK).await {
+            Ok(r) => r,
+            Err(_) => return Vec::new(),
+        }
+    };
+    let text = |r: &Reply| match r {
+        Reply::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Reply::Int(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let Reply::Array(parts) = role else {
+        return Vec::new();
+    };
+    let Some(Reply::Array(list)) = parts.get(2) else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|r| match r {
+            Reply::Array(v) if v.len() == 3 => Some((
+                text(&v[0])?,
+                text(&v[1])?.parse().ok()?,
+                text(&v[2])?.parse().unwrap_or(0),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn split(addr: &str) -> (String, u16) {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host.to_string(), port.parse().unwrap_or(0))
+}
+
+/// Sentinel's flat `field value ...` list.
+fn fields(pairs: Vec<(&str, String)>) -> Reply {
+    Reply::Array(
+        pairs
+            .into_iter()
+            .flat_map(|(k, v)| [Reply::bulk(k.to_string()), Reply::bulk(v)])
+            .collect(),
+    )
+}
+
+fn master_info(shared: &Shared, primary: &Primary, replicas: usize) -> Reply {
+    let (ip, port) = split(&primary.addr);
+    let timeout = shared.config.election_timeout_ms.to_string();
+    let peers = super::failover::peers(shared).len();
+    fields(vec![
+        ("name", shared.config.sentinel_name.clone()),
+        ("ip", ip),
+        ("port", port.to_string()),
+        ("runid", String::new()),
+        (
+            "flags",
+            if primary.up {
+                "master"
+            } else {
+                "master,s_down,o_down"
+            }
+            .to_string(),
+        ),
+        ("link-pending-commands", "0".into()),
+        ("link-refcount", "1".into()),
+        ("last-ping-sent", "0".into()),
+        ("last-ok-ping-reply", "0".into()),
+        ("last-ping-reply", "0".into()),
+        ("down-after-milliseconds", timeout.clone()),
+        ("info-refresh", "0".into()),
+        ("role-reported", "master".into()),
+        ("role-reported-time", "0".into()),
+        ("config-epoch", "0".into()),
+        ("num-slaves", replicas.to_string()),
+        ("num-other-sentinels", "0".into()),
+        ("quorum", (peers / 2 + 1).to_string()),
+        ("failover-timeout", timeout),
+        ("parallel-syncs", "1".into()),
+    ])
+}
+
+fn replica_info(
+    shared: &Shared,
+    ip: &str,
+    port: u16,
+    offset: u64,
+    primary_host: &str,
+    primary_port: u16,
+) -> Reply {
+    fields(vec![
+        ("name", format!("{ip}:{port}")),
+        ("ip", ip.to_string()),
+        ("port", port.to_string()),
+        ("runid", String::new()),
+        ("flags", "slave".into()),
+        ("link-pending-commands", "0".into()),
+        ("link-refcount", "1".into()),
+        ("last-ping-sent", "0".into()),
+        ("last-ok-ping-reply", "0".into()),
+        ("last-ping-reply", "0".into()),
+        (
+            "down-after-milliseconds",
+            shared.config.election_timeout_ms.to_string(),
+        ),
+        ("info-refresh", "0".into()),
+        ("role-reported", "slave".into()),
+        ("role-reported-time", "0".into()),
+        ("master-link-down-time", "0".into()),
+        ("master-link-status", "ok".into()),
+        ("master-host", primary_host.to_string()),
+        ("master-port", primary_port.to_string()),
+        ("slave-priority", "100".into()),
+        ("slave-repl-offset", offset.to_string()),
+    ])
+}
