@@ -542,3 +542,56 @@ fn admin_endpoint_reports_what_happened() {
     assert_eq!((status, body.trim()), (200, "ready"));
     assert_eq!(node.terminate().code(), Some(0));
 }
+
+/// Clients that speak RESP3 first (redis-py 8 and others send `HELLO 3`
+/// on connecting) are answered in RESP3 from then on: nulls as `_`, maps
+/// as `%`; a client of the Rust redis crate in RESP3 mode works as one in
+/// RESP2 does; `HELLO 2` goes back.
+#[test]
+fn resp3_clients_are_answered_in_resp3() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let url = format!("redis://{}/?protocol=resp3", node.listen);
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let _: () = c.set("k", "v").unwrap();
+    assert_eq!(c.get::<_, Option<String>>("k").unwrap(), Some("v".into()));
+    assert_eq!(c.get::<_, Option<String>>("missing").unwrap(), None);
+    let both: Vec<Option<String>> = c.mget(&["k", "missing"]).unwrap();
+    assert_eq!(both, [Some("v".to_string()), None]);
+    let n: i64 = c.incr("n", 5).unwrap();
+    assert_eq!(n, 5);
+    let config: redis::Value = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query(&mut c)
+        .unwrap();
+    assert!(matches!(config, redis::Value::Map(_)), "{config:?}");
+
+    // On the wire: what came before HELLO 3 in RESP2, what came after in
+    // RESP3, and after HELLO 2 in RESP2 again.
+    let got = raw(
+        node.listen,
+        b"GET missing\r\nHELLO 3\r\nGET missing\r\nCONFIG GET appendfsync\r\nHELLO 2\r\nGET missing\r\nQUIT\r\n",
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("$-1\r\n%7\r\n$6\r\nserver\r\n$7\r\ntidewal\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("$5\r\nproto\r\n:3\r\n"), "{text}");
+    assert!(
+        text.contains("_\r\n%1\r\n$11\r\nappendfsync\r\n$6\r\nalways\r\n*14\r\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("$-1\r\n+OK\r\n"), "{text}");
+    // A version it does not speak is refused, and the connection stays;
+    // so are transactions, saying why.
+    let got = raw(node.listen, b"HELLO 4\r\nMULTI\r\nPING\r\nQUIT\r\n");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("-NOPROTO"), "{text}");
+    assert!(
+        text.contains("-ERR MULTI is not supported: tidewal has no transactions"),
+        "{text}"
+    );
+    assert!(text.contains("+PONG\r\n"), "{text}");
+}

@@ -75,6 +75,8 @@ struct Conn {
     local: Option<std::net::SocketAddr>,
     /// A connection to the Sentinel port.
     sentinel: bool,
+    /// The client switched to RESP3 (`HELLO 3`).
+    resp3: bool,
 }
 
 type Written = std::rc::Rc<std::cell::RefCell<BTreeMap<u32, u64>>>;
@@ -214,6 +216,7 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, sentinel: 
         read_after: None,
         local: stream.local_addr().ok(),
         sentinel,
+        resp3: false,
     };
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
@@ -330,7 +333,7 @@ impl Conn {
                     .fetch_add(1, Ordering::Relaxed);
                 after = self.dispatch(args, &mut slots, &mut out, stream).await?;
             }
-            drain(&mut slots, &mut out, stream, flush_at).await?;
+            drain(&mut slots, &mut out, stream, flush_at, self.resp3).await?;
             self.writes_pending = false;
             if !out.is_empty() {
                 stream.write_all(&out).await?;
@@ -388,6 +391,11 @@ impl Conn {
             .reply_buffer_bytes_max
             .min(1 << 20);
         let command = Command::of(&args[0]);
+        if command == Command::Hello {
+            // What came before it is answered in the protocol it was asked
+            // in; HELLO's own reply is in the one it asks for.
+            drain(slots, out, stream, flush_at, self.resp3).await?;
+        }
         if self.sentinel {
             let reply = match command {
                 Command::Role => Reply::Array(vec![
@@ -412,7 +420,7 @@ impl Conn {
         }
         if command.reads() && self.writes_pending {
             // Read after write: the writes before it land first.
-            drain(slots, out, stream, flush_at).await?;
+            drain(slots, out, stream, flush_at, self.resp3).await?;
             self.writes_pending = false;
         }
         if command.reads_keys() && self.shared.config.warm_standby && self.shared.is_replica() {
@@ -436,7 +444,7 @@ impl Conn {
         if out.len() >= flush_at || command.sends_when_polled() {
             // These ask the engine only when polled: answer them now, so no
             // later command of the pipeline overtakes them.
-            drain(slots, out, stream, flush_at).await?;
+            drain(slots, out, stream, flush_at, self.resp3).await?;
             self.writes_pending = false;
         }
         Ok(after)
@@ -603,6 +611,10 @@ impl Conn {
                 self.shared.clone(),
                 args,
             ))),
+            Command::Transaction => Slot::Ready(Reply::err(format!(
+                "{} is not supported: tidewal has no transactions (keys live in shards of their own, so MULTI/EXEC over several could not be atomic); send the commands as a plain pipeline (redis-py: pipeline(transaction=False))",
+                shown(&args[0]).to_uppercase()
+            ))),
             Command::Sentinel => Slot::Later(Box::pin(super::sentinel::command(
                 self.shared.clone(),
                 args,
@@ -627,27 +639,7 @@ impl Conn {
                 Some(0) => Reply::Ok,
                 _ => Reply::err("DB index is out of range (tidewal has one database, 0)"),
             }),
-            Command::Hello => Slot::Ready(match args.get(1).map(|v| v.as_ref()) {
-                None | Some(b"2") => Reply::Array(vec![
-                    Reply::bulk("server"),
-                    Reply::bulk("tidewal"),
-                    Reply::bulk("version"),
-                    Reply::bulk(env!("CARGO_PKG_VERSION")),
-                    Reply::bulk("proto"),
-                    Reply::Int(2),
-                    Reply::bulk("id"),
-                    Reply::Int(self.id as i64),
-                    Reply::bulk("mode"),
-                    Reply::bulk("standalone"),
-                    Reply::bulk("role"),
-                    Reply::bulk("master"),
-                    Reply::bulk("modules"),
-                    Reply::Array(Vec::new()),
-                ]),
-                Some(_) => Reply::Error(
-                    "NOPROTO this protocol version is not supported (tidewal speaks RESP2)".into(),
-                ),
-            }),
+            Command::Hello => Slot::Ready(self.hello(&args)),
             Command::Unknown => {
                 let rest: Vec<String> = args[1..]
                     .iter()
@@ -925,6 +917,67 @@ impl Conn {
         })
     }
 
+    /// `HELLO [protover [AUTH username password] [SETNAME name]]`: moves
+    /// the connection to RESP2 or RESP3 (its replies from this one on) and
+    /// describes the server. tidewal has no users: AUTH is refused.
+    fn hello(&mut self, args: &[Bytes]) -> Reply {
+        let mut resp3 = self.resp3;
+        if let Some(version) = args.get(1) {
+            match parse_i64(version) {
+                Some(2) => resp3 = false,
+                Some(3) => resp3 = true,
+                _ => {
+                    return Reply::Error(
+                        "NOPROTO unsupported protocol version (tidewal speaks RESP2 and RESP3)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        let mut name = None;
+        let mut i = 2;
+        while i < args.len() {
+            match args[i].to_ascii_uppercase().as_slice() {
+                b"SETNAME" if i + 1 < args.len() => {
+                    name = Some(args[i + 1].clone());
+                    i += 2;
+                }
+                b"AUTH" if i + 2 < args.len() => {
+                    return Reply::Error(
+                        "WRONGPASS tidewal has no users or passwords: connect without AUTH".into(),
+                    );
+                }
+                _ => {
+                    return Reply::err(format!(
+                        "syntax error in HELLO option '{}'",
+                        shown(&args[i])
+                    ));
+                }
+            }
+        }
+        self.resp3 = resp3;
+        if name.is_some() {
+            self.name = name;
+        }
+        let role = if self.shared.is_replica() {
+            "replica"
+        } else {
+            "master"
+        };
+        Reply::Map(vec![
+            (Reply::bulk("server"), Reply::bulk("tidewal")),
+            (
+                Reply::bulk("version"),
+                Reply::bulk(env!("CARGO_PKG_VERSION")),
+            ),
+            (Reply::bulk("proto"), Reply::Int(if resp3 { 3 } else { 2 })),
+            (Reply::bulk("id"), Reply::Int(self.id as i64)),
+            (Reply::bulk("mode"), Reply::bulk("standalone")),
+            (Reply::bulk("role"), Reply::bulk(role)),
+            (Reply::bulk("modules"), Reply::Array(Vec::new())),
+        ])
+    }
+
     fn client(&mut self, args: &[Bytes]) -> Slot {
         let sub = args
             .get(1)
@@ -997,7 +1050,6 @@ impl Conn {
     }
 }
 
-/// Awaits every reply in order and encodes them.
 /// Awaits every reply in order and encodes them, writing out whenever
 /// `flush_at` bytes are waiting.
 async fn drain(
@@ -1005,6 +1057,7 @@ async fn drain(
     out: &mut BytesMut,
     stream: &mut TcpStream,
     flush_at: usize,
+    resp3: bool,
 ) -> std::io::Result<()> {
     for slot in slots.drain(..) {
         let reply = match slot {
@@ -1018,14 +1071,14 @@ async fn drain(
             Reply::Array(items) => {
                 resp::encode_array_header(items.len(), out);
                 for item in items {
-                    item.encode(out);
+                    item.encode_as(out, resp3);
                     if out.len() >= flush_at {
                         stream.write_all(out).await?;
                         out.clear();
                     }
                 }
             }
-            reply => reply.encode(out),
+            reply => reply.encode_as(out, resp3),
         }
         if out.len() >= flush_at {
             stream.write_all(out).await?;
@@ -1225,12 +1278,11 @@ fn config_command(shared: &Shared, args: &[Bytes]) -> Slot {
         let pattern = pattern.to_ascii_lowercase();
         for (name, value) in &params {
             if glob::matches(&pattern, name.as_bytes()) {
-                reply.push(Reply::bulk(*name));
-                reply.push(Reply::Bulk(value.clone().into()));
+                reply.push((Reply::bulk(*name), Reply::Bulk(value.clone().into())));
             }
         }
     }
-    Slot::Ready(Reply::Array(reply))
+    Slot::Ready(Reply::Map(reply))
 }
 
 /// The commands tidewal knows.
@@ -1275,17 +1327,25 @@ enum Command {
     Cut,
     /// Redis Sentinel's discovery commands (`sentinel.rs`).
     Sentinel,
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH: refused, saying why (a
+    /// transaction over keys of several shards could not be atomic).
+    Transaction,
     /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
     Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 34] = [
+    const ALL: [(&'static [u8], Command); 39] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (super::backup::BACKUP_COMMAND, Command::Backup),
         (super::backup::CUT_COMMAND, Command::Cut),
         (super::sentinel::SENTINEL_COMMAND, Command::Sentinel),
+        (b"MULTI", Command::Transaction),
+        (b"EXEC", Command::Transaction),
+        (b"DISCARD", Command::Transaction),
+        (b"WATCH", Command::Transaction),
+        (b"UNWATCH", Command::Transaction),
         (super::failover::VOTE_COMMAND, Command::Vote),
         (super::failover::WHO_COMMAND, Command::Who),
         (super::failover::FETCH_COMMAND, Command::Fetch),
@@ -1396,6 +1456,7 @@ impl Command {
             Command::Who => 1,
             Command::Cut => -1,
             Command::Sentinel => -2,
+            Command::Transaction => -1,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

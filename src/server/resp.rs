@@ -386,6 +386,9 @@ pub enum Reply {
     Bulk(Bytes),
     Nil,
     Array(Vec<Reply>),
+    /// Field and value pairs: a RESP3 map, or in RESP2 the flat array
+    /// Redis sends there (`HELLO`, `CONFIG GET`, `SENTINEL MASTER`).
+    Map(Vec<(Reply, Reply)>),
 }
 
 impl Reply {
@@ -397,7 +400,14 @@ impl Reply {
         Reply::Bulk(bytes.into())
     }
 
+    /// RESP2.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_as(out, false)
+    }
+
+    /// RESP2, or RESP3 (`resp3`: the client said `HELLO 3`), which differs
+    /// in what tidewal sends only in its null (`_`) and maps (`%`).
+    pub fn encode_as(&self, out: &mut BytesMut, resp3: bool) {
         match self {
             Reply::Ok => out.put_slice(b"+OK\r\n"),
             Reply::Simple(s) => line(out, b'+', s.as_bytes()),
@@ -408,11 +418,23 @@ impl Reply {
                 out.put_slice(b);
                 out.put_slice(b"\r\n");
             }
+            Reply::Nil if resp3 => out.put_slice(b"_\r\n"),
             Reply::Nil => out.put_slice(b"$-1\r\n"),
             Reply::Array(items) => {
                 line(out, b'*', items.len().to_string().as_bytes());
                 for item in items {
-                    item.encode(out);
+                    item.encode_as(out, resp3);
+                }
+            }
+            Reply::Map(pairs) => {
+                if resp3 {
+                    line(out, b'%', pairs.len().to_string().as_bytes());
+                } else {
+                    line(out, b'*', (2 * pairs.len()).to_string().as_bytes());
+                }
+                for (k, v) in pairs {
+                    k.encode_as(out, resp3);
+                    v.encode_as(out, resp3);
                 }
             }
         }

@@ -176,12 +176,12 @@ fn split(addr: &str) -> (String, u16) {
     (host.to_string(), port.parse().unwrap_or(0))
 }
 
-/// Sentinel's flat `field value ...` list.
+/// Sentinel's `field value ...`: a flat list in RESP2, a map in RESP3.
 fn fields(pairs: Vec<(&str, String)>) -> Reply {
-    Reply::Array(
+    Reply::Map(
         pairs
             .into_iter()
-            .flat_map(|(k, v)| [Reply::bulk(k.to_string()), Reply::bulk(v)])
+            .map(|(k, v)| (Reply::bulk(k.to_string()), Reply::bulk(v)))
             .collect(),
     )
 }
