@@ -17,6 +17,8 @@ pub struct NodeChild {
     pub child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// With `--sentinel` among its flags: its Sentinel port.
+    pub sentinel: Option<SocketAddr>,
 }
 
 impl NodeChild {
@@ -45,12 +47,22 @@ impl NodeChild {
                 .and_then(|rest| rest.trim().parse().ok())
                 .with_context(|| format!("expected `{want}ADDR`, got {line:?}"))
         };
-        match addr("listen ").and_then(|l| Ok((l, addr("admin ")?))) {
-            Ok((listen, admin)) => Ok(NodeChild {
+        let with_sentinel = extra.iter().any(|a| a == "--sentinel");
+        let addrs = addr("listen ").and_then(|l| {
+            let admin = addr("admin ")?;
+            let sentinel = match with_sentinel {
+                true => Some(addr("sentinel ")?),
+                false => None,
+            };
+            Ok((l, admin, sentinel))
+        });
+        match addrs {
+            Ok((listen, admin, sentinel)) => Ok(NodeChild {
                 name: name.to_string(),
                 child,
                 listen,
                 admin,
+                sentinel,
             }),
             Err(e) => {
                 let _ = child.kill();

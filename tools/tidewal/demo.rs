@@ -82,6 +82,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let scratch = scratch_dir("tidewal-demo-")?;
     let common: Vec<String> = {
         let mut v = vec![
+            // Sentinel clients find the primary there (checked after the
+            // failover).
+            "--sentinel".to_string(),
+            "127.0.0.1:0".into(),
             "--shards".to_string(),
             args.shards.to_string(),
             "--executors".into(),
@@ -348,6 +352,12 @@ fn failover(primary: NodeChild, replica: NodeChild, cascade: NodeChild) -> anyho
         run.acked,
         run.lost.len()
     );
+    if run.sentinels_asked > 0 {
+        println!(
+            "  Redis Sentinel clients: `SENTINEL get-master-addr-by-name tidewal` on the {} node(s) left names the {} ({})",
+            run.sentinels_asked, run.winner, run.winner_addr
+        );
+    }
     run.check()
 }
 
@@ -365,6 +375,10 @@ pub struct FailoverRun {
     /// following it.
     pub elected_after: Duration,
     pub followed_after: Duration,
+    /// The Sentinel ports (of the two left) that were asked for the
+    /// master, all of which named the new primary.
+    pub sentinels_asked: usize,
+    pub winner_addr: String,
 }
 
 impl FailoverRun {
@@ -470,6 +484,35 @@ pub fn failover_once(
         c.ok(&[b"SET", format!("after:{i}").as_bytes(), b"v"])?;
     }
     wait_converged(&winner, &[&other], limit).context("after the failover")?;
+    // What a Redis Sentinel client asks either node left now names the
+    // new primary.
+    let mut sentinels_asked = 0;
+    for node in [&winner, &other] {
+        let Some(port) = node.sentinel else {
+            continue;
+        };
+        let named =
+            Client::connect(port)?.ok(&[b"SENTINEL", b"get-master-addr-by-name", b"tidewal"])?;
+        let Reply::Array(parts) = &named else {
+            bail!("{}'s Sentinel port answered {named:?}", node.name);
+        };
+        let text = |r: &Reply| match r {
+            Reply::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        let addr = format!(
+            "{}:{}",
+            parts.first().map(text).unwrap_or_default(),
+            parts.get(1).map(text).unwrap_or_default()
+        );
+        if addr != winner_addr {
+            bail!(
+                "{}'s Sentinel port names {addr} as master, not the new primary {winner_addr}",
+                node.name
+            );
+        }
+        sentinels_asked += 1;
+    }
     let run = FailoverRun {
         winner: winner.name.clone(),
         other: other.name.clone(),
@@ -478,6 +521,8 @@ pub fn failover_once(
         lost,
         elected_after,
         followed_after,
+        sentinels_asked,
+        winner_addr: winner_addr.clone(),
     };
     other.stop();
     winner.stop();
