@@ -511,21 +511,45 @@ fn the_sentinel_port_answers_as_a_sentinel_and_only_as_one() {
         .query::<()>(&mut s)
         .unwrap_err();
     assert!(err.to_string().contains("MASTERS"), "{err}");
-    // The client port is unchanged: ROLE there is the replica's.
+    // HELLO there says it is a Sentinel.
+    let hello: std::collections::HashMap<String, redis::Value> =
+        redis::cmd("HELLO").query(&mut s).unwrap();
+    assert_eq!(
+        hello["mode"],
+        redis::Value::BulkString(b"sentinel".to_vec()),
+        "{hello:?}"
+    );
+    // The client port is unchanged: ROLE there is the replica's, and
+    // SENTINEL is not answered there.
     let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut a.client()).unwrap();
     assert_eq!(role[0], redis::Value::BulkString(b"slave".to_vec()));
+    let err = redis::cmd("SENTINEL")
+        .arg("MASTERS")
+        .query::<()>(&mut a.client())
+        .unwrap_err();
+    assert!(err.to_string().contains("Sentinel port"), "{err}");
 
     // The primary gone (no peers here: no election), the replica still
     // names it, flagged down, so clients look elsewhere.
     let p_addr = primary.listen.to_string();
     primary.kill9();
-    let m: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
-        .arg("MASTER")
+    let m = wait_for("the primary is flagged down", || {
+        let m: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg("tidewal")
+            .query(&mut s)
+            .unwrap();
+        (m["flags"] == "master,s_down,o_down").then_some(m)
+    });
+    assert_eq!(format!("{}:{}", m["ip"], m["port"]), p_addr);
+    // Clients that ask only for the address get a null: they ask the
+    // next node.
+    let addr: Option<Vec<String>> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
         .arg("tidewal")
         .query(&mut s)
         .unwrap();
-    assert_eq!(format!("{}:{}", m["ip"], m["port"]), p_addr);
-    assert_eq!(m["flags"], "master,s_down,o_down");
+    assert_eq!(addr, None);
 }
 
 /// A cascaded replica hears the primary only through its upstream, a

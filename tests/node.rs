@@ -409,13 +409,18 @@ fn config_file_limits_and_refusals() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown commit level"));
     // Failover settings: a peer that is not HOST:PORT, a timeout shorter
-    // than two heartbeats.
+    // than two heartbeats; a Sentinel port on the client port (bound with
+    // SO_REUSEPORT, it would take a share of the clients).
     for (flags, says) in [
         (
             ["--peers", "127.0.0.1:7000,nonsense"],
             "\"nonsense\" is not HOST:PORT",
         ),
         (["--election-timeout-ms", "10"], "at least 1000"),
+        (
+            ["--sentinel", "0.0.0.0:6379"],
+            "is the address of listen = \"127.0.0.1:6379\"",
+        ),
     ] {
         let bad = Command::new(env!("CARGO_BIN_EXE_tidewal"))
             .args(["node", "--data-dir"])
@@ -584,14 +589,67 @@ fn resp3_clients_are_answered_in_resp3() {
         "{text}"
     );
     assert!(text.ends_with("$-1\r\n+OK\r\n"), "{text}");
-    // A version it does not speak is refused, and the connection stays;
-    // so are transactions, saying why.
-    let got = raw(node.listen, b"HELLO 4\r\nMULTI\r\nPING\r\nQUIT\r\n");
+    // A version it does not speak is refused, and the connection stays.
+    let got = raw(node.listen, b"HELLO 4\r\nPING\r\nQUIT\r\n");
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("-NOPROTO"), "{text}");
+    assert!(text.contains("+PONG\r\n"), "{text}");
+    // HELLO with no version keeps the protocol; SETNAME names the
+    // connection (as CLIENT SETNAME: no spaces); AUTH is taken as Redis
+    // with no password takes it (any password of the user `default`).
+    let got = raw(
+        node.listen,
+        b"HELLO\r\nHELLO 3 AUTH default secret SETNAME app-1\r\nCLIENT GETNAME\r\nHELLO 3 SETNAME \"a b\"\r\nAUTH default x\r\nAUTH x\r\nAUTH other x\r\nQUIT\r\n",
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("*14\r\n"), "{text}");
+    assert!(text.contains("$5\r\nproto\r\n:2\r\n"), "{text}");
     assert!(
-        text.contains("-ERR MULTI is not supported: tidewal has no transactions"),
+        text.contains("$5\r\napp-1\r\n-ERR Client names cannot contain spaces"),
         "{text}"
     );
-    assert!(text.contains("+PONG\r\n"), "{text}");
+    assert!(
+        text.contains("+OK\r\n-ERR AUTH <password> called without any password configured"),
+        "{text}"
+    );
+    assert!(text.contains("-WRONGPASS"), "{text}");
+}
+
+/// Transactions are refused, and so is everything inside one: a client
+/// sending MULTI, writes, EXEC (redis-py's default pipeline) gets errors
+/// for all and EXECABORT, and nothing it sent in between is run.
+#[test]
+fn a_refused_transaction_runs_nothing_inside_it() {
+    let dir = disk_dir();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let got = raw(
+        node.listen,
+        b"MULTI\r\nSET t 1\r\nINCR n\r\nEXEC\r\nGET t\r\nEXISTS n\r\nMULTI\r\nDISCARD\r\nEXEC\r\nWATCH t\r\nQUIT\r\n",
+    );
+    let text = String::from_utf8_lossy(&got);
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(
+        lines[0].starts_with("-ERR MULTI is not supported: tidewal has no transactions"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("-ERR SET not run: it came inside a MULTI"),
+        "{text}"
+    );
+    assert!(lines[2].starts_with("-ERR INCR not run"), "{text}");
+    assert!(lines[3].starts_with("-EXECABORT"), "{text}");
+    // Nothing was written; the connection is out of the transaction.
+    assert_eq!(lines[4], "$-1", "{text}");
+    assert_eq!(lines[5], ":0", "{text}");
+    assert!(
+        lines[6].starts_with("-ERR MULTI is not supported"),
+        "{text}"
+    );
+    assert_eq!(lines[7], "+OK", "{text}");
+    assert_eq!(lines[8], "-ERR EXEC without MULTI", "{text}");
+    assert!(
+        lines[9].starts_with("-ERR WATCH is not supported"),
+        "{text}"
+    );
+    assert_eq!(lines[10], "+OK", "{text}");
 }

@@ -279,6 +279,29 @@ impl NodeConfig {
         {
             return bad(format!("peers: {peer:?} is not HOST:PORT"));
         }
+        if !self.sentinel.is_empty() {
+            // Bound with SO_REUSEPORT like the others: on the same address
+            // it would silently take a share of their connections.
+            use std::net::ToSocketAddrs;
+            let resolve = |a: &str| a.to_socket_addrs().ok().and_then(|mut x| x.next());
+            let Some(sentinel) = resolve(&self.sentinel) else {
+                return bad(format!("sentinel = {:?} is not HOST:PORT", self.sentinel));
+            };
+            for (what, other) in [("listen", &self.listen), ("admin", &self.admin)] {
+                let overlaps = |o: std::net::SocketAddr| {
+                    o.port() == sentinel.port()
+                        && (o.ip() == sentinel.ip()
+                            || o.ip().is_unspecified()
+                            || sentinel.ip().is_unspecified())
+                };
+                if sentinel.port() != 0 && resolve(other).is_some_and(overlaps) {
+                    return bad(format!(
+                        "sentinel = {:?} is the address of {what} = {other:?}",
+                        self.sentinel
+                    ));
+                }
+            }
+        }
         if self.sentinel_name.is_empty() || self.sentinel_name.len() > 255 {
             return bad(format!(
                 "sentinel_name = {:?} must be 1 to 255 bytes",

@@ -77,6 +77,10 @@ struct Conn {
     sentinel: bool,
     /// The client switched to RESP3 (`HELLO 3`).
     resp3: bool,
+    /// A MULTI was refused and its EXEC or DISCARD has not come: the
+    /// commands in between are not run (the client takes them for part
+    /// of a transaction).
+    in_refused_multi: bool,
 }
 
 type Written = std::rc::Rc<std::cell::RefCell<BTreeMap<u32, u64>>>;
@@ -217,6 +221,7 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, sentinel: 
         local: stream.local_addr().ok(),
         sentinel,
         resp3: false,
+        in_refused_multi: false,
     };
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
@@ -396,6 +401,12 @@ impl Conn {
             // in; HELLO's own reply is in the one it asks for.
             drain(slots, out, stream, flush_at, self.resp3).await?;
         }
+        if (self.in_refused_multi || command == Command::Transaction)
+            && let Some(reply) = self.refused_transaction(&args)
+        {
+            slots.push(Slot::Ready(reply));
+            return Ok(After::Continue);
+        }
         if self.sentinel {
             let reply = match command {
                 Command::Role => Reply::Array(vec![
@@ -408,9 +419,10 @@ impl Conn {
                 | Command::Quit
                 | Command::Client
                 | Command::Hello
+                | Command::Auth
                 | Command::Introspect => return Ok(self.run_command(command, args, slots)),
                 _ => Reply::err(format!(
-                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE and PING, not {} (the node's clients connect to {})",
+                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE, PING, ECHO, HELLO, AUTH, CLIENT, COMMAND and QUIT, not {} (the node's clients connect to {})",
                     String::from_utf8_lossy(&args[0]).to_uppercase(),
                     self.shared.listen
                 )),
@@ -611,10 +623,12 @@ impl Conn {
                 self.shared.clone(),
                 args,
             ))),
-            Command::Transaction => Slot::Ready(Reply::err(format!(
-                "{} is not supported: tidewal has no transactions (keys live in shards of their own, so MULTI/EXEC over several could not be atomic); send the commands as a plain pipeline (redis-py: pipeline(transaction=False))",
-                shown(&args[0]).to_uppercase()
-            ))),
+            Command::Auth => Slot::Ready(auth(&args[1..])),
+            // Answered by `refused_transaction` before it gets here.
+            Command::Transaction => Slot::Ready(Reply::err("transactions are not supported")),
+            Command::Sentinel if !self.sentinel => Slot::Ready(Reply::err(
+                "SENTINEL is answered on the node's Sentinel port (tidewal node --sentinel HOST:PORT)",
+            )),
             Command::Sentinel => Slot::Later(Box::pin(super::sentinel::command(
                 self.shared.clone(),
                 args,
@@ -917,9 +931,52 @@ impl Conn {
         })
     }
 
+    /// Transactions are refused, and so is what a client sends inside
+    /// one: after a refused MULTI, every command up to EXEC or DISCARD is
+    /// answered with an error and not run (a client would take a partly
+    /// run transaction for one not run at all, and try it again), and
+    /// EXEC with EXECABORT, which clients read as "nothing was done".
+    /// `None`: the command is not part of one.
+    fn refused_transaction(&mut self, args: &[Bytes]) -> Option<Reply> {
+        let name = args[0].to_ascii_uppercase();
+        let why = "tidewal has no transactions (keys live in shards of their own, so MULTI/EXEC over several could not be atomic); send the commands as a plain pipeline (redis-py: pipeline(transaction=False))";
+        if !self.in_refused_multi {
+            return match name.as_slice() {
+                b"MULTI" => {
+                    self.in_refused_multi = true;
+                    Some(Reply::err(format!("MULTI is not supported: {why}")))
+                }
+                b"EXEC" => Some(Reply::err("EXEC without MULTI")),
+                b"DISCARD" => Some(Reply::err("DISCARD without MULTI")),
+                b"WATCH" | b"UNWATCH" => Some(Reply::err(format!(
+                    "{} is not supported: {why}",
+                    shown(&name)
+                ))),
+                _ => None,
+            };
+        }
+        Some(match name.as_slice() {
+            b"EXEC" => {
+                self.in_refused_multi = false;
+                Reply::Error(format!(
+                    "EXECABORT Transaction discarded because of previous errors: {why}"
+                ))
+            }
+            b"DISCARD" => {
+                self.in_refused_multi = false;
+                Reply::Ok
+            }
+            _ => Reply::err(format!(
+                "{} not run: it came inside a MULTI, which was refused ({why})",
+                shown(&name)
+            )),
+        })
+    }
+
     /// `HELLO [protover [AUTH username password] [SETNAME name]]`: moves
     /// the connection to RESP2 or RESP3 (its replies from this one on) and
-    /// describes the server. tidewal has no users: AUTH is refused.
+    /// describes the server. tidewal has no passwords: AUTH is taken as
+    /// Redis without one takes it (see [`auth`]).
     fn hello(&mut self, args: &[Bytes]) -> Reply {
         let mut resp3 = self.resp3;
         if let Some(version) = args.get(1) {
@@ -939,13 +996,17 @@ impl Conn {
         while i < args.len() {
             match args[i].to_ascii_uppercase().as_slice() {
                 b"SETNAME" if i + 1 < args.len() => {
-                    name = Some(args[i + 1].clone());
+                    match client_name(&args[i + 1]) {
+                        Ok(n) => name = Some(n),
+                        Err(e) => return e,
+                    }
                     i += 2;
                 }
                 b"AUTH" if i + 2 < args.len() => {
-                    return Reply::Error(
-                        "WRONGPASS tidewal has no users or passwords: connect without AUTH".into(),
-                    );
+                    if let Reply::Error(e) = auth(&args[i + 1..i + 3]) {
+                        return Reply::Error(e);
+                    }
+                    i += 3;
                 }
                 _ => {
                     return Reply::err(format!(
@@ -956,7 +1017,7 @@ impl Conn {
             }
         }
         self.resp3 = resp3;
-        if name.is_some() {
+        if let Some(name) = name {
             self.name = name;
         }
         let role = if self.shared.is_replica() {
@@ -972,7 +1033,14 @@ impl Conn {
             ),
             (Reply::bulk("proto"), Reply::Int(if resp3 { 3 } else { 2 })),
             (Reply::bulk("id"), Reply::Int(self.id as i64)),
-            (Reply::bulk("mode"), Reply::bulk("standalone")),
+            (
+                Reply::bulk("mode"),
+                Reply::bulk(if self.sentinel {
+                    "sentinel"
+                } else {
+                    "standalone"
+                }),
+            ),
             (Reply::bulk("role"), Reply::bulk(role)),
             (Reply::bulk("modules"), Reply::Array(Vec::new())),
         ])
@@ -984,11 +1052,13 @@ impl Conn {
             .map(|s| s.to_ascii_uppercase())
             .unwrap_or_default();
         Slot::Ready(match sub.as_slice() {
-            b"SETNAME" if args.len() == 3 => {
-                // A copy: a slice would pin the whole input buffer.
-                self.name = Some(Bytes::copy_from_slice(&args[2]));
-                Reply::Ok
-            }
+            b"SETNAME" if args.len() == 3 => match client_name(&args[2]) {
+                Ok(name) => {
+                    self.name = name;
+                    Reply::Ok
+                }
+                Err(e) => e,
+            },
             b"GETNAME" => self.name.clone().map_or(Reply::Nil, Reply::Bulk),
             b"ID" => Reply::Int(self.id as i64),
             // Client libraries announce themselves; nothing to do with it.
@@ -1048,6 +1118,34 @@ impl Conn {
             _ => Reply::err(format!("CLIENT {} is not supported", shown(&sub))),
         })
     }
+}
+
+/// `AUTH [username] password`, as Redis answers it with no password set
+/// (its default user is `nopass`): the user `default` with any password
+/// is taken; a password alone is refused, as Redis refuses it; any other
+/// user is not known.
+fn auth(args: &[Bytes]) -> Reply {
+    match args {
+        [user, _] if user.as_ref() == b"default" => Reply::Ok,
+        [_, _] => {
+            Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
+        }
+        _ => Reply::err(
+            "AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+        ),
+    }
+}
+
+/// A client name as Redis takes one: `None` (no name) for an empty one;
+/// refused with spaces, newlines or other characters outside `!`..`~`. A
+/// copy: a slice would pin the whole input buffer.
+fn client_name(name: &[u8]) -> Result<Option<Bytes>, Reply> {
+    if name.iter().any(|b| !(b'!'..=b'~').contains(b)) {
+        return Err(Reply::err(
+            "Client names cannot contain spaces, newlines or special characters.",
+        ));
+    }
+    Ok((!name.is_empty()).then(|| Bytes::copy_from_slice(name)))
 }
 
 /// Awaits every reply in order and encodes them, writing out whenever
@@ -1330,13 +1428,14 @@ enum Command {
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH: refused, saying why (a
     /// transaction over keys of several shards could not be atomic).
     Transaction,
+    Auth,
     /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
     Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 39] = [
+    const ALL: [(&'static [u8], Command); 40] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (super::backup::BACKUP_COMMAND, Command::Backup),
         (super::backup::CUT_COMMAND, Command::Cut),
@@ -1346,6 +1445,7 @@ impl Command {
         (b"DISCARD", Command::Transaction),
         (b"WATCH", Command::Transaction),
         (b"UNWATCH", Command::Transaction),
+        (b"AUTH", Command::Auth),
         (super::failover::VOTE_COMMAND, Command::Vote),
         (super::failover::WHO_COMMAND, Command::Who),
         (super::failover::FETCH_COMMAND, Command::Fetch),
@@ -1457,6 +1557,7 @@ impl Command {
             Command::Cut => -1,
             Command::Sentinel => -2,
             Command::Transaction => -1,
+            Command::Auth => -2,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

@@ -81,8 +81,14 @@ pub(super) async fn render(
             );
         }
         for (i, r) in replicas.iter().enumerate() {
-            let host = r["host"].as_str().unwrap_or("");
+            // Where clients reach it (as ROLE says), else where its stream
+            // comes from.
+            let host = r["client_address"]
+                .as_str()
+                .or(r["host"].as_str())
+                .unwrap_or("");
             let (ip, port) = host.rsplit_once(':').unwrap_or((host, "0"));
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
             let flushed: u64 = r["flushed_lsn"]
                 .as_array()
                 .map_or(0, |a| a.iter().filter_map(|x| x.as_u64()).sum());

@@ -87,6 +87,9 @@ pub(crate) struct Shared {
     swap_generation: AtomicU64,
     /// Each shard's durable LSN as the retention task last saw it.
     durable_hint: std::sync::Mutex<Vec<u64>>,
+    /// The Sentinel port's last walk up the upstreams: when, from which
+    /// upstream, the primary found and whether it answered.
+    sentinel_walk: std::sync::Mutex<Option<(Instant, String, String, bool)>>,
     /// Backups under way (by number): per shard, the position of the
     /// snapshot each sent, from which it still reads records up to its cut.
     /// WAL at or above it is not released meanwhile.
@@ -384,6 +387,7 @@ impl Node {
             cluster: std::sync::Mutex::new([0; 16]),
             durable_hint: Default::default(),
             backup_holds: Default::default(),
+            sentinel_walk: Default::default(),
             ack_signal: Default::default(),
             degraded: Default::default(),
             failover: Default::default(),
@@ -654,6 +658,13 @@ async fn accept_loop(
             glommio::spawn_local(admin::serve(stream, shared.clone())).detach();
             continue;
         }
+        if port == Port::Sentinel {
+            // Not counted against the client limit: a reconnect storm after
+            // a failover must not lock out the clients' way to the primary.
+            let shared = shared.clone();
+            glommio::spawn_local(conn::serve(stream, shared, true)).detach();
+            continue;
+        }
         let c = &shared.counters;
         c.connections_total.fetch_add(1, Ordering::Relaxed);
         let now = c.connections.fetch_add(1, Ordering::SeqCst) + 1;
@@ -674,7 +685,7 @@ async fn accept_loop(
         let shared = shared.clone();
         glommio::spawn_local(async move {
             let guard = ConnectionGuard(shared.clone());
-            conn::serve(stream, shared, port == Port::Sentinel).await;
+            conn::serve(stream, shared, false).await;
             drop(guard);
         })
         .detach();

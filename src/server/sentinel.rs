@@ -38,6 +38,10 @@ const HOPS_MAX: usize = 8;
 /// How long each node on the way may take to answer.
 const ASK: Duration = Duration::from_secs(1);
 
+/// How long a replica reuses the primary it found (a burst of clients
+/// asking after a failover costs one walk, not one each).
+const WALK_CACHED: Duration = Duration::from_millis(250);
+
 /// The primary, as this node found it.
 struct Primary {
     /// `HOST:PORT` of its client port.
@@ -69,7 +73,14 @@ pub(super) async fn command(
             master_info(&shared, &primary, replicas)
         }
         ("GET-MASTER-ADDR-BY-NAME", 3) if ours => {
+            // Clients that ask only this (go-redis, Jedis, Lettuce,
+            // redis-cli) see no flags: a primary that does not answer, or
+            // none known (a node standing by), is a null, and they ask the
+            // next node, which may know the new one.
             let primary = find_primary(&shared, local).await;
+            if !primary.up {
+                return Reply::Nil;
+            }
             let (ip, port) = split(&primary.addr);
             Reply::Array(vec![Reply::bulk(ip), Reply::bulk(port.to_string())])
         }
@@ -104,14 +115,38 @@ async fn find_primary(shared: &Shared, local: Option<SocketAddr>) -> Primary {
         if let Some(local) = local
             && addr.ip().is_unspecified()
         {
-            addr.set_ip(local.ip());
+            addr.set_ip(local.ip().to_canonical());
         }
         return Primary {
             addr: addr.to_string(),
             up: true,
         };
     }
-    let mut addr = shared.replica_of();
+    let upstream = shared.replica_of();
+    if let Ok(cache) = shared.sentinel_walk.lock()
+        && let Some((at, from, addr, up)) = cache.as_ref()
+        && at.elapsed() < WALK_CACHED
+        && *from == upstream
+    {
+        return Primary {
+            addr: addr.clone(),
+            up: *up,
+        };
+    }
+    let found = walk(upstream.clone()).await;
+    if let Ok(mut cache) = shared.sentinel_walk.lock() {
+        *cache = Some((
+            std::time::Instant::now(),
+            upstream,
+            found.addr.clone(),
+            found.up,
+        ));
+    }
+    found
+}
+
+/// Up the upstreams from `addr` to a node that answers as the primary.
+async fn walk(mut addr: String) -> Primary {
     for _ in 0..HOPS_MAX {
         let answer = super::failover::call(&addr, &[super::failover::WHO_COMMAND], ASK).await;
         let next = match &answer {
