@@ -1115,3 +1115,23 @@ fn a_replica_snapshotting_while_it_streams_stays_in_sync() {
     let mut r = replica.client();
     assert_eq!(r.get::<_, String>("k5-99").unwrap(), value);
 }
+
+/// An upstream given by name is resolved off the executor (and each of
+/// its addresses tried in turn: on hosts where `localhost` gives `::1`
+/// first, the primary on 127.0.0.1 is still found; this one gives
+/// 127.0.0.1 only).
+#[test]
+fn a_replica_follows_an_upstream_given_by_name() {
+    let (pdir, rdir) = (disk_dir(), disk_dir());
+    let primary = NodeProcess::start(pdir.path(), &["--shards", "4"]);
+    let mut c = primary.client();
+    for i in 0..100 {
+        let _: () = c.set(format!("k{i}"), i).unwrap();
+    }
+    let by_name = format!("localhost:{}", primary.listen.port());
+    let replica = start_replica(rdir.path(), &by_name);
+    wait_converged(&primary, &replica);
+    let v: i64 = replica.client().get("k99").unwrap();
+    assert_eq!(v, 99);
+    assert_eq!(status(&replica)["upstream"]["host"], by_name.as_str());
+}

@@ -71,7 +71,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use super::Shared;
 use super::resp::{Reply, parse_reply};
@@ -699,7 +698,7 @@ pub(super) async fn fetch(shared: Arc<Shared>, args: Vec<Bytes>) -> Reply {
 /// Sends one command to `addr` and reads its reply, within `limit`.
 pub(super) async fn call(addr: &str, args: &[&[u8]], limit: Duration) -> Result<Reply, String> {
     let work = async {
-        let mut stream = TcpStream::connect(addr)
+        let mut stream = super::connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
         let _ = stream.set_nodelay(true);

@@ -218,6 +218,35 @@ impl Shared {
     }
 }
 
+/// Connects to another node at `HOST:PORT`, trying each address a name
+/// resolves to in turn (`localhost` may give `::1` first to a node on
+/// 127.0.0.1). A name is resolved on glommio's blocking thread: glommio's
+/// own `connect` resolves on the executor, so a slow DNS server would
+/// stall this core's clients and shards, and it panics on a name that
+/// resolves to no address.
+pub(super) async fn connect(addr: &str) -> std::io::Result<glommio::net::TcpStream> {
+    let resolved: Vec<SocketAddr> = match addr.parse::<SocketAddr>() {
+        Ok(a) => vec![a],
+        Err(_) => {
+            let name = addr.to_string();
+            glommio::executor()
+                .spawn_blocking(move || {
+                    use std::net::ToSocketAddrs;
+                    name.to_socket_addrs().map(Iterator::collect)
+                })
+                .await?
+        }
+    };
+    let mut last = std::io::Error::other(format!("{addr} resolves to no address"));
+    for a in resolved {
+        match glommio::net::TcpStream::connect(a).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = std::io::Error::other(format!("{a}: {e}")),
+        }
+    }
+    Err(last)
+}
+
 /// In the data directory: the id of the replication cluster the node
 /// belongs to, 32 hex digits.
 const CLUSTER_FILE: &str = "cluster_id";

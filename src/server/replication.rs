@@ -1158,7 +1158,7 @@ async fn follow_once(
     // its acks (and Hello) could otherwise acknowledge, for an old primary,
     // writes the winner of that vote never gathered (after a restart, say).
     super::failover::may_follow(shared, upstream).await?;
-    let mut stream = TcpStream::connect(upstream)
+    let mut stream = super::connect(upstream)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
