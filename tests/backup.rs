@@ -43,15 +43,23 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A primary over `pdir` started with `args`, and a replica of it over
+/// `rdir` with the same.
+fn primary_and_replica(pdir: &Path, rdir: &Path, args: &[&str]) -> (NodeProcess, NodeProcess) {
+    let primary = NodeProcess::start(pdir, args);
+    let upstream = primary.listen.to_string();
+    let mut replica_args = args.to_vec();
+    replica_args.extend(["--replica-of", upstream.as_str()]);
+    let replica = NodeProcess::start(rdir, &replica_args);
+    (primary, replica)
+}
+
 #[test]
 fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replica() {
     let (pdir, rdir, work) = (disk_dir(), disk_dir(), disk_dir());
     let args = ["--shards", "2", "--commit-level", "replicated(1)"];
-    let primary = NodeProcess::start(pdir.path(), &args);
+    let (primary, replica) = primary_and_replica(pdir.path(), rdir.path(), &args);
     let p_addr = primary.listen.to_string();
-    let mut replica_args = args.to_vec();
-    replica_args.extend(["--replica-of", p_addr.as_str()]);
-    let replica = NodeProcess::start(rdir.path(), &replica_args);
     let mut pc = primary.client();
     for i in 0..2000 {
         let _: () = pc.set(format!("k{i}"), format!("v{i}")).unwrap();
@@ -124,9 +132,7 @@ fn a_backup_from_a_replica_restores_every_key_it_held_and_catches_up_as_a_replic
     std::fs::create_dir(&again).unwrap();
     let (ok, out) = restore(&backup, &again);
     assert!(ok, "{out}");
-    let mut again_args = replica_args.clone();
-    again_args.retain(|a| *a != "replicated(1)" && *a != "--commit-level");
-    let follower = NodeProcess::start(&again, &again_args);
+    let follower = NodeProcess::start(&again, &["--shards", "2", "--replica-of", &p_addr]);
     wait_converged(&primary, &follower);
     let s = status(&follower);
     assert_eq!(s["upstream"]["resyncs"], 0, "it needed no snapshot: {s}");
@@ -160,11 +166,8 @@ fn is_prefix(keys: &[u64]) -> bool {
 fn a_backup_taken_under_writes_restores_one_moment_of_every_shard() {
     let (pdir, rdir, work) = (disk_dir(), disk_dir(), disk_dir());
     let args = ["--shards", "4", "--commit-level", "local"];
-    let primary = NodeProcess::start(pdir.path(), &args);
+    let (primary, replica) = primary_and_replica(pdir.path(), rdir.path(), &args);
     let p_addr = primary.listen.to_string();
-    let mut replica_args = args.to_vec();
-    replica_args.extend(["--replica-of", p_addr.as_str()]);
-    let replica = NodeProcess::start(rdir.path(), &replica_args);
     // Enough data that each shard's snapshot takes a while.
     let mut pc = primary.client();
     let value = "v".repeat(2000);
