@@ -652,4 +652,9 @@ fn a_refused_transaction_runs_nothing_inside_it() {
         "{text}"
     );
     assert_eq!(lines[10], "+OK", "{text}");
+    // QUIT is never part of one: inside a refused MULTI it still closes
+    // the connection (raw reads until the node closes it).
+    let got = raw(node.listen, b"MULTI\r\nQUIT\r\n");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.ends_with("\r\n+OK\r\n"), "{text}");
 }

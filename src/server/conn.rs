@@ -956,6 +956,8 @@ impl Conn {
             };
         }
         Some(match name.as_slice() {
+            // As in Redis, QUIT is never part of a transaction.
+            b"QUIT" => return None,
             b"EXEC" => {
                 self.in_refused_multi = false;
                 Reply::Error(format!(
