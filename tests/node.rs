@@ -629,7 +629,9 @@ fn a_refused_transaction_runs_nothing_inside_it() {
     let text = String::from_utf8_lossy(&got);
     let lines: Vec<&str> = text.split("\r\n").collect();
     assert!(
-        lines[0].starts_with("-ERR MULTI is not supported: tidewal has no transactions"),
+        lines[0].starts_with(
+            "-ERR MULTI is not supported, and no command will be run up to its EXEC or DISCARD"
+        ),
         "{text}"
     );
     assert!(
@@ -652,6 +654,13 @@ fn a_refused_transaction_runs_nothing_inside_it() {
         "{text}"
     );
     assert_eq!(lines[10], "+OK", "{text}");
+    // MULTI takes no argument (and then starts nothing).
+    let got = raw(node.listen, b"MULTI x\r\nGET t\r\nQUIT\r\n");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("-ERR wrong number of arguments for 'multi' command\r\n$-1\r\n"),
+        "{text}"
+    );
     // QUIT is never part of one: inside a refused MULTI it still closes
     // the connection (raw reads until the node closes it).
     let got = raw(node.listen, b"MULTI\r\nQUIT\r\n");

@@ -1116,10 +1116,9 @@ fn a_replica_snapshotting_while_it_streams_stays_in_sync() {
     assert_eq!(r.get::<_, String>("k5-99").unwrap(), value);
 }
 
-/// An upstream given by name is resolved off the executor (and each of
-/// its addresses tried in turn: on hosts where `localhost` gives `::1`
-/// first, the primary on 127.0.0.1 is still found; this one gives
-/// 127.0.0.1 only).
+/// An upstream given by name: resolved off the executor, each of its
+/// addresses tried in turn. (This shows that a name works; where
+/// `localhost` gives only 127.0.0.1, it does not show the fallback.)
 #[test]
 fn a_replica_follows_an_upstream_given_by_name() {
     let (pdir, rdir) = (disk_dir(), disk_dir());

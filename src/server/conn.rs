@@ -401,12 +401,6 @@ impl Conn {
             // in; HELLO's own reply is in the one it asks for.
             drain(slots, out, stream, flush_at, self.resp3).await?;
         }
-        if (self.in_refused_multi || command == Command::Transaction)
-            && let Some(reply) = self.refused_transaction(&args)
-        {
-            slots.push(Slot::Ready(reply));
-            return Ok(After::Continue);
-        }
         if self.sentinel {
             let reply = match command {
                 Command::Role => Reply::Array(vec![
@@ -427,6 +421,12 @@ impl Conn {
                     self.shared.listen
                 )),
             };
+            slots.push(Slot::Ready(reply));
+            return Ok(After::Continue);
+        }
+        if (self.in_refused_multi || command == Command::Transaction)
+            && let Some(reply) = self.refused_transaction(&args)
+        {
             slots.push(Slot::Ready(reply));
             return Ok(After::Continue);
         }
@@ -894,7 +894,12 @@ impl Conn {
         let Some(port) = parse_i64(&args[2]).filter(|p| (1..=65535).contains(p)) else {
             return Slot::Ready(Reply::err("Invalid master port"));
         };
-        let upstream = format!("{host}:{port}");
+        // An IPv6 address is written in brackets before its port.
+        let upstream = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
         if super::failover::is_own_address(&shared, &upstream) {
             return Slot::Ready(Reply::err("a node cannot replicate from itself"));
         }
@@ -942,9 +947,14 @@ impl Conn {
         let why = "tidewal has no transactions (keys live in shards of their own, so MULTI/EXEC over several could not be atomic); send the commands as a plain pipeline (redis-py: pipeline(transaction=False))";
         if !self.in_refused_multi {
             return match name.as_slice() {
+                b"MULTI" if args.len() > 1 => {
+                    Some(Reply::err("wrong number of arguments for 'multi' command"))
+                }
                 b"MULTI" => {
                     self.in_refused_multi = true;
-                    Some(Reply::err(format!("MULTI is not supported: {why}")))
+                    Some(Reply::err(format!(
+                        "MULTI is not supported, and no command will be run up to its EXEC or DISCARD: {why}"
+                    )))
                 }
                 b"EXEC" => Some(Reply::err("EXEC without MULTI")),
                 b"DISCARD" => Some(Reply::err("DISCARD without MULTI")),

@@ -220,32 +220,41 @@ impl Shared {
 
 /// Connects to another node at `HOST:PORT`, trying each address a name
 /// resolves to in turn (`localhost` may give `::1` first to a node on
-/// 127.0.0.1). A name is resolved on glommio's blocking thread: glommio's
-/// own `connect` resolves on the executor, so a slow DNS server would
-/// stall this core's clients and shards, and it panics on a name that
-/// resolves to no address.
+/// 127.0.0.1), each for at most [`CONNECT_EACH`]. A name is resolved on a
+/// thread of its own: glommio's `connect` resolves on the executor, so a
+/// slow DNS server would stall this core's clients and shards (and it
+/// panics on a name that resolves to no address), and glommio's blocking
+/// thread also keeps votes and renames WAL segments, which must not wait
+/// behind a lookup.
 pub(super) async fn connect(addr: &str) -> std::io::Result<glommio::net::TcpStream> {
     let resolved: Vec<SocketAddr> = match addr.parse::<SocketAddr>() {
         Ok(a) => vec![a],
         Err(_) => {
+            let (tx, rx) = futures_channel::oneshot::channel();
             let name = addr.to_string();
-            glommio::executor()
-                .spawn_blocking(move || {
+            std::thread::Builder::new()
+                .name("tidewal-resolve".into())
+                .spawn(move || {
                     use std::net::ToSocketAddrs;
-                    name.to_socket_addrs().map(Iterator::collect)
-                })
-                .await?
+                    let _ = tx.send(name.to_socket_addrs().map(Iterator::collect));
+                })?;
+            rx.await
+                .map_err(|_| std::io::Error::other("the lookup thread ended"))??
         }
     };
     let mut last = std::io::Error::other(format!("{addr} resolves to no address"));
     for a in resolved {
-        match glommio::net::TcpStream::connect(a).await {
+        match glommio::net::TcpStream::connect_timeout(a, CONNECT_EACH).await {
             Ok(stream) => return Ok(stream),
             Err(e) => last = std::io::Error::other(format!("{a}: {e}")),
         }
     }
     Err(last)
 }
+
+/// How long one address of a node is tried (an address that drops packets
+/// would otherwise take the kernel's SYN timeout, minutes).
+const CONNECT_EACH: Duration = Duration::from_secs(2);
 
 /// In the data directory: the id of the replication cluster the node
 /// belongs to, 32 hex digits.

@@ -58,7 +58,7 @@ pub struct RestoreArgs {
 
 #[derive(Serialize, Deserialize, Debug)]
 struct Manifest {
-    /// 1.
+    /// 2 with records to a consistent cut (`tail`), else 1.
     format: u32,
     /// The node it was taken from, as given.
     source: String,
