@@ -511,6 +511,26 @@ fn the_sentinel_port_answers_as_a_sentinel_and_only_as_one() {
         .query::<()>(&mut s)
         .unwrap_err();
     assert!(err.to_string().contains("MASTERS"), "{err}");
+    // Pub/sub there: subscribed, PING answers in pub/sub's shape, other
+    // commands are refused, and with nothing subscribed it closes.
+    let got = common::node::raw(
+        a.sentinel.unwrap(),
+        b"SUBSCRIBE +switch-master\r\nPING\r\nGET k\r\nUNSUBSCRIBE\r\nPING\r\n",
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(
+        text,
+        "*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n\
+         *2\r\n$4\r\npong\r\n$0\r\n\r\n\
+         -ERR Can't execute 'get': only (P)SUBSCRIBE / (P)UNSUBSCRIBE / PING / QUIT are allowed in this context\r\n\
+         *3\r\n$11\r\nunsubscribe\r\n$14\r\n+switch-master\r\n:0\r\n"
+    );
+    // On the client port there is no pub/sub.
+    let err = redis::cmd("SUBSCRIBE")
+        .arg("x")
+        .query::<()>(&mut a.client())
+        .unwrap_err();
+    assert!(err.to_string().contains("Sentinel port"), "{err}");
     // HELLO there says it is a Sentinel.
     let hello: std::collections::HashMap<String, redis::Value> =
         redis::cmd("HELLO").query(&mut s).unwrap();
@@ -613,6 +633,14 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
         .unwrap()
         .set("via-sentinel", 1)
         .unwrap();
+    // And clients that wait for Sentinel's `+switch-master` (Jedis) hear
+    // of the failover: subscribed on the voter's Sentinel port.
+    let mut notified = sentinel_port(&a);
+    let mut notified = notified.as_pubsub();
+    notified.subscribe("+switch-master").unwrap();
+    notified
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let epoch = status(&primary)["epoch"].as_u64().unwrap();
     let mut pc = primary.client();
     let mut acked = Vec::new();
@@ -674,6 +702,20 @@ fn a_cascaded_replica_stands_and_is_elected_when_the_primary_dies() {
     let mut via = wait_for("a Sentinel client finds the new primary", || {
         sentinel.get_connection().ok()
     });
+    let message = notified.get_message().unwrap();
+    assert_eq!(message.get_channel_name(), "+switch-master");
+    let payload: String = message.get_payload().unwrap();
+    let (old, new) = (primary.listen, c.listen);
+    assert_eq!(
+        payload,
+        format!(
+            "tidewal {} {} {} {}",
+            old.ip(),
+            old.port(),
+            new.ip(),
+            new.port()
+        )
+    );
     let _: () = via.set("via-sentinel-after", 1).unwrap();
     let mut cc = c.client();
     assert_eq!(cc.get::<_, i64>("via-sentinel-after").unwrap(), 1);

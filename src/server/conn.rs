@@ -50,6 +50,9 @@ enum After {
     Stream,
     /// Send a backup of every shard, then close (`backup.rs`).
     Backup,
+    /// On the Sentinel port: serve `SUBSCRIBE +switch-master` from now on
+    /// (`sentinel::pubsub`).
+    Subscribe,
 }
 
 struct Conn {
@@ -81,6 +84,9 @@ struct Conn {
     /// commands in between are not run (the client takes them for part
     /// of a transaction).
     in_refused_multi: bool,
+    /// The SUBSCRIBE (or PSUBSCRIBE) that turned a Sentinel connection to
+    /// pub/sub.
+    subscribe: Vec<Bytes>,
 }
 
 type Written = std::rc::Rc<std::cell::RefCell<BTreeMap<u32, u64>>>;
@@ -222,12 +228,18 @@ pub(super) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, sentinel: 
         sentinel,
         resp3: false,
         in_refused_multi: false,
+        subscribe: Vec::new(),
     };
     match conn.run(&mut stream).await {
         // The client asked for the replication stream: the connection is
         // the upstream side of it from now on.
         Ok(Some((After::Backup, _))) => {
             super::backup::serve(stream, shared).await;
+            return;
+        }
+        Ok(Some((After::Subscribe, rest))) => {
+            let first = std::mem::take(&mut conn.subscribe);
+            super::sentinel::pubsub(stream, shared, first, conn.resp3, conn.local, rest).await;
             return;
         }
         Ok(Some((_, rest))) => {
@@ -344,7 +356,7 @@ impl Conn {
                 stream.write_all(&out).await?;
                 out.clear();
             }
-            if after == After::Stream || after == After::Backup {
+            if after == After::Stream || after == After::Backup || after == After::Subscribe {
                 return Ok(Some((after, input)));
             }
             if after == After::Close || self.shared.stopping() {
@@ -415,8 +427,12 @@ impl Conn {
                 | Command::Hello
                 | Command::Auth
                 | Command::Introspect => return Ok(self.run_command(command, args, slots)),
+                Command::Subscribe => {
+                    self.subscribe = args;
+                    return Ok(After::Subscribe);
+                }
                 _ => Reply::err(format!(
-                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE, PING, ECHO, HELLO, AUTH, CLIENT, COMMAND and QUIT, not {} (the node's clients connect to {})",
+                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE, SUBSCRIBE, PSUBSCRIBE, PING, ECHO, HELLO, AUTH, CLIENT, COMMAND and QUIT, not {} (the node's clients connect to {})",
                     String::from_utf8_lossy(&args[0]).to_uppercase(),
                     self.shared.listen
                 )),
@@ -624,6 +640,9 @@ impl Conn {
                 args,
             ))),
             Command::Auth => Slot::Ready(auth(&args[1..])),
+            Command::Subscribe => Slot::Ready(Reply::err(
+                "pub/sub is not supported; a node's Sentinel port (--sentinel) publishes +switch-master",
+            )),
             // Answered by `refused_transaction` before it gets here.
             Command::Transaction => Slot::Ready(Reply::err("transactions are not supported")),
             Command::Sentinel if !self.sentinel => Slot::Ready(Reply::err(
@@ -1441,13 +1460,15 @@ enum Command {
     /// transaction over keys of several shards could not be atomic).
     Transaction,
     Auth,
+    /// SUBSCRIBE, PSUBSCRIBE: on the Sentinel port only (`+switch-master`).
+    Subscribe,
     /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
     Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 40] = [
+    const ALL: [(&'static [u8], Command); 42] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (super::backup::BACKUP_COMMAND, Command::Backup),
         (super::backup::CUT_COMMAND, Command::Cut),
@@ -1458,6 +1479,8 @@ impl Command {
         (b"WATCH", Command::Transaction),
         (b"UNWATCH", Command::Transaction),
         (b"AUTH", Command::Auth),
+        (b"SUBSCRIBE", Command::Subscribe),
+        (b"PSUBSCRIBE", Command::Subscribe),
         (super::failover::VOTE_COMMAND, Command::Vote),
         (super::failover::WHO_COMMAND, Command::Who),
         (super::failover::FETCH_COMMAND, Command::Fetch),
@@ -1570,6 +1593,7 @@ impl Command {
             Command::Sentinel => -2,
             Command::Transaction => -1,
             Command::Auth => -2,
+            Command::Subscribe => -2,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

@@ -17,9 +17,10 @@
 //! node; during an election no node names a live primary for a second or
 //! two). The replicas are the primary's `ROLE` answer. Only the cluster's
 //! own name (`sentinel_name`, default `tidewal`) is known; `SENTINELS`
-//! lists none (clients are given every node's Sentinel port). Sentinel's
-//! pub/sub (`+switch-master`) is not served: clients that wait for it
-//! rather than ask again (Jedis) are not covered.
+//! lists none (clients are given every node's Sentinel port). A
+//! connection that subscribes is sent Sentinel's `+switch-master` when the
+//! primary it finds changes ([`pubsub`]), for clients that wait for it
+//! rather than ask again (Jedis).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -290,4 +291,214 @@ fn replica_info(
         ("slave-priority", "100".into()),
         ("slave-repl-offset", offset.to_string()),
     ])
+}
+
+/// How often a subscribed connection looks for a new primary.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// A Sentinel connection after `SUBSCRIBE` or `PSUBSCRIBE` (`first`):
+/// publishes `+switch-master` (`name old-ip old-port new-ip new-port`, as
+/// Sentinel does) when the primary this node finds changes, which clients
+/// such as Jedis wait for instead of asking again. It takes more
+/// (P)SUBSCRIBEs, (P)UNSUBSCRIBE (the connection closes once nothing is
+/// subscribed), PING and QUIT; anything else gets an error.
+pub(super) async fn pubsub(
+    mut stream: glommio::net::TcpStream,
+    shared: Arc<Shared>,
+    first: Vec<Bytes>,
+    resp3: bool,
+    local: Option<SocketAddr>,
+    mut input: bytes::BytesMut,
+) {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let mut subs = Subscriptions {
+        resp3,
+        ..Default::default()
+    };
+    let mut out = bytes::BytesMut::new();
+    subs.command(&first, &mut out);
+    // The master the client knows: the one this node names now.
+    let mut current = find_primary(&shared, local).await.addr;
+    let mut parser = super::resp::Parser::default();
+    let limits = super::resp::Limits {
+        bulk_bytes_max: 1 << 16,
+        args_max: 1024,
+        inline_bytes_max: 1 << 16,
+    };
+    let mut scratch = vec![0u8; 4096];
+    let mut watched = std::time::Instant::now();
+    loop {
+        loop {
+            let frame = match parser.parse(&input, &limits) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = stream
+                        .write_all(format!("-ERR Protocol error: {e}\r\n").as_bytes())
+                        .await;
+                    return;
+                }
+            };
+            let bytes = input.split_to(frame.consumed).freeze();
+            let args = frame.arguments(&bytes);
+            if args.is_empty() {
+                continue;
+            }
+            if args[0].eq_ignore_ascii_case(b"QUIT") {
+                let _ = stream.write_all(b"+OK\r\n").await;
+                return;
+            }
+            subs.command(&args, &mut out);
+            if subs.is_empty() {
+                // Nothing subscribed: the connection closes (below), so
+                // what the client sent after that is not answered.
+                break;
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if subs.is_empty() || shared.stopping() || input.len() > 1 << 20 {
+            return;
+        }
+        if watched.elapsed() >= WATCH_EVERY {
+            watched = std::time::Instant::now();
+            let primary = find_primary(&shared, local).await;
+            if primary.up && primary.addr != current {
+                let (old_ip, old_port) = split(&current);
+                let (new_ip, new_port) = split(&primary.addr);
+                let payload = format!(
+                    "{} {old_ip} {old_port} {new_ip} {new_port}",
+                    shared.config.sentinel_name
+                );
+                subs.publish("+switch-master", &payload, &mut out);
+                current = primary.addr;
+                continue;
+            }
+        }
+        // The stream's read timeout (the client connection's) brings the
+        // loop back to look for a new primary.
+        match stream.read(&mut scratch).await {
+            Ok(0) => return,
+            Ok(n) => input.extend_from_slice(&scratch[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// What a pub/sub connection is subscribed to, and how it is answered.
+#[derive(Default)]
+struct Subscriptions {
+    channels: Vec<Bytes>,
+    patterns: Vec<Bytes>,
+    resp3: bool,
+}
+
+impl Subscriptions {
+    fn is_empty(&self) -> bool {
+        self.channels.is_empty() && self.patterns.is_empty()
+    }
+
+    fn count(&self) -> i64 {
+        (self.channels.len() + self.patterns.len()) as i64
+    }
+
+    /// A pushed message: RESP2's array, RESP3's push.
+    fn push(&self, items: Vec<Reply>, out: &mut bytes::BytesMut) {
+        if self.resp3 {
+            out.extend_from_slice(format!(">{}\r\n", items.len()).as_bytes());
+            for item in items {
+                item.encode_as(out, true);
+            }
+        } else {
+            Reply::Array(items).encode(out);
+        }
+    }
+
+    fn command(&mut self, args: &[Bytes], out: &mut bytes::BytesMut) {
+        let name = args[0].to_ascii_uppercase();
+        match name.as_slice() {
+            b"SUBSCRIBE" | b"PSUBSCRIBE" if args.len() > 1 => {
+                let pattern = name.as_slice() == b"PSUBSCRIBE";
+                for ch in &args[1..] {
+                    let ch = Bytes::copy_from_slice(ch);
+                    let list = if pattern {
+                        &mut self.patterns
+                    } else {
+                        &mut self.channels
+                    };
+                    if !list.contains(&ch) {
+                        list.push(ch.clone());
+                    }
+                    let kind = if pattern { "psubscribe" } else { "subscribe" };
+                    let count = self.count();
+                    self.push(vec![Reply::bulk(kind), Reply::Bulk(ch), Reply::Int(count)], out);
+                }
+            }
+            b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" => {
+                let pattern = name.as_slice() == b"PUNSUBSCRIBE";
+                let list = if pattern {
+                    &mut self.patterns
+                } else {
+                    &mut self.channels
+                };
+                let gone: Vec<Bytes> = if args.len() > 1 {
+                    args[1..].iter().map(|a| Bytes::copy_from_slice(a)).collect()
+                } else {
+                    list.clone()
+                };
+                list.retain(|c| !gone.contains(c));
+                let kind = if pattern { "punsubscribe" } else { "unsubscribe" };
+                for ch in gone {
+                    let count = self.count();
+                    self.push(vec![Reply::bulk(kind), Reply::Bulk(ch), Reply::Int(count)], out);
+                }
+            }
+            b"PING" => {
+                let message = args.get(1).cloned().unwrap_or_default();
+                self.push(vec![Reply::bulk("pong"), Reply::Bulk(message)], out);
+            }
+            _ => Reply::err(format!(
+                "Can't execute '{}': only (P)SUBSCRIBE / (P)UNSUBSCRIBE / PING / QUIT are allowed in this context",
+                String::from_utf8_lossy(&args[0]).to_lowercase()
+            ))
+            .encode_as(out, self.resp3),
+        }
+    }
+
+    /// Sends `payload` on `channel` to this connection, once per
+    /// subscription that matches it.
+    fn publish(&self, channel: &str, payload: &str, out: &mut bytes::BytesMut) {
+        if self
+            .channels
+            .iter()
+            .any(|c| c.as_ref() == channel.as_bytes())
+        {
+            self.push(
+                vec![
+                    Reply::bulk("message"),
+                    Reply::bulk(channel.to_string()),
+                    Reply::bulk(payload.to_string()),
+                ],
+                out,
+            );
+        }
+        for p in &self.patterns {
+            if super::glob::matches(p, channel.as_bytes()) {
+                self.push(
+                    vec![
+                        Reply::bulk("pmessage"),
+                        Reply::Bulk(p.clone()),
+                        Reply::bulk(channel.to_string()),
+                        Reply::bulk(payload.to_string()),
+                    ],
+                    out,
+                );
+            }
+        }
+    }
 }
