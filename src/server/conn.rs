@@ -431,8 +431,13 @@ impl Conn {
                     self.subscribe = args;
                     return Ok(After::Subscribe);
                 }
+                // Clients check a connection is ready with INFO (ioredis).
+                Command::Info => Reply::Bulk(Bytes::from(format!(
+                    "# Server\r\nredis_version:7.0.0\r\ntidewal_version:{}\r\nredis_mode:sentinel\r\n\r\n# Sentinel\r\nsentinel_masters:1\r\n",
+                    env!("CARGO_PKG_VERSION")
+                ))),
                 _ => Reply::err(format!(
-                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE, SUBSCRIBE, PSUBSCRIBE, PING, ECHO, HELLO, AUTH, CLIENT, COMMAND and QUIT, not {} (the node's clients connect to {})",
+                    "this is tidewal's Sentinel port: it answers SENTINEL, ROLE, SUBSCRIBE, PSUBSCRIBE, INFO, PING, ECHO, HELLO, AUTH, CLIENT, COMMAND and QUIT, not {} (the node's clients connect to {})",
                     String::from_utf8_lossy(&args[0]).to_uppercase(),
                     self.shared.listen
                 )),
