@@ -531,7 +531,10 @@ fn the_sentinel_port_answers_as_a_sentinel_and_only_as_one() {
         .query::<()>(&mut a.client())
         .unwrap_err();
     assert!(err.to_string().contains("Sentinel port"), "{err}");
-    // HELLO there says it is a Sentinel.
+    // INFO (clients check a connection is ready with it) and HELLO there
+    // say it is a Sentinel.
+    let info: String = redis::cmd("INFO").query(&mut s).unwrap();
+    assert!(info.contains("redis_mode:sentinel"), "{info}");
     let hello: std::collections::HashMap<String, redis::Value> =
         redis::cmd("HELLO").query(&mut s).unwrap();
     assert_eq!(
