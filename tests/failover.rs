@@ -457,11 +457,28 @@ fn only_the_failover_peers_acknowledge_replicated_writes() {
 /// shapes, and nothing else; a primary that is gone is flagged down.
 #[test]
 fn the_sentinel_port_answers_as_a_sentinel_and_only_as_one() {
-    let (pdir, adir) = (disk_dir(), disk_dir());
+    let (pdir, adir, wdir) = (disk_dir(), disk_dir(), disk_dir());
     let (primary, a) = primary_and_voter(pdir.path(), adir.path());
+    // A warm standby serves no reads: ROLE lists it, Sentinel does not
+    // offer it to clients reading from replicas.
+    let p_listen = primary.listen.to_string();
+    let w = start(
+        wdir.path(),
+        &[
+            "--replica-of",
+            &p_listen,
+            "--node-id",
+            "w",
+            "--warm-standby",
+        ],
+    );
     let mut pc = primary.client();
     let _: () = pc.set("k", 1).unwrap();
     wait_converged(&primary, &a);
+    wait_converged(&primary, &w);
+    let role: (String, i64, Vec<(String, String, String)>) =
+        redis::cmd("ROLE").query(&mut pc).unwrap();
+    assert_eq!(role.2.len(), 2, "{role:?}");
     let mut s = sentinel_port(&a);
     let role: (String, Vec<String>) = redis::cmd("ROLE").query(&mut s).unwrap();
     assert_eq!(role, ("sentinel".to_string(), vec!["tidewal".to_string()]));

@@ -645,6 +645,7 @@ impl Conn {
                 args,
             ))),
             Command::Auth => Slot::Ready(auth(&args[1..])),
+            Command::Replicas => Slot::Ready(super::replication::readable_replicas(&self.shared)),
             Command::Subscribe => Slot::Ready(Reply::err(
                 "pub/sub is not supported; a node's Sentinel port (--sentinel) publishes +switch-master",
             )),
@@ -1467,13 +1468,15 @@ enum Command {
     Auth,
     /// SUBSCRIBE, PSUBSCRIBE: on the Sentinel port only (`+switch-master`).
     Subscribe,
+    /// `TIDEWAL.REPLICAS`: the replicas that serve reads (`sentinel.rs`).
+    Replicas,
     /// `TIDEWAL.PEERS [HOST:PORT ...]`: the failover peers.
     Peers,
     Unknown,
 }
 
 impl Command {
-    const ALL: [(&'static [u8], Command); 42] = [
+    const ALL: [(&'static [u8], Command); 43] = [
         (super::replication::STREAM_COMMAND, Command::Stream),
         (super::backup::BACKUP_COMMAND, Command::Backup),
         (super::backup::CUT_COMMAND, Command::Cut),
@@ -1484,6 +1487,7 @@ impl Command {
         (b"WATCH", Command::Transaction),
         (b"UNWATCH", Command::Transaction),
         (b"AUTH", Command::Auth),
+        (super::replication::REPLICAS_COMMAND, Command::Replicas),
         (b"SUBSCRIBE", Command::Subscribe),
         (b"PSUBSCRIBE", Command::Subscribe),
         (super::failover::VOTE_COMMAND, Command::Vote),
@@ -1599,6 +1603,7 @@ impl Command {
             Command::Transaction => -1,
             Command::Auth => -2,
             Command::Subscribe => -2,
+            Command::Replicas => 1,
             Command::Fetch => 5,
             Command::Peers => -1,
             Command::Unknown => -1,

@@ -60,6 +60,9 @@ pub(super) struct Downstream {
     /// Its client port, as its Hellos said (`start_lsn`; 0: not said):
     /// with `host`'s IP, where clients reach it (`ROLE`, `SENTINEL`).
     pub port: u16,
+    /// It is a warm standby (serves no reads), as its Hellos said: not
+    /// offered to Sentinel clients as a replica to read from.
+    pub standby: bool,
     pub node_id: String,
     pub connected: bool,
     /// The highest epoch the downstream has said it is in.
@@ -334,6 +337,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let mut resync: BTreeMap<u32, bool> = BTreeMap::new();
         // The downstream's client port, which its Hellos carry.
         let mut client_port = 0u16;
+        let mut standby = false;
         let deadline = Instant::now() + Duration::from_secs(10);
         while hellos.len() < shard_count as usize {
             let next = glommio::timer::timeout(
@@ -360,7 +364,8 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
                         _ => None,
                     };
                     if hello.is_some() {
-                        client_port = u16::try_from(start).unwrap_or(0);
+                        client_port = (start & HELLO_PORT_MASK) as u16;
+                        standby = start & HELLO_STANDBY != 0;
                     }
                     let ours = shared.cluster();
                     match hello {
@@ -482,6 +487,7 @@ pub(super) async fn serve_downstream(stream: TcpStream, shared: Arc<Shared>, mut
         let status = Downstream {
             host: host.clone(),
             port: client_port,
+            standby,
             node_id: node_id.clone(),
             connected: true,
             epoch,
@@ -870,6 +876,37 @@ impl Downstream {
         };
         (ip, port)
     }
+}
+
+/// In a Hello's `start_lsn`: the downstream's client port, and the bit
+/// that says it is a warm standby.
+const HELLO_PORT_MASK: u64 = 0xffff;
+pub(super) const REPLICAS_COMMAND: &[u8] = b"TIDEWAL.REPLICAS";
+const HELLO_STANDBY: u64 = 1 << 16;
+
+/// `TIDEWAL.REPLICAS`: this node's connected replicas that serve reads,
+/// `[[ip, port, offset]...]` as in `ROLE` (which lists warm standbys too):
+/// what a Sentinel port offers clients to read from.
+pub(super) fn readable_replicas(shared: &Shared) -> crate::server::resp::Reply {
+    use crate::server::resp::Reply;
+    let list = shared
+        .downstreams
+        .lock()
+        .map(|d| {
+            d.values()
+                .filter(|d| d.connected && !d.standby)
+                .map(|d| {
+                    let (host, port) = d.client_address();
+                    Reply::Array(vec![
+                        Reply::Bulk(Bytes::from(host)),
+                        Reply::Bulk(Bytes::from(port.to_string())),
+                        Reply::Bulk(Bytes::from(d.flushed.iter().sum::<u64>().to_string())),
+                    ])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Reply::Array(list)
 }
 
 /// What the per-shard readers hand the task writing the stream.
@@ -1274,12 +1311,18 @@ async fn follow_once(
             },
             node_id: shared.node_id.clone(),
         };
-        // `start_lsn`: this node's client port, where clients reach it.
+        // `start_lsn`: this node's client port, where clients reach it,
+        // and whether it serves reads.
         hellos.extend(frame(
             FrameKind::Hello,
             s.shard,
             s.epoch,
-            u64::from(shared.listen.port()),
+            u64::from(shared.listen.port())
+                | if shared.config.warm_standby {
+                    HELLO_STANDBY
+                } else {
+                    0
+                },
             &hello.encode(),
         ));
     }

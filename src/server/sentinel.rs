@@ -15,7 +15,8 @@
 //! [`HOPS_MAX`] nodes. A primary that does not answer is reported with the
 //! flags `master,s_down,o_down`, which clients skip (they ask the next
 //! node; during an election no node names a live primary for a second or
-//! two). The replicas are the primary's `ROLE` answer. Only the cluster's
+//! two). The replicas are the primary's `TIDEWAL.REPLICAS` answer (its
+//! `ROLE` list without warm standbys, which serve no reads). Only the cluster's
 //! own name (`sentinel_name`, default `tidewal`) is known; `SENTINELS`
 //! lists none (clients are given every node's Sentinel port). A
 //! connection that subscribes is sent Sentinel's `+switch-master` when the
@@ -170,15 +171,17 @@ async fn walk(mut addr: String) -> Primary {
     Primary { addr, up: false }
 }
 
-/// The primary's replicas, `(ip, port, offset)`, as its `ROLE` lists them.
+/// The primary's replicas that serve reads, `(ip, port, offset)`
+/// (`TIDEWAL.REPLICAS`: `ROLE`'s list without warm standbys).
 async fn replicas(shared: &Shared, primary: &Primary) -> Vec<(String, u16, u64)> {
     if !primary.up {
         return Vec::new();
     }
-    let role = if !shared.is_replica() {
-        super::replication::role(shared, 0)
+    let answer = if !shared.is_replica() {
+        super::replication::readable_replicas(shared)
     } else {
-        match super::failover::call(&primary.addr, &[b"ROLE"], ASK).await {
+        let ask = [super::replication::REPLICAS_COMMAND];
+        match super::failover::call(&primary.addr, &ask, ASK).await {
             Ok(r) => r,
             Err(_) => return Vec::new(),
         }
@@ -188,10 +191,7 @@ async fn replicas(shared: &Shared, primary: &Primary) -> Vec<(String, u16, u64)>
         Reply::Int(n) => Some(n.to_string()),
         _ => None,
     };
-    let Reply::Array(parts) = role else {
-        return Vec::new();
-    };
-    let Some(Reply::Array(list)) = parts.get(2) else {
+    let Reply::Array(list) = answer else {
         return Vec::new();
     };
     list.iter()
