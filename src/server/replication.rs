@@ -888,13 +888,19 @@ const HELLO_STANDBY: u64 = 1 << 16;
 /// `[[ip, port, offset]...]` as in `ROLE` (which lists warm standbys too):
 /// what a Sentinel port offers clients to read from.
 pub(super) fn readable_replicas(shared: &Shared) -> crate::server::resp::Reply {
+    crate::server::resp::Reply::Array(replica_list(shared, false))
+}
+
+/// The connected replicas as `ROLE` lists them, `[ip, port, offset]`
+/// each; warm standbys only `with_standbys`.
+fn replica_list(shared: &Shared, with_standbys: bool) -> Vec<crate::server::resp::Reply> {
     use crate::server::resp::Reply;
-    let list = shared
+    shared
         .downstreams
         .lock()
         .map(|d| {
             d.values()
-                .filter(|d| d.connected && !d.standby)
+                .filter(|d| d.connected && (with_standbys || !d.standby))
                 .map(|d| {
                     let (host, port) = d.client_address();
                     Reply::Array(vec![
@@ -905,8 +911,7 @@ pub(super) fn readable_replicas(shared: &Shared) -> crate::server::resp::Reply {
                 })
                 .collect()
         })
-        .unwrap_or_default();
-    Reply::Array(list)
+        .unwrap_or_default()
 }
 
 /// What the per-shard readers hand the task writing the stream.
@@ -1864,27 +1869,10 @@ pub(super) fn role(shared: &Shared, offset: u64) -> crate::server::resp::Reply {
             Reply::Int(offset as i64),
         ]);
     }
-    let replicas = shared
-        .downstreams
-        .lock()
-        .map(|d| {
-            d.values()
-                .filter(|d| d.connected)
-                .map(|d| {
-                    let (host, port) = d.client_address();
-                    Reply::Array(vec![
-                        Reply::Bulk(Bytes::from(host)),
-                        Reply::Bulk(Bytes::from(port.to_string())),
-                        Reply::Bulk(Bytes::from(d.flushed.iter().sum::<u64>().to_string())),
-                    ])
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     Reply::Array(vec![
         Reply::bulk("master"),
         Reply::Int(offset as i64),
-        Reply::Array(replicas),
+        Reply::Array(replica_list(shared, true)),
     ])
 }
 
